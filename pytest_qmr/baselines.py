@@ -1,0 +1,359 @@
+"""Committed FP baselines: one JSON per model x benchmark at ``<dir>/<model>/<benchmark>.json``.
+
+A baseline holds the FP model's per-item correctness (plus extracted answer and response)
+and the provenance that makes it comparable: model fingerprint, data and prompt hashes,
+generation settings, limit, seed, library versions.  Writes are atomic and locked (a reader
+never sees half a file; concurrent writers never interleave); every problem reading one is
+a one-line :class:`BaselineError` that says which file, which field, and how to regenerate.
+
+File format (``schema`` 1)::
+
+    {"schema": 1, "model": str, "benchmark": str, "task": str, "accuracy": float, "n": int,
+     "items": {item_id: {"correct": bool, "extracted": str | null, "response": str,
+                         "doc_index": int (optional), "prompt_sha256": str (optional)}},
+     "provenance": {"model_fingerprint": str, "data_sha256": str, "prompt_sha256": str,
+                    "generation": {...}, "limit": int | null, "seed": int,
+                    "libraries": {name: version}, "created": iso-time}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .fsutil import atomic_write_json, locked, sha256_text
+
+__all__ = [
+    "SCHEMA",
+    "BaselineError",
+    "Baseline",
+    "PROVENANCE_CHECKED",
+    "baseline_path",
+    "write_baseline",
+    "read_baseline",
+    "check_provenance",
+    "library_drift",
+    "paired_vectors",
+    "regenerate_hint",
+]
+
+SCHEMA = 1
+# Fields whose mismatch makes a baseline incomparable (errors); library versions only warn.
+PROVENANCE_CHECKED = ("model_fingerprint", "data_sha256", "prompt_sha256", "generation", "seed")
+_CAUSES = {
+    "model_fingerprint": "the FP model weights changed",
+    "data_sha256": "the benchmark data changed",
+    "prompt_sha256": "the prompt changed",
+    "generation": "the generation settings changed",
+    "seed": "the seed changed",
+}
+
+
+class BaselineError(ValueError):
+    """A missing, unreadable or incomparable baseline; ``str(err)`` is one line."""
+
+
+@dataclass
+class Baseline:
+    """One FP baseline.  ``items`` maps item id to a plain dict with ``correct`` (bool),
+    ``extracted`` (str or None), ``response`` (str) and optionally ``doc_index`` (int) and
+    ``prompt_sha256`` (str); other keys are kept as they are."""
+
+    model: str
+    benchmark: str
+    task: str
+    accuracy: float
+    n: int
+    items: dict[str, dict[str, Any]]
+    provenance: dict[str, Any]
+    schema: int = SCHEMA
+    source: str | None = field(default=None, compare=False, repr=False)  # file it was read from
+
+    @property
+    def correct(self) -> dict[str, bool]:
+        return {item_id: bool(item["correct"]) for item_id, item in self.items.items()}
+
+    @classmethod
+    def from_records(
+        cls,
+        model: str,
+        benchmark: str,
+        task: str,
+        records: Iterable[Any],
+        provenance: Mapping[str, Any],
+    ) -> "Baseline":
+        """Build from :class:`~pytest_qmr.records.SampleRecord` objects (``item_id``, ``doc_index``,
+        ``prompt``, ``correct``, ``extracted``, ``response``); accuracy and n are computed, each
+        item keeps its ``doc_index`` and ``prompt_sha256``.  A missing ``provenance["created"]``
+        is filled with the current UTC time."""
+        items: dict[str, dict[str, Any]] = {}
+        for rec in records:
+            if rec.item_id in items:
+                raise BaselineError(f"duplicate item id {rec.item_id!r} in the FP results for {model}/{benchmark}")
+            items[rec.item_id] = {
+                "correct": bool(rec.correct),
+                "extracted": rec.extracted,
+                "response": rec.response,
+                "doc_index": int(rec.doc_index),
+                "prompt_sha256": sha256_text(rec.prompt),
+            }
+        n = len(items)
+        prov = dict(provenance)
+        prov.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        accuracy = sum(i["correct"] for i in items.values()) / n if n else 0.0
+        return cls(model=model, benchmark=benchmark, task=task, accuracy=accuracy, n=n, items=items, provenance=prov)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "model": self.model,
+            "benchmark": self.benchmark,
+            "task": self.task,
+            "accuracy": self.accuracy,
+            "n": self.n,
+            "items": {item_id: dict(item) for item_id, item in self.items.items()},
+            "provenance": self.provenance,
+        }
+
+
+def baseline_path(directory: str | os.PathLike, model: str, benchmark: str) -> Path:
+    """``<directory>/<model>/<benchmark>.json``."""
+    for what, name in (("model", model), ("benchmark", benchmark)):
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise BaselineError(f"{what} name {name!r} cannot be used as a baseline path component")
+    return Path(directory) / model / f"{benchmark}.json"
+
+
+def regenerate_hint(model: str | None, benchmark: str | None, suite: str | None = None, cell: str | None = None) -> str:
+    """``pytest <suite> --qmr-update-baselines -k <cell-id-fragment>``."""
+    suite = suite or "<suite.yaml>"
+    if not cell:
+        cell = f"{model} and {benchmark}" if model and benchmark else "<cell-id-fragment>"
+    quoted = f"'{cell}'" if any(ch in cell for ch in " []()") else cell
+    return f"pytest {suite} --qmr-update-baselines -k {quoted}"
+
+
+def write_baseline(path: str | os.PathLike, baseline: Baseline) -> None:
+    """Validate, then write atomically under the file's inter-process lock.
+
+    Readers see the old file or the whole new one; a crash mid-write leaves the old file
+    and no temporary file.  (The lock lives next to it as ``<file>.lock``.)
+    """
+    path = Path(path)
+    data = baseline.to_dict()
+    _validate(data, str(path), baseline.model, baseline.benchmark, None, None)
+    with locked(path):
+        atomic_write_json(path, data)
+
+
+def read_baseline(path: str | os.PathLike, *, suite: str | None = None, cell: str | None = None) -> Baseline:
+    """Read and validate one baseline file.
+
+    ``suite`` and ``cell`` (a ``-k`` fragment) only improve the regeneration hint in errors;
+    by default the model and benchmark come from the path.
+    """
+    path = Path(path)
+    source = str(path)
+    model_guess, bench_guess = path.parent.name, path.stem
+    hint = regenerate_hint(model_guess, bench_guess, suite, cell)
+    if not path.exists():
+        raise BaselineError(
+            f"{source}: no FP baseline for model {model_guess!r} on benchmark {bench_guess!r}; "
+            f"generate it with: {hint}"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BaselineError(f"{source}: cannot read baseline ({_one_line(exc)}); regenerate it with: {hint}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BaselineError(
+            f"{source}: corrupt baseline, not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
+            f"regenerate it with: {hint}"
+        ) from None
+    _validate(data, source, model_guess, bench_guess, suite, cell)
+    return Baseline(
+        model=data["model"],
+        benchmark=data["benchmark"],
+        task=data["task"],
+        accuracy=float(data["accuracy"]),
+        n=data["n"],
+        items=data["items"],
+        provenance=data["provenance"],
+        schema=data["schema"],
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _one_line(value: Any) -> str:
+    return " ".join(str(value).split())
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = _one_line(json.dumps(value, default=str) if not isinstance(value, str) else repr(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+_MISSING = object()
+
+
+def _validate(data: Any, source: str, model: str | None, benchmark: str | None, suite: str | None, cell: str | None) -> None:
+    def fail(key: str, problem: str, value: Any = _MISSING) -> None:
+        got = "nothing" if value is _MISSING else _show(value)
+        hint = regenerate_hint(model, benchmark, suite, cell)
+        raise BaselineError(f"{source}: {key}: {problem} (got {got}); regenerate it with: {hint}")
+
+    if not isinstance(data, dict):
+        fail("(top level)", "must be a JSON object", data)
+    schema = data.get("schema", _MISSING)
+    if schema is _MISSING:
+        fail("schema", "missing required field")
+    if schema != SCHEMA:
+        fail("schema", f"unsupported baseline schema, expected {SCHEMA}", schema)
+    checks = (
+        ("model", lambda v: isinstance(v, str) and v, "must be a non-empty string"),
+        ("benchmark", lambda v: isinstance(v, str) and v, "must be a non-empty string"),
+        ("task", lambda v: isinstance(v, str) and v, "must be a non-empty string"),
+        ("accuracy", lambda v: _is_num(v) and 0 <= v <= 1, "must be a number in [0, 1]"),
+        ("n", lambda v: _is_int(v) and v >= 0, "must be a non-negative integer"),
+        ("items", lambda v: isinstance(v, dict), "must be an object mapping item ids to results"),
+        ("provenance", lambda v: isinstance(v, dict), "must be an object"),
+    )
+    for key, ok, problem in checks:
+        value = data.get(key, _MISSING)
+        if value is _MISSING:
+            fail(key, "missing required field")
+        if not ok(value):
+            fail(key, problem, value)
+    for item_id, item in data["items"].items():
+        key = f"items[{item_id!r}]"
+        if not isinstance(item, dict):
+            fail(key, "must be an object", item)
+        for name, ok, problem in (
+            ("correct", lambda v: isinstance(v, bool), "must be true or false"),
+            ("extracted", lambda v: v is None or isinstance(v, str), "must be a string or null"),
+            ("response", lambda v: isinstance(v, str), "must be a string"),
+            ("doc_index", lambda v: v is _MISSING or (_is_int(v) and v >= 0), "must be a non-negative integer"),
+            ("prompt_sha256", lambda v: v is _MISSING or isinstance(v, str), "must be a string"),
+        ):
+            value = item.get(name, _MISSING)
+            if value is _MISSING and name not in ("doc_index", "prompt_sha256"):
+                fail(f"{key}.{name}", "missing required field")
+            if not ok(value):
+                fail(f"{key}.{name}", problem, value)
+    if data["n"] != len(data["items"]):
+        fail("n", f"does not match the {len(data['items'])} items", data["n"])
+    if data["n"]:
+        expected = sum(item["correct"] for item in data["items"].values()) / data["n"]
+        if abs(data["accuracy"] - expected) > 1e-9:
+            fail("accuracy", f"does not match the items ({expected:.6g})", data["accuracy"])
+    prov = data["provenance"]
+    for name, ok, problem in (
+        ("model_fingerprint", lambda v: isinstance(v, str) and v, "must be a non-empty string"),
+        ("data_sha256", lambda v: isinstance(v, str) and v, "must be a non-empty string"),
+        ("prompt_sha256", lambda v: isinstance(v, str) and v, "must be a non-empty string"),
+        ("generation", lambda v: isinstance(v, dict), "must be an object"),
+        ("limit", lambda v: v is None or (_is_int(v) and v > 0), "must be a positive integer or null"),
+        ("seed", _is_int, "must be an integer"),
+        ("libraries", lambda v: isinstance(v, dict), "must be an object of name: version"),
+        ("created", lambda v: isinstance(v, str) and v, "must be an ISO time string"),
+    ):
+        value = prov.get(name, _MISSING)
+        if value is _MISSING:
+            fail(f"provenance.{name}", "missing required field")
+        if not ok(value):
+            fail(f"provenance.{name}", problem, value)
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and len(value) > 16 and all(ch in "0123456789abcdef:" for ch in value.lower()):
+        return value[:12] + "…"
+    return _show(value)
+
+
+def check_provenance(baseline: Baseline, expected: Mapping[str, Any]) -> list[str]:
+    """One line per mismatching field among :data:`PROVENANCE_CHECKED` (those present in
+    ``expected``); ``generation`` is compared key by key.  Empty: comparable."""
+    prov = baseline.provenance
+    lines: list[str] = []
+    for name in PROVENANCE_CHECKED:
+        if name not in expected:
+            continue
+        have, want = prov.get(name), expected[name]
+        if name == "generation" and isinstance(have, dict) and isinstance(want, dict):
+            for key in sorted(set(have) | set(want)):
+                old, new = have.get(key, _MISSING), want.get(key, _MISSING)
+                if old != new:
+                    old_s = "unset" if old is _MISSING else _show(old)
+                    new_s = "unset" if new is _MISSING else _show(new)
+                    lines.append(
+                        f"generation.{key}: baseline {old_s}, current run {new_s} ({_CAUSES[name]})"
+                    )
+        elif have != want:
+            lines.append(f"{name}: baseline {_short(have)}, current run {_short(want)} ({_CAUSES[name]})")
+    return lines
+
+
+def library_drift(baseline: Baseline, current: Mapping[str, str]) -> list[str]:
+    """Warnings (not errors) for library versions that differ from the baseline's."""
+    recorded = baseline.provenance.get("libraries") or {}
+    lines = []
+    for name in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(name), current.get(name)
+        if old == new:
+            continue
+        if old is None:
+            lines.append(f"{name}: not recorded in the baseline, current run {new}")
+        elif new is None:
+            lines.append(f"{name}: baseline {old}, not recorded in the current run")
+        else:
+            lines.append(f"{name}: baseline {old}, current run {new}")
+    return lines
+
+
+def paired_vectors(
+    baseline: Baseline,
+    item_ids: list[str],
+    quant_correct: Mapping[str, bool],
+    *,
+    suite: str | None = None,
+    cell: str | None = None,
+) -> tuple[list[bool], list[bool]]:
+    """FP and quantized correctness for ``item_ids``, aligned in that order."""
+    missing = [i for i in item_ids if i not in baseline.items]
+    if missing:
+        source = baseline.source or str(baseline_path("<baselines>", baseline.model, baseline.benchmark))
+        raise BaselineError(
+            f"{source}: {len(missing)} of {len(item_ids)} requested items are not in the FP baseline "
+            f"for model {baseline.model!r} on benchmark {baseline.benchmark!r} (first: {missing[0]!r}; "
+            f"the baseline has {baseline.n} items); regenerate it with: "
+            f"{regenerate_hint(baseline.model, baseline.benchmark, suite, cell)}"
+        )
+    absent = [i for i in item_ids if i not in quant_correct]
+    if absent:
+        raise ValueError(
+            f"{len(absent)} of {len(item_ids)} requested items have no quantized result (first: {absent[0]!r})"
+        )
+    fp = [bool(baseline.items[i]["correct"]) for i in item_ids]
+    quant = [bool(quant_correct[i]) for i in item_ids]
+    return fp, quant

@@ -1,0 +1,247 @@
+"""The paired statistical gate: a quantized model against its FP baseline on the same items.
+
+Both models answer the same items, so the comparison is paired: only the *discordant*
+items carry information -- ``fp_only`` (FP right, quantized wrong; McNemar's b) and
+``quant_only`` (quantized right, FP wrong; McNemar's c).  The exact McNemar test is a
+two-sided binomial test of b against b + c trials with p = 1/2.
+
+Verdict rule (see :func:`evaluate_gate`)::
+
+    drop     = fp_acc - quant_acc                (= (b - c) / n)
+    rel_drop = drop / fp_acc                     (0 when fp_acc is 0)
+    exceeds  = drop > max_abs_drop or rel_drop > max_rel_drop
+    n < min_items          -> inconclusive  (too few items to judge)
+    exceeds and p <  alpha -> fail          (a real loss larger than allowed)
+    exceeds and p >= alpha -> inconclusive  (a loss larger than allowed, but not significant)
+    otherwise              -> pass          (the drop is within the allowed margin)
+
+A drop exactly at the margin is within it (comparisons allow 1e-9 for float noise).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.stats import binom
+
+from .records import GateResult
+
+__all__ = ["mcnemar_exact", "evaluate_gate", "final_verdict_if_known", "TOLERANCE"]
+
+TOLERANCE = 1e-9  # a drop within this of the margin counts as at the margin (within it)
+
+
+def _mcnemar_p(fp_only: Any, quant_only: Any) -> np.ndarray:
+    """Vectorized exact two-sided McNemar p-value (as statsmodels ``mcnemar(exact=True)``)."""
+    b = np.asarray(fp_only, dtype=np.int64)
+    c = np.asarray(quant_only, dtype=np.int64)
+    # binom.cdf(k, 0, .5) is 1, so no discordant pairs gives min(1, 2) = 1.
+    return np.minimum(1.0, 2.0 * binom.cdf(np.minimum(b, c), b + c, 0.5))
+
+
+def mcnemar_exact(fp_only: int, quant_only: int) -> float:
+    """Exact two-sided McNemar p-value from the two discordant counts.
+
+    ``p = min(1, 2 * P[Binomial(b + c, 1/2) <= min(b, c)])``; 1.0 when ``b + c == 0``.
+    Same value as ``statsmodels.stats.contingency_tables.mcnemar(table, exact=True)``.
+    """
+    if fp_only < 0 or quant_only < 0:
+        raise ValueError(f"discordant counts must be >= 0 (got {fp_only}, {quant_only})")
+    if fp_only + quant_only == 0:
+        return 1.0
+    return float(_mcnemar_p(fp_only, quant_only))
+
+
+def _thresholds(thresholds: Any) -> tuple[float, float, float, int]:
+    def get(name: str):
+        if isinstance(thresholds, dict):
+            return thresholds[name]
+        return getattr(thresholds, name)
+
+    return float(get("max_abs_drop")), float(get("max_rel_drop")), float(get("alpha")), int(get("min_items"))
+
+
+def _verdicts(b, c, n: int, fp_correct: int, thresholds: Any):
+    """Vectorized verdict over arrays of final discordant counts (same rule as the docstring).
+
+    Returns ``(codes, drop, rel_drop, p)`` with codes 0 = pass, 1 = fail, 2 = inconclusive.
+    """
+    max_abs, max_rel, alpha, min_items = _thresholds(thresholds)
+    b = np.asarray(b, dtype=np.int64)
+    c = np.asarray(c, dtype=np.int64)
+    diff = (b - c).astype(float)
+    drop = diff / n if n else np.zeros_like(diff)
+    rel_drop = diff / fp_correct if fp_correct else np.zeros_like(diff)
+    exceeds = (drop > max_abs + TOLERANCE) | (rel_drop > max_rel + TOLERANCE)
+    p = np.ones(b.shape, dtype=float)
+    if np.any(exceeds):  # p only matters (and is only paid for) where the drop exceeds
+        p[exceeds] = _mcnemar_p(b[exceeds], c[exceeds])
+    codes = np.where(exceeds, np.where(p < alpha, 1, 2), 0)
+    if n < min_items:
+        codes = np.full_like(codes, 2)
+    return codes, drop, rel_drop, p
+
+
+_NAMES = ("pass", "fail", "inconclusive")
+
+
+def _as_bools(values: Sequence[bool], what: str) -> np.ndarray:
+    arr = np.asarray(list(values), dtype=object)
+    if arr.size and not all(isinstance(v, (bool, np.bool_)) for v in arr):
+        raise TypeError(f"{what} must hold booleans")
+    return arr.astype(bool)
+
+
+def _stats(fp: np.ndarray, quant: np.ndarray) -> dict:
+    n = int(fp.size)
+    b = int(np.count_nonzero(fp & ~quant))
+    c = int(np.count_nonzero(~fp & quant))
+    fp_acc = float(fp.mean()) if n else 0.0
+    quant_acc = float(quant.mean()) if n else 0.0
+    diff = b - c
+    return {
+        "n": n,
+        "fp_only": b,
+        "quant_only": c,
+        "fp_acc": fp_acc,
+        "quant_acc": quant_acc,
+        "delta": -diff / n if n else 0.0,
+        "rel_drop": diff / int(fp.sum()) if fp.sum() else 0.0,
+        "p_value": mcnemar_exact(b, c),
+    }
+
+
+def _margin(thresholds: Any) -> str:
+    max_abs, max_rel, _, _ = _thresholds(thresholds)
+    return f"abs {max_abs:.3f}, rel {max_rel:.0%}"
+
+
+def _reason(code: int, n: int, drop: float, p: float, thresholds: Any) -> str:
+    max_abs, max_rel, alpha, min_items = _thresholds(thresholds)
+    if n < min_items:
+        return f"only {n} paired items, fewer than min_items {min_items}; no verdict"
+    if code == 0:
+        if drop <= 0:
+            return "the quantized model is not less accurate than FP"
+        return f"accuracy drop {drop:.3f} is within the allowed margin ({_margin(thresholds)})"
+    if code == 1:
+        return (
+            f"accuracy drop {drop:.3f} exceeds the allowed margin ({_margin(thresholds)}) "
+            f"and is significant (p={p:.3g} < alpha {alpha})"
+        )
+    return (
+        f"accuracy drop {drop:.3f} exceeds the allowed margin ({_margin(thresholds)}) "
+        f"but is not significant (p={p:.3g} >= alpha {alpha}); more items are needed"
+    )
+
+
+def evaluate_gate(
+    fp_correct: Sequence[bool], quant_correct: Sequence[bool], thresholds: Any
+) -> GateResult:
+    """Gate a quantized model against FP on paired correctness vectors (same item order).
+
+    ``thresholds`` is the suite's :class:`~pytest_qmr.suite.Thresholds` (or any object or
+    dict with ``max_abs_drop``, ``max_rel_drop``, ``alpha`` and ``min_items``).
+
+    Rule: ``drop = fp_acc - quant_acc``, ``rel_drop = drop / fp_acc`` (0 if fp_acc is 0);
+    the drop *exceeds* the margin when ``drop > max_abs_drop or rel_drop > max_rel_drop``.
+
+    * ``inconclusive`` when ``n < min_items``;
+    * ``fail`` when it exceeds and the exact McNemar p-value is ``< alpha``;
+    * ``inconclusive`` when it exceeds but ``p >= alpha`` (not enough evidence);
+    * ``pass`` otherwise (the drop is within the margin, or accuracy rose).
+    """
+    fp = _as_bools(fp_correct, "fp_correct")
+    quant = _as_bools(quant_correct, "quant_correct")
+    if fp.size != quant.size:
+        raise ValueError(f"paired vectors differ in length: FP {fp.size}, quantized {quant.size}")
+    s = _stats(fp, quant)
+    codes, _, _, _ = _verdicts(s["fp_only"], s["quant_only"], s["n"], int(fp.sum()), thresholds)
+    code = int(codes)
+    _, _, alpha, _ = _thresholds(thresholds)
+    return GateResult(
+        verdict=_NAMES[code],  # type: ignore[arg-type]
+        alpha=alpha,
+        reason=_reason(code, s["n"], -s["delta"], s["p_value"], thresholds),
+        n_planned=s["n"],
+        stopped_early=False,
+        **s,
+    )
+
+
+def final_verdict_if_known(
+    fp_correct_all: Sequence[bool], quant_correct_so_far: Sequence[bool], thresholds: Any
+) -> GateResult | None:
+    """Sequential gate: the verdict over all planned items, if the items so far settle it.
+
+    ``fp_correct_all`` is the FP correctness of all N planned items; ``quant_correct_so_far``
+    the quantized correctness of the first k of them (same order).  The remaining items can
+    only add ``x`` in ``0..R1`` to fp_only (remaining FP-correct items) and ``y`` in ``0..R0``
+    to quant_only (remaining FP-wrong items); the FP accuracy over N is already known.  If
+    :func:`evaluate_gate` over all N items would give the same verdict for every (x, y), the
+    result is returned: the verdict is that full-run verdict, the statistics are those of the
+    k items seen (``n = k``, ``n_planned = N``, ``stopped_early = k < N``).  Otherwise None.
+
+    The (R1 + 1) x (R0 + 1) grid is checked with vectorized numpy/scipy; its four corners are
+    checked first, so an unsettled gate (the common case) costs four p-values.
+    """
+    fp_all = _as_bools(fp_correct_all, "fp_correct_all")
+    quant = _as_bools(quant_correct_so_far, "quant_correct_so_far")
+    n_all, k = int(fp_all.size), int(quant.size)
+    if k > n_all:
+        raise ValueError(f"more quantized results ({k}) than planned items ({n_all})")
+    fp_seen, fp_rest = fp_all[:k], fp_all[k:]
+    s = _stats(fp_seen, quant)
+    fp_total = int(fp_all.sum())
+    r1 = int(fp_rest.sum())  # remaining FP-correct items: each may become fp_only
+    r0 = int(fp_rest.size - r1)  # remaining FP-wrong items: each may become quant_only
+    b0, c0 = s["fp_only"], s["quant_only"]
+
+    _, _, alpha, min_items = _thresholds(thresholds)
+    if n_all < min_items:  # no completion can reach min_items: inconclusive whatever happens
+        return GateResult(
+            verdict="inconclusive",
+            alpha=alpha,
+            reason=f"only {n_all} planned items, fewer than min_items {min_items}; no verdict",
+            n_planned=n_all,
+            stopped_early=k < n_all,
+            **s,
+        )
+    # Cheap rejection on the corners first (drop is extreme at two of them, p at the others).
+    cx = np.array([0, r1, 0, r1])
+    cy = np.array([0, 0, r0, r0])
+    codes, _, _, _ = _verdicts(b0 + cx, c0 + cy, n_all, fp_total, thresholds)
+    if np.any(codes != codes[0]):
+        return None
+    # Full grid.
+    x = np.arange(r1 + 1, dtype=np.int64)[:, None]
+    y = np.arange(r0 + 1, dtype=np.int64)[None, :]
+    b, c = np.broadcast_arrays(b0 + x, c0 + y)
+    codes, drop, _, p = _verdicts(b, c, n_all, fp_total, thresholds)
+    code = int(codes.flat[0])
+    if np.any(codes != code):
+        return None
+
+    rest = n_all - k
+    where = f"settled after {k}/{n_all} items: every outcome of the remaining {rest} gives {_NAMES[code].upper()}"
+    if code == 0:
+        why = f"the final drop is at most {float(drop.max()):.3f}, within the allowed margin ({_margin(thresholds)})"
+    elif code == 1:
+        why = (
+            f"the final drop is at least {float(drop.min()):.3f}, beyond the allowed margin "
+            f"({_margin(thresholds)}), with p <= {float(p.max()):.3g} < alpha {alpha}"
+        )
+    else:
+        why = (
+            f"the final drop exceeds the allowed margin ({_margin(thresholds)}) but p >= "
+            f"{float(p.min()):.3g} is never below alpha {alpha}"
+        )
+    return GateResult(
+        verdict=_NAMES[code],  # type: ignore[arg-type]
+        alpha=alpha,
+        reason=f"{where}; {why}" if rest else why,
+        n_planned=n_all,
+        stopped_early=k < n_all,
+        **s,
+    )

@@ -1,0 +1,103 @@
+"""Typed records passed between the stages (measure -> locate -> restore -> report).
+
+Everything a later stage needs is on disk as these records, so it never re-runs a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+Verdict = Literal["pass", "fail", "inconclusive"]
+
+
+def _from_dict(cls, data: dict):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class SampleRecord:
+    """One benchmark item as the model answered it."""
+
+    item_id: str
+    doc_index: int
+    prompt: str
+    response: str
+    extracted: str | None
+    gold: str
+    correct: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SampleRecord":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class GateResult:
+    """Paired comparison of a cell against its FP baseline."""
+
+    verdict: Verdict
+    fp_acc: float
+    quant_acc: float
+    delta: float  # quant_acc - fp_acc (negative: quantization lost accuracy)
+    rel_drop: float  # (fp_acc - quant_acc) / fp_acc, 0 when fp_acc is 0
+    n: int  # paired items compared
+    fp_only: int  # items FP solved and the quantized model failed (McNemar b)
+    quant_only: int  # items the quantized model solved and FP failed (McNemar c)
+    p_value: float
+    alpha: float
+    reason: str
+    n_planned: int = 0  # items the cell would have used without early stopping
+    stopped_early: bool = False
+
+    def summary(self) -> str:
+        stop = f" (stopped early at {self.n}/{self.n_planned})" if self.stopped_early else ""
+        return (
+            f"{self.verdict.upper()}: FP acc {self.fp_acc:.3f}, quantized acc {self.quant_acc:.3f}, "
+            f"Δ {self.delta:+.3f} (rel drop {self.rel_drop:.1%}), n={self.n}{stop}, "
+            f"FP-only {self.fp_only} / quant-only {self.quant_only}, McNemar exact p={self.p_value:.3g} "
+            f"(alpha {self.alpha}) — {self.reason}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GateResult":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class CellResult:
+    """What one model x quantizer x benchmark cell measured; written to ``results.json``."""
+
+    cell_id: str
+    model: str
+    quantizer: str
+    benchmark: str
+    task: str
+    accuracy: float
+    n: int
+    gate: GateResult | None
+    samples_path: str
+    backend: str = "hf"
+    seconds: dict[str, float] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)
+    error_profile: dict[str, Any] | None = None
+    restore: dict[str, Any] | None = None
+    outcome: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CellResult":
+        result = _from_dict(cls, data)
+        if isinstance(result.gate, dict):
+            result.gate = GateResult.from_dict(result.gate)
+        return result

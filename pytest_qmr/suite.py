@@ -1,0 +1,557 @@
+"""Suite files (``suites/*.yaml``): parse, validate, expand into cells.
+
+A suite names models, quantizers and benchmarks; every model x quantizer x benchmark
+combination is one *cell* (FP cells included).  Everything is validated with pydantic v2
+(``extra="forbid"``, strict types), and every problem is reported as ONE line::
+
+    <file>: <dotted.key.path>: <problem> (got <value>)
+
+e.g. ``suites/x.yaml: quantizers[1].bits: must be one of 2, 3, 4, 8 (got 5)``.
+No traceback and no pydantic multi-line dump ever reaches the user: :class:`SuiteError`
+carries the first problem found.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "SuiteError",
+    "ModelSpec",
+    "Calibration",
+    "QuantizerSpec",
+    "BenchmarkSpec",
+    "Thresholds",
+    "ThresholdsOverride",
+    "Generation",
+    "Suite",
+    "Cell",
+    "load_suite",
+    "parse_suite",
+    "WEIGHT_BITS",
+    "METHODS",
+    "DATA_DIR_ENV",
+]
+
+DATA_DIR_ENV = "QMR_DATA_DIR"
+METHODS = ("fp", "rtn", "gptq", "awq", "smoothquant", "checkpoint")
+WEIGHT_BITS = (2, 3, 4, 8)
+NEEDS_CALIBRATION = ("gptq", "awq", "smoothquant")
+NEEDS_BITS = ("rtn", "gptq", "awq")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9.\-]*")
+
+
+class SuiteError(ValueError):
+    """A suite file that cannot be used; ``str(err)`` is one line for the user."""
+
+
+# --------------------------------------------------------------------------- field types
+
+
+def _check_name(value: str) -> str:
+    if not NAME_RE.fullmatch(value):
+        raise ValueError("must be lowercase letters, digits, '.' or '-', starting with a letter or digit")
+    return value
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _yaml_switch(value: Any) -> Any:
+    # YAML 1.1 reads a bare `off` / `on` as a boolean.
+    if value is False:
+        return "off"
+    if value is True:
+        return "on"
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+NonEmptyStr = Annotated[str, AfterValidator(_non_empty)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Alpha = Annotated[float, Field(gt=0, lt=1)]
+PositiveInt = Annotated[int, Field(gt=0)]
+Seed = Annotated[int, Field(ge=0)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelSpec(_Spec):
+    name: Name
+    ref: NonEmptyStr  # embedded:NAME, a local directory, or a hub id
+    trust_remote_code: bool = False
+
+
+class Calibration(_Spec):
+    dataset: NonEmptyStr
+    samples: PositiveInt = 128
+    seq_len: PositiveInt = 512
+    seed: Seed = 0
+
+
+class QuantizerSpec(_Spec):
+    name: Name
+    method: Literal["fp", "rtn", "gptq", "awq", "smoothquant", "checkpoint"]
+    bits: int | None = None  # weight bits; smoothquant is W8A8 (8, the default)
+    group_size: PositiveInt | None = 128  # None: per-channel
+    symmetric: bool = True
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    calibration: Calibration | None = None
+    path: NonEmptyStr | None = None  # method=checkpoint only: local dir or hub id
+
+    @property
+    def is_fp(self) -> bool:
+        return self.method == "fp"
+
+    @property
+    def effective_bits(self) -> int | None:
+        if self.method == "smoothquant" and self.bits is None:
+            return 8
+        return self.bits
+
+
+class Thresholds(_Spec):
+    max_abs_drop: Fraction = 0.05
+    max_rel_drop: Fraction = 0.10
+    alpha: Alpha = 0.05
+    sequential: bool = False
+    min_items: PositiveInt = 20
+    inconclusive: Literal["fail", "pass"] = "fail"  # how a cell with too little evidence ends
+    error_profile: dict[str, Any] = Field(default_factory=dict)
+
+
+class ThresholdsOverride(_Spec):
+    """A benchmark's partial override; only keys it sets replace the suite defaults."""
+
+    max_abs_drop: Fraction = None  # type: ignore[assignment]
+    max_rel_drop: Fraction = None  # type: ignore[assignment]
+    alpha: Alpha = None  # type: ignore[assignment]
+    sequential: bool = None  # type: ignore[assignment]
+    min_items: PositiveInt = None  # type: ignore[assignment]
+    inconclusive: Literal["fail", "pass"] = None  # type: ignore[assignment]
+    error_profile: dict[str, Any] = None  # type: ignore[assignment]
+
+    def merged_on(self, base: Thresholds) -> Thresholds:
+        data = base.model_dump()
+        override = self.model_dump(exclude_unset=True)
+        if "error_profile" in override:
+            override["error_profile"] = {**base.error_profile, **override["error_profile"]}
+        data.update(override)
+        return Thresholds.model_validate(data)
+
+
+class BenchmarkSpec(_Spec):
+    name: Name
+    task: NonEmptyStr  # an lm-eval task name
+    limit: PositiveInt | None = None  # None: all items
+    seed: Seed = 0
+    thresholds: ThresholdsOverride | None = None
+
+
+class Generation(_Spec):
+    max_new_tokens: PositiveInt = 256
+    batch_size: PositiveInt = 16
+    backend: Literal["hf", "vllm", "openai"] = "hf"
+
+
+class SuiteSpec(_Spec):
+    name: Name
+    description: str | None = None
+    data_dir: NonEmptyStr | None = None
+    restore: Annotated[Literal["off", "on-fail", "always"], BeforeValidator(_yaml_switch)] = "off"
+    models: list[ModelSpec] = Field(min_length=1)
+    quantizers: list[QuantizerSpec] = Field(min_length=1)
+    benchmarks: list[BenchmarkSpec] = Field(min_length=1)
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    generation: Generation = Field(default_factory=Generation)
+
+
+# --------------------------------------------------------------------------- suite & cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model x quantizer x benchmark combination, with its effective settings."""
+
+    id: str
+    suite: str
+    model: ModelSpec
+    quantizer: QuantizerSpec
+    benchmark: BenchmarkSpec
+    thresholds: Thresholds  # benchmark override merged on the suite defaults
+    generation: Generation
+    data_dir: Path | None  # absolute, or None: fall back to the hub
+    restore: str
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @property
+    def is_fp(self) -> bool:
+        return self.quantizer.method == "fp"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A validated suite file."""
+
+    spec: SuiteSpec
+    path: Path  # absolute path of the suite file (or a pseudo path for parsed data)
+    source: str  # how the file is named in messages
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        return self.spec.models
+
+    @property
+    def quantizers(self) -> list[QuantizerSpec]:
+        return self.spec.quantizers
+
+    @property
+    def benchmarks(self) -> list[BenchmarkSpec]:
+        return self.spec.benchmarks
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.spec.thresholds
+
+    @property
+    def generation(self) -> Generation:
+        return self.spec.generation
+
+    @property
+    def restore(self) -> str:
+        return self.spec.restore
+
+    def data_dir(self) -> Path | None:
+        """``$QMR_DATA_DIR`` if set, else ``data_dir`` relative to the suite file, else None."""
+        env = os.environ.get(DATA_DIR_ENV, "").strip()
+        if env:
+            return Path(env).expanduser().resolve()
+        if self.spec.data_dir is None:
+            return None
+        return (self.path.parent / Path(self.spec.data_dir).expanduser()).resolve()
+
+    def thresholds_for(self, benchmark: BenchmarkSpec) -> Thresholds:
+        if benchmark.thresholds is None:
+            return self.spec.thresholds
+        return benchmark.thresholds.merged_on(self.spec.thresholds)
+
+    def cells(self) -> list[Cell]:
+        """Every model x quantizer x benchmark cell (model-major order, FP cells included)."""
+        data_dir = self.data_dir()
+        cells = []
+        for model in self.spec.models:
+            for quantizer in self.spec.quantizers:
+                for benchmark in self.spec.benchmarks:
+                    cells.append(
+                        Cell(
+                            id=f"{model.name}-{quantizer.name}-{benchmark.name}",
+                            suite=self.spec.name,
+                            model=model,
+                            quantizer=quantizer,
+                            benchmark=benchmark,
+                            thresholds=self.thresholds_for(benchmark),
+                            generation=self.spec.generation,
+                            data_dir=data_dir,
+                            restore=self.spec.restore,
+                        )
+                    )
+        return cells
+
+    def cell(self, cell_id: str) -> Cell:
+        for cell in self.cells():
+            if cell.id == cell_id:
+                return cell
+        raise KeyError(cell_id)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key repeated in one mapping (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # let construct_mapping report it
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_suite(path: str | os.PathLike) -> Suite:
+    """Read and validate a suite file; raise :class:`SuiteError` (one line) on any problem."""
+    source = str(path)
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SuiteError(f"{source}: suite file not found (got {str(file.resolve())!r})") from None
+    except IsADirectoryError:
+        raise SuiteError(f"{source}: is a directory, not a suite file (got {str(file.resolve())!r})") from None
+    except UnicodeDecodeError as exc:
+        raise SuiteError(f"{source}: not UTF-8 text (got byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise SuiteError(f"{source}: cannot read suite file: {exc.strerror} (got {str(file.resolve())!r})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise SuiteError(_yaml_message(source, exc, text)) from None
+    return parse_suite(data, source=source, path=file)
+
+
+def parse_suite(data: Any, *, source: str = "<suite>", path: str | os.PathLike | None = None) -> Suite:
+    """Validate already-parsed suite data (``path`` anchors a relative ``data_dir``)."""
+    suite_path = Path(path).resolve() if path is not None else Path.cwd() / "<suite>"
+    if data is None:
+        raise SuiteError(f"{source}: (top level): must be a mapping of suite keys (got an empty file)")
+    if not isinstance(data, dict):
+        raise SuiteError(f"{source}: (top level): must be a mapping of suite keys (got {_show(data)})")
+    try:
+        spec = SuiteSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SuiteError(_pydantic_message(source, exc)) from None
+    _check_semantics(source, spec)
+    return Suite(spec=spec, path=suite_path, source=source)
+
+
+# --------------------------------------------------------------------------- semantic checks
+
+
+def _fail(source: str, key: str, problem: str, value: Any, *, raw: bool = False) -> None:
+    shown = value if raw else _show(value)
+    raise SuiteError(f"{source}: {key}: {problem} (got {shown})")
+
+
+def _check_semantics(source: str, spec: SuiteSpec) -> None:
+    for i, q in enumerate(spec.quantizers):
+        key = f"quantizers[{i}]"
+        if q.method == "fp":
+            for field in ("bits", "group_size", "symmetric", "ignore", "calibration", "path"):
+                if field in q.model_fields_set:
+                    _fail(source, f"{key}.{field}", "not used by method fp (full precision); remove it",
+                          getattr(q, field))
+        if q.method in NEEDS_BITS and q.bits is None:
+            _fail(source, f"{key}.bits", f"required for method {q.method}: one of 2, 3, 4, 8", "nothing", raw=True)
+        if q.method == "smoothquant" and q.bits is not None and q.bits != 8:
+            _fail(source, f"{key}.bits", "must be 8 for method smoothquant (W8A8)", q.bits)
+        if q.bits is not None and q.bits not in WEIGHT_BITS:
+            _fail(source, f"{key}.bits", "must be one of 2, 3, 4, 8", q.bits)
+        if q.method in NEEDS_CALIBRATION and q.calibration is None:
+            _fail(source, f"{key}.calibration",
+                  f"required for method {q.method}, e.g. {{dataset: gsm8k, samples: 64, seq_len: 512, seed: 0}}",
+                  "nothing", raw=True)
+        if q.method == "checkpoint" and q.path is None:
+            _fail(source, f"{key}.path", "required for method checkpoint: a local directory or hub id",
+                  "nothing", raw=True)
+        if q.method != "checkpoint" and q.path is not None:
+            _fail(source, f"{key}.path", f"only allowed for method checkpoint, not {q.method}", q.path)
+
+    for section in ("models", "quantizers", "benchmarks"):
+        seen: dict[str, int] = {}
+        for i, item in enumerate(getattr(spec, section)):
+            if item.name in seen:
+                _fail(source, f"{section}[{i}].name", f"duplicate name, already used by {section}[{seen[item.name]}]",
+                      item.name)
+            seen[item.name] = i
+
+    seen_ids: dict[str, str] = {}
+    for mi, m in enumerate(spec.models):
+        for qi, q in enumerate(spec.quantizers):
+            for bi, b in enumerate(spec.benchmarks):
+                cell_id = f"{m.name}-{q.name}-{b.name}"
+                where = f"models[{mi}] x quantizers[{qi}] x benchmarks[{bi}]"
+                if cell_id in seen_ids:
+                    _fail(source, f"models[{mi}].name",
+                          f"cell id {cell_id!r} of {where} collides with {seen_ids[cell_id]}; rename one", m.name)
+                seen_ids[cell_id] = where
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _show(value: Any, limit: int = 70) -> str:
+    """A short, single-line rendering of a YAML value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        text = repr(value)
+    elif isinstance(value, dict):
+        text = "a mapping " + repr(value)
+    elif isinstance(value, (list, tuple)):
+        text = "a list " + repr(list(value))
+    else:
+        text = f"{type(value).__name__} {value!r}"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if part == "[key]":
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp = get_args(tp)[0]
+            continue
+        if origin in (Union, types.UnionType):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) == 1:
+                tp = args[0]
+                continue
+        return tp
+
+
+def _type_at(loc: tuple) -> Any:
+    """The annotation of the field at ``loc`` in :class:`SuiteSpec` (None if not a field)."""
+    tp: Any = SuiteSpec
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(part, int):
+            if get_origin(tp) is list:
+                tp = get_args(tp)[0]
+                continue
+            return None
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and part in tp.model_fields:
+            tp = tp.model_fields[part].annotation
+            continue
+        return None
+    return _unwrap(tp)
+
+
+_TYPE_PROBLEMS = {
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "none_required": "must be null",
+}
+
+
+def _num(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _problem(error: dict) -> str:
+    kind = error["type"]
+    loc = tuple(error["loc"])
+    ctx = error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        parent = _type_at(loc[:-1])
+        valid = sorted(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+        if close:
+            return f"unknown key, did you mean {close[0]!r}?"
+        return "unknown key (valid keys: " + ", ".join(valid) + ")" if valid else "unknown key"
+    if kind == "missing":
+        return "missing required key"
+    if kind == "literal_error":
+        field = _type_at(loc)
+        if get_origin(field) is Literal:
+            return "must be one of " + ", ".join(str(a) for a in get_args(field))
+        return "must be one of " + str(ctx.get("expected", ""))
+    if kind in _TYPE_PROBLEMS:
+        problem = _TYPE_PROBLEMS[kind]
+        if kind in ("int_type", "int_parsing") and isinstance(error.get("input"), float):
+            problem += " (no decimal point)"
+        return problem
+    if kind == "greater_than":
+        return f"must be greater than {_num(ctx['gt'])}"
+    if kind == "greater_than_equal":
+        return f"must be at least {_num(ctx['ge'])}"
+    if kind in ("less_than", "less_than_equal"):
+        bound = _num(ctx.get("lt", ctx.get("le")))
+        problem = f"must be less than {bound}" if kind == "less_than" else f"must be at most {bound}"
+        if loc and loc[-1] in ("max_abs_drop", "max_rel_drop"):
+            problem += " (a fraction: 0.05 means 5 points)"
+        return problem
+    if kind == "too_short":
+        return "must not be empty"
+    if kind == "value_error":
+        return str(error["msg"]).removeprefix("Value error, ")
+    msg = str(error.get("msg", kind))
+    return msg[:1].lower() + msg[1:]
+
+
+def _pydantic_message(source: str, exc: ValidationError) -> str:
+    error = exc.errors(include_url=False)[0]
+    loc = tuple(error["loc"])
+    problem = _problem(error)
+    value = error.get("input")
+    if error["type"] == "missing":
+        keys = list(value) if isinstance(value, dict) else []
+        shown = ("keys: " + ", ".join(map(str, keys))) if keys else "an empty mapping"
+    else:
+        shown = _show(value)
+    return " ".join(f"{source}: {_key_path(loc)}: {problem} (got {shown})".split())
+
+
+def _yaml_message(source: str, exc: yaml.YAMLError, text: str) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    if context and "duplicate key" not in str(problem):
+        problem = f"{problem} {context}"
+    problem = " ".join(str(problem).split())
+    if mark is None:
+        return f"{source}: (yaml): invalid YAML: {problem} (got unparseable text)"
+    lines = text.splitlines()
+    line = lines[mark.line].strip() if mark.line < len(lines) else ""
+    return (
+        f"{source}: line {mark.line + 1}, column {mark.column + 1}: invalid YAML: {problem} "
+        f"(got {_show(line)})"
+    )
