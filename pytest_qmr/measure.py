@@ -1,0 +1,106 @@
+"""Measure: run a model on an lm-eval task through lm-eval's Python API and keep every sample.
+
+lm-eval's own per-sample metric is the authority for correctness; we add a stable item id,
+the full generation and the extracted answer, so later stages read records, not models.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .fsutil import sha256_text
+from .records import SampleRecord
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    batch_size: int = 16
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tasks_dir() -> Path:
+    """The project's lm-eval task folder (installed as the package ``pytest_qmr.tasks``)."""
+    return Path(str(resources.files("pytest_qmr.tasks")))
+
+
+def task_manager(data_dir: Path | None, extra_metadata: dict | None = None):
+    from lm_eval.tasks import TaskManager
+
+    metadata = dict(extra_metadata or {})
+    if data_dir is not None:
+        metadata["data_dir"] = str(data_dir)
+    return TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=metadata)
+
+
+def _to_record(sample: dict) -> SampleRecord:
+    from .tasks.utils import read_sample
+
+    return SampleRecord(**read_sample(sample))
+
+
+class Evaluator:
+    """One lm-eval harness around an in-memory model; reused across chunks of one cell."""
+
+    def __init__(self, model, tokenizer, generation: GenerationSettings, data_dir: Path | None,
+                 task_metadata: dict | None = None) -> None:
+        from lm_eval.models.huggingface import HFLM
+
+        self.generation = generation
+        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=generation.batch_size, device="cpu",
+                       dtype="float32")
+        self.manager = task_manager(data_dir, task_metadata)
+
+    def run(self, task: str, indices: list[int] | None = None, limit: int | None = None,
+            seed: int = 0) -> list[SampleRecord]:
+        """Generate for the given doc indices (or the first ``limit`` docs), greedy, chat-formatted."""
+        from lm_eval import simple_evaluate
+
+        kwargs: dict[str, Any] = {"samples": {task: list(indices)}} if indices is not None else {"limit": limit}
+        output = simple_evaluate(
+            model=self.lm,
+            tasks=[task],
+            task_manager=self.manager,
+            apply_chat_template=True,
+            gen_kwargs={"max_gen_toks": self.generation.max_new_tokens, "do_sample": False},
+            log_samples=True,
+            bootstrap_iters=0,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            verbosity="WARNING",
+            **kwargs,
+        )
+        records = [_to_record(s) for s in output["samples"][task]]
+        return sorted(records, key=lambda r: r.doc_index)
+
+    def run_sequential(self, task: str, indices: list[int], chunk: int, seed: int,
+                       should_stop: Callable[[list[SampleRecord]], bool]) -> list[SampleRecord]:
+        """Evaluate in chunks, asking ``should_stop`` after each whether the verdict is settled."""
+        records: list[SampleRecord] = []
+        for start in range(0, len(indices), chunk):
+            records += self.run(task, indices[start:start + chunk], seed=seed)
+            if should_stop(records):
+                break
+        return records
+
+
+def items_fingerprint(records: Iterable[SampleRecord]) -> dict[str, str]:
+    """Hashes of what was asked (prompts) and what counts as right (gold), per item id."""
+    rows = sorted(records, key=lambda r: r.item_id)
+    return {
+        "data_sha256": sha256_text("\n".join(f"{r.item_id}\t{r.gold}" for r in rows)),
+        "prompt_sha256": sha256_text("\n".join(f"{r.item_id}\t{r.prompt}" for r in rows)),
+    }
+
+
+def timed(fn, *args, **kwargs):
+    started = time.monotonic()
+    result = fn(*args, **kwargs)
+    return result, time.monotonic() - started

@@ -1,0 +1,204 @@
+"""pytest plugin: every model x quantizer x benchmark cell of a suite file is one test item.
+
+``pytest suites/smoke.yaml`` collects the cells, ``-k gptq`` selects them, and each cell compares
+the quantized model item by item against the committed FP baseline in ``baselines/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from .fsutil import read_jsonl
+from .records import CellResult
+
+SESSION_KEY = pytest.StashKey["QmrSession"]()
+RESULT_PROPERTY = "qmr_result"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("qmr", "quantized-model reasoning gate (pytest-qmr)")
+    group.addoption("--qmr-suite", action="append", default=[], metavar="PATH",
+                    help="collect the cells of this suite file (repeatable)")
+    group.addoption("--qmr-update-baselines", action="store_true",
+                    help="(re)compute the FP baselines of the selected cells and write them atomically")
+    group.addoption("--qmr-baselines", metavar="DIR", default=None,
+                    help="baseline directory (default: <rootdir>/baselines)")
+    group.addoption("--qmr-run-dir", metavar="DIR", default=None,
+                    help="where cell records go (default: <rootdir>/qmr-runs/<timestamp>)")
+    group.addoption("--qmr-data-dir", metavar="DIR", default=None,
+                    help="benchmark data directory (overrides the suite's data_dir and QMR_DATA_DIR)")
+    group.addoption("--qmr-cache-dir", metavar="DIR", default=None,
+                    help="model / quantized-checkpoint cache (default: QMR_CACHE_DIR or ~/.cache/pytest-qmr)")
+    group.addoption("--qmr-resume", action="store_true",
+                    help="reuse cells already finished in --qmr-run-dir instead of re-running them")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "qmr_cell: a model x quantizer x benchmark cell from a suite file")
+    from .session import QmrSession
+
+    run_dir = config.getoption("--qmr-run-dir")
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput and workerinput.get("qmr_run_dir"):
+        run_dir = workerinput["qmr_run_dir"]
+    if run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(config.rootpath) / "qmr-runs" / f"{stamp}-{os.getpid()}"
+    config.stash[SESSION_KEY] = QmrSession(
+        rootdir=Path(config.rootpath),
+        run_dir=Path(run_dir).resolve(),
+        baselines_dir=Path(config.getoption("--qmr-baselines") or Path(config.rootpath) / "baselines").resolve(),
+        update_baselines=config.getoption("--qmr-update-baselines"),
+        data_dir=Path(config.getoption("--qmr-data-dir")).resolve() if config.getoption("--qmr-data-dir") else None,
+        cache_dir=Path(config.getoption("--qmr-cache-dir")).resolve() if config.getoption("--qmr-cache-dir") else None,
+        resume=config.getoption("--qmr-resume"),
+    )
+    config.pluginmanager.register(QmrReporter(config.stash[SESSION_KEY]), "qmr-reporter")
+    for suite in config.getoption("--qmr-suite"):
+        config.args.append(str(Path(suite).resolve()))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist: every worker writes into the controller's run directory."""
+    node.workerinput["qmr_run_dir"] = str(node.config.stash[SESSION_KEY].run_dir)
+
+
+def _is_suite_file(file_path: Path, parent: pytest.Collector) -> bool:
+    if file_path.suffix not in (".yaml", ".yml"):
+        return False
+    return parent.session.isinitpath(file_path) or file_path.parent.name == "suites"
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector):
+    if _is_suite_file(file_path, parent):
+        return SuiteFile.from_parent(parent, path=file_path)
+    return None
+
+
+class SuiteFile(pytest.File):
+    """A suite YAML; yields one CellItem per model x quantizer x benchmark."""
+
+    def collect(self):
+        from .suite import SuiteError, load_suite
+
+        try:
+            suite = load_suite(self.path)
+        except SuiteError as exc:
+            raise self.CollectError(str(exc)) from None
+        for cell in suite.cells():
+            item = CellItem.from_parent(self, name=cell.id, cell=cell)
+            item.add_marker(pytest.mark.qmr_cell)
+            for marker in (cell.quantizer.method,):
+                item.add_marker(getattr(pytest.mark, marker.replace("-", "_")))
+            yield item
+
+    class CollectError(Exception):
+        pass
+
+    def repr_failure(self, excinfo, style=None):
+        if excinfo.errisinstance(self.CollectError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+
+class CellFailed(Exception):
+    """The gate said fail (or inconclusive where the suite counts that as failing)."""
+
+
+class CellError(Exception):
+    """A cell could not be evaluated (missing baseline, provenance mismatch, bad model)."""
+
+
+class CellItem(pytest.Item):
+    def __init__(self, *, cell, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.cell = cell
+
+    def runtest(self) -> None:
+        session = self.config.stash[SESSION_KEY]
+        result = session.run_cell(self.cell)
+        self.user_properties.append((RESULT_PROPERTY, json.dumps(_summary_row(result))))
+        if result.gate is not None:
+            for key in ("fp_acc", "quant_acc", "delta", "p_value", "n", "verdict"):
+                self.user_properties.append((f"qmr_{key}", getattr(result.gate, key)))
+        for title, text in session.report_sections(result):
+            self.add_report_section("call", title, text)
+        if result.outcome == "fail":
+            raise CellFailed(result.gate.summary() if result.gate else "cell failed")
+
+    def repr_failure(self, excinfo, style=None):
+        if excinfo.errisinstance((CellFailed, CellError)):
+            return f"{self.cell.id}: {excinfo.value}"
+        from .baselines import BaselineError
+        from .models import ModelError
+        from .quantize import QuantizeError
+
+        if excinfo.errisinstance((BaselineError, ModelError, QuantizeError)):
+            return f"{self.cell.id}: {excinfo.value}"
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, f"qmr cell {self.cell.id}"
+
+
+def _summary_row(result: CellResult) -> dict:
+    gate = result.gate
+    return {
+        "cell": result.cell_id,
+        "acc": result.accuracy,
+        "n": result.n,
+        "fp_acc": gate.fp_acc if gate else None,
+        "delta": gate.delta if gate else None,
+        "p": gate.p_value if gate else None,
+        "verdict": gate.verdict if gate else result.outcome,
+        "outcome": result.outcome,
+        "restored_acc": (result.restore or {}).get("restored_acc"),
+    }
+
+
+class QmrReporter:
+    """Collects cell rows from test reports (also those xdist workers send) for the summary."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.rows: list[dict] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        for name, value in report.user_properties:
+            if name == RESULT_PROPERTY:
+                self.rows.append(json.loads(value))
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
+        if getattr(session.config, "workerinput", None) is not None:
+            return  # only the controller aggregates
+        self.session.write_results()
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config: pytest.Config) -> None:
+        if not self.rows:
+            return
+        tr = terminalreporter
+        tr.section("qmr cells")
+        tr.write_line(f"{'cell':<48} {'FP':>6} {'quant':>6} {'Δ':>7} {'n':>5} {'p':>9}  verdict")
+        for row in sorted(self.rows, key=lambda r: r["cell"]):
+            fp = "" if row["fp_acc"] is None else f"{row['fp_acc']:.3f}"
+            delta = "" if row["delta"] is None else f"{row['delta']:+.3f}"
+            p = "" if row["p"] is None else f"{row['p']:.3g}"
+            line = f"{row['cell']:<48} {fp:>6} {row['acc']:>6.3f} {delta:>7} {row['n']:>5} {p:>9}  {row['verdict']}"
+            if row.get("restored_acc") is not None:
+                line += f" (restored {row['restored_acc']:.3f})"
+            tr.write_line(line)
+        tr.write_line(f"records: {self.session.run_dir}")
+
+
+def load_samples(run_dir: Path, cell_id: str):
+    from .records import SampleRecord
+
+    return [SampleRecord.from_dict(r) for r in read_jsonl(run_dir / "cells" / cell_id / "samples.jsonl")]

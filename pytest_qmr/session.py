@@ -1,0 +1,218 @@
+"""One pytest session's state: resolved models, loaded weights, baselines and the run directory.
+
+Lives in ``config.stash`` (no module globals), so xdist workers each hold their own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import baselines as bl
+from . import models
+from .fsutil import atomic_write_json, atomic_write_text, sha256_text
+from .measure import Evaluator, GenerationSettings, items_fingerprint
+from .quantize import QuantSpec, quantize
+from .records import CellResult, GateResult, SampleRecord
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("lm_eval", "transformers", "torch", "llmcompressor")}
+
+
+@dataclass
+class QmrSession:
+    rootdir: Path
+    run_dir: Path
+    baselines_dir: Path
+    update_baselines: bool = False
+    data_dir: Path | None = None
+    cache_dir: Path | None = None
+    resume: bool = False
+    _loaded: dict = field(default_factory=dict)
+    _fp_records: dict = field(default_factory=dict)
+
+    # ---- models -------------------------------------------------------------------------
+    def _load(self, path: Path, trust_remote_code: bool):
+        """Keep one model in memory: cells are ordered so consecutive ones share it."""
+        key = str(path)
+        if key not in self._loaded:
+            self._loaded.clear()
+            self._loaded[key] = models.load(path, trust_remote_code=trust_remote_code)
+        return self._loaded[key]
+
+    # ---- cells --------------------------------------------------------------------------
+    def _generation(self, cell) -> GenerationSettings:
+        return GenerationSettings(max_new_tokens=cell.generation.max_new_tokens, batch_size=cell.generation.batch_size)
+
+    def _data_dir(self, cell) -> Path | None:
+        return self.data_dir or cell.data_dir
+
+    def _evaluate(self, path: Path, cell, indices: list[int] | None, fp_correct: list[bool] | None):
+        model, tokenizer = self._load(path, cell.model.trust_remote_code)
+        evaluator = Evaluator(model, tokenizer, self._generation(cell), self._data_dir(cell))
+        task, seed = cell.benchmark.task, cell.benchmark.seed
+        if fp_correct is not None and cell.thresholds.sequential and indices is not None:
+            from .gate import final_verdict_if_known
+
+            chunk = max(cell.generation.batch_size, cell.thresholds.min_items)
+
+            def settled(records: list[SampleRecord]) -> bool:
+                quant = [r.correct for r in records]
+                return final_verdict_if_known(fp_correct, quant, cell.thresholds) is not None
+
+            return evaluator.run_sequential(task, indices, chunk, seed, settled)
+        if indices is not None:
+            return evaluator.run(task, indices=indices, seed=seed)
+        return evaluator.run(task, limit=cell.benchmark.limit, seed=seed)
+
+    def _provenance(self, fp: models.ResolvedModel, cell, records: list[SampleRecord]) -> dict:
+        return {
+            "model_fingerprint": fp.fingerprint,
+            **items_fingerprint(records),
+            "generation": self._generation(cell).to_dict(),
+            "limit": cell.benchmark.limit,
+            "seed": cell.benchmark.seed,
+            "libraries": library_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def fp_baseline(self, cell, fp: models.ResolvedModel) -> bl.Baseline:
+        """The committed baseline, or (with --qmr-update-baselines) a fresh FP run written atomically."""
+        path = bl.baseline_path(self.baselines_dir, cell.model.name, cell.benchmark.name)
+        if not self.update_baselines:
+            baseline = bl.read_baseline(path)
+            mismatches = bl.check_provenance(baseline, {
+                "model_fingerprint": fp.fingerprint,
+                "generation": self._generation(cell).to_dict(),
+                "seed": cell.benchmark.seed,
+            })
+            if mismatches:
+                raise bl.BaselineError(
+                    f"{path}: baseline no longer matches ({'; '.join(mismatches)}); regenerate with "
+                    f"pytest <suite> --qmr-update-baselines -k {cell.model.name}"
+                )
+            return baseline
+        key = (cell.model.name, cell.benchmark.name)
+        if key not in self._fp_records:
+            self._fp_records[key] = self._evaluate(fp.path, cell, None, None)
+        records = self._fp_records[key]
+        baseline = bl.Baseline(
+            model=cell.model.name,
+            benchmark=cell.benchmark.name,
+            task=cell.benchmark.task,
+            accuracy=sum(r.correct for r in records) / max(len(records), 1),
+            n=len(records),
+            items={r.item_id: {"correct": r.correct, "extracted": r.extracted, "response": r.response,
+                               "doc_index": r.doc_index, "prompt_sha256": sha256_text(r.prompt)}
+                   for r in records},
+            provenance=self._provenance(fp, cell, records),
+        )
+        bl.write_baseline(path, baseline)
+        return baseline
+
+    def run_cell(self, cell) -> CellResult:
+        cell_dir = self.run_dir / "cells" / cell.id
+        if self.resume and (cell_dir / "result.json").is_file():
+            return CellResult.from_dict(json.loads((cell_dir / "result.json").read_text()))
+        seconds: dict[str, float] = {}
+        started = time.monotonic()
+        fp = models.resolve(cell.model.ref, self.cache_dir)
+        seconds["resolve"] = time.monotonic() - started
+
+        started = time.monotonic()
+        baseline = self.fp_baseline(cell, fp)
+        seconds["baseline"] = time.monotonic() - started
+        ordered = sorted(baseline.items.items(), key=lambda kv: kv[1].get("doc_index", 0))
+        limit = cell.benchmark.limit
+        if limit is not None and limit > len(ordered):
+            raise bl.BaselineError(
+                f"baseline {cell.model.name}/{cell.benchmark.name} covers {len(ordered)} items, the cell asks for "
+                f"{limit or 'all'}; regenerate with pytest <suite> --qmr-update-baselines -k {cell.id}"
+            )
+        ordered = ordered[:limit] if limit is not None else ordered
+        indices = [int(v.get("doc_index", i)) for i, (_, v) in enumerate(ordered)]
+        fp_correct_all = [bool(v["correct"]) for _, v in ordered]
+
+        started = time.monotonic()
+        q = cell.quantizer
+        spec = QuantSpec(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
+                         ignore=tuple(q.ignore), path=q.path)
+        quantized = quantize(fp.path, fp.fingerprint, spec, self.cache_dir)
+        seconds["quantize"] = time.monotonic() - started
+
+        started = time.monotonic()
+        key = (cell.model.name, cell.benchmark.name)
+        if q.method == "fp" and key in self._fp_records:
+            records = self._fp_records[key]  # the baseline run itself
+        else:
+            records = self._evaluate(quantized.path, cell, indices, fp_correct_all)
+        seconds["evaluate"] = time.monotonic() - started
+
+        gate = self._gate(cell, baseline, records, fp_correct_all)
+        result = CellResult(
+            cell_id=cell.id,
+            model=cell.model.name,
+            quantizer=q.name,
+            benchmark=cell.benchmark.name,
+            task=cell.benchmark.task,
+            accuracy=sum(r.correct for r in records) / max(len(records), 1),
+            n=len(records),
+            gate=gate,
+            samples_path=str(cell_dir / "samples.jsonl"),
+            seconds={k: round(v, 2) for k, v in seconds.items()},
+            quantization=quantized.info,
+            outcome=self._outcome(cell, gate),
+        )
+        self._write_cell(cell_dir, records, result)
+        return result
+
+    def _gate(self, cell, baseline: bl.Baseline, records: list[SampleRecord], fp_correct_all: list[bool]) -> GateResult:
+        from .gate import evaluate_gate, final_verdict_if_known
+
+        changed = [r.item_id for r in records
+                   if baseline.items.get(r.item_id, {}).get("prompt_sha256") not in (None, sha256_text(r.prompt))]
+        if changed:
+            raise bl.BaselineError(
+                f"prompts of {len(changed)} items (e.g. {changed[0]}) differ from baseline "
+                f"{cell.model.name}/{cell.benchmark.name}; regenerate with pytest <suite> --qmr-update-baselines"
+            )
+        quant = {r.item_id: r.correct for r in records}
+        fp_vec, q_vec = bl.paired_vectors(baseline, list(quant), quant)
+        if cell.thresholds.sequential and len(records) < len(fp_correct_all):
+            early = final_verdict_if_known(fp_correct_all, [r.correct for r in records], cell.thresholds)
+            if early is not None:
+                return early
+        gate = evaluate_gate(fp_vec, q_vec, cell.thresholds)
+        gate.n_planned = len(fp_correct_all)
+        return gate
+
+    @staticmethod
+    def _outcome(cell, gate: GateResult) -> str:
+        if gate.verdict == "pass":
+            return "pass"
+        if gate.verdict == "fail":
+            return "fail"
+        return cell.thresholds.inconclusive
+
+    def _write_cell(self, cell_dir: Path, records: list[SampleRecord], result: CellResult) -> None:
+        text = "".join(json.dumps(r.to_dict()) + "\n" for r in records)
+        atomic_write_text(cell_dir / "samples.jsonl", text)
+        atomic_write_json(cell_dir / "result.json", result.to_dict())
+
+    def report_sections(self, result: CellResult) -> list[tuple[str, str]]:
+        lines = [result.gate.summary()] if result.gate else []
+        lines.append(f"samples: {result.samples_path}")
+        lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+        return [("qmr", "\n".join(lines))]
+
+    def write_results(self) -> None:
+        cells_dir = self.run_dir / "cells"
+        if not cells_dir.is_dir():
+            return
+        cells = [json.loads(f.read_text()) for f in sorted(cells_dir.glob("*/result.json"))]
+        atomic_write_json(self.run_dir / "results.json", {"run_dir": str(self.run_dir), "cells": cells})

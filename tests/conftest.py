@@ -1,0 +1,41 @@
+"""Shared fixtures: real data from the configured data dir, one model cache for the whole run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("QMR_DATA_DIR", REPO.parent / "shared" / "data"))
+    if not (path / "gsm8k" / "test.jsonl").is_file():
+        pytest.skip(f"benchmark data not found at {path} (set QMR_DATA_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The real model cache (built models are reused across tests and the smoke suite)."""
+    path = Path(os.environ.get("QMR_CACHE_DIR", REPO / ".qmr-cache"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lab_model(cache_dir):
+    """The embedded lab model (SmolLM2-135M + committed arith adapter), built once."""
+    from pytest_qmr import models
+
+    return models.resolve("embedded:smollm2-135m-arith", cache_dir)

@@ -1,0 +1,75 @@
+"""End to end on the embedded lab model: a scrambled checkpoint fails the gate against the
+committed FP baseline, an untouched copy passes it, and every cell leaves its records."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SUITE = """
+name: e2e
+data_dir: {data_dir}
+models:
+  - name: smollm2-135m-arith
+    ref: embedded:smollm2-135m-arith
+quantizers:
+  - name: copy
+    method: checkpoint
+    path: {copy}
+  - name: scrambled
+    method: checkpoint
+    path: {scrambled}
+benchmarks:
+  - name: arith
+    task: qmr_arith
+    limit: 32
+    seed: 0
+thresholds:
+  max_abs_drop: 0.05
+  max_rel_drop: 0.10
+  alpha: 0.05
+  min_items: 20
+generation:
+  max_new_tokens: 192
+  batch_size: 16
+"""
+
+
+def _scramble(src: Path, dst: Path) -> None:
+    """Permute the output rows of the middle layers' MLP down-projections: same weights, wrong places."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(dst / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for key in list(weights):
+        if key.endswith("mlp.down_proj.weight") and any(f"layers.{i}." in key for i in range(8, 22)):
+            rows = torch.randperm(weights[key].shape[0], generator=generator)
+            weights[key] = weights[key][rows].contiguous()
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_scrambled_fails_untouched_copy_passes(pytester, lab_model, data_dir, cache_dir, repo_root, tmp_path):
+    copy, scrambled = tmp_path / "copy", tmp_path / "scrambled"
+    shutil.copytree(lab_model.path, copy)
+    _scramble(lab_model.path, scrambled)
+    suite = pytester.makefile(".yaml", e2e=SUITE.format(data_dir=data_dir, copy=copy, scrambled=scrambled))
+    run_dir = tmp_path / "run"
+    result = pytester.runpytest_subprocess(
+        str(suite), f"--qmr-baselines={repo_root / 'baselines'}", f"--qmr-run-dir={run_dir}",
+        f"--qmr-cache-dir={cache_dir}", "-p", "no:cacheprovider",
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*smollm2-135m-arith-scrambled-arith: FAIL: FP acc*McNemar exact p=*"])
+    results = json.loads((run_dir / "results.json").read_text())
+    verdicts = {c["cell_id"]: c["gate"]["verdict"] for c in results["cells"]}
+    assert verdicts == {"smollm2-135m-arith-copy-arith": "pass", "smollm2-135m-arith-scrambled-arith": "fail"}
+    copy_samples = (run_dir / "cells" / "smollm2-135m-arith-copy-arith" / "samples.jsonl").read_text().splitlines()
+    assert len(copy_samples) == 32
+    assert all(json.loads(line)["response"] for line in copy_samples)
