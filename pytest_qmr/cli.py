@@ -31,24 +31,6 @@ def _cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
-    from . import models
-    from .quantize import QuantSpec, quantize
-
-    base = models.resolve(args.model)
-    spec = QuantSpec(method=args.method, bits=args.bits, group_size=args.group_size,
-                     symmetric=not args.asymmetric)
-    result = quantize(base.path, base.fingerprint, spec)
-    if args.out:
-        import shutil
-
-        shutil.copytree(result.path, args.out, dirs_exist_ok=True)
-        print(args.out)
-    else:
-        print(result.path)
-    return 0
-
-
 def _cmd_model(args: argparse.Namespace) -> int:
     from . import models
 
@@ -68,18 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an AlignConfig field")
     p.set_defaults(func=_cmd_align)
 
-    p = sub.add_parser("quantize", help="quantize a model (cached) and print the checkpoint path")
-    p.add_argument("--model", default="embedded:smollm2-135m-arith")
-    p.add_argument("--method", default="rtn")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--asymmetric", action="store_true")
-    p.add_argument("--out", default=None)
-    p.set_defaults(func=_cmd_quantize)
-
     p = sub.add_parser("model", help="resolve a model reference (builds embedded models once)")
     p.add_argument("model")
     p.set_defaults(func=_cmd_model)
+
+    from . import locate, quantize, serve
+
+    quantize.add_cli(sub)
+    locate.add_cli(sub)
+    serve.add_cli(sub)
     return parser
 
 
