@@ -449,6 +449,8 @@ def verify_entry(entry: Path) -> tuple[dict | None, str | None]:
         files = info["files"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         return None, f"{INFO_FILE} does not parse"
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        return None, f"{INFO_FILE} does not parse (file manifest)"
     if info.get("format_version") != FORMAT_VERSION:
         return None, f"format version {info.get('format_version')} != {FORMAT_VERSION}"
     if not any(name.endswith(".safetensors") and "/" not in name for name in files) or not any(
