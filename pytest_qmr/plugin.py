@@ -18,6 +18,7 @@ from .records import CellResult
 
 SESSION_KEY = pytest.StashKey["QmrSession"]()
 RESULT_PROPERTY = "qmr_result"
+QUANT_METHODS = ("fp", "rtn", "gptq", "awq", "smoothquant", "checkpoint")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -40,6 +41,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "qmr_cell: a model x quantizer x benchmark cell from a suite file")
+    for method in QUANT_METHODS:
+        config.addinivalue_line("markers", f"{method}: qmr cells quantized with method {method}")
     from .session import QmrSession
 
     run_dir = config.getoption("--qmr-run-dir")
@@ -94,8 +97,10 @@ class SuiteFile(pytest.File):
         for cell in suite.cells():
             item = CellItem.from_parent(self, name=cell.id, cell=cell)
             item.add_marker(pytest.mark.qmr_cell)
-            for marker in (cell.quantizer.method,):
-                item.add_marker(getattr(pytest.mark, marker.replace("-", "_")))
+            item.add_marker(getattr(pytest.mark, cell.quantizer.method))
+            if cell.quantizer.expect == "fail":
+                item.add_marker(pytest.mark.xfail(
+                    reason=f"suite expects quantizer {cell.quantizer.name} to regress", raises=CellFailed, strict=True))
             yield item
 
     class CollectError(Exception):

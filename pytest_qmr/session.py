@@ -14,6 +14,7 @@ from . import baselines as bl
 from . import models
 from .fsutil import atomic_write_json, atomic_write_text, sha256_text
 from .measure import Evaluator, GenerationSettings, items_fingerprint
+from .calibration import CalibrationSpec
 from .quantize import QuantSpec, quantize
 from .records import CellResult, GateResult, SampleRecord
 
@@ -140,9 +141,10 @@ class QmrSession:
 
         started = time.monotonic()
         q = cell.quantizer
+        calibration = CalibrationSpec(**q.calibration.model_dump()) if q.calibration is not None else None
         spec = QuantSpec(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
-                         ignore=tuple(q.ignore), path=q.path)
-        quantized = quantize(fp.path, fp.fingerprint, spec, self.cache_dir)
+                         ignore=tuple(q.ignore), path=q.path, calibration=calibration)
+        quantized = quantize(fp.path, fp.fingerprint, spec, self.cache_dir, data_dir=self._data_dir(cell))
         seconds["quantize"] = time.monotonic() - started
 
         started = time.monotonic()

@@ -108,10 +108,11 @@ class QuantizerSpec(_Spec):
     method: Literal["fp", "rtn", "gptq", "awq", "smoothquant", "checkpoint"]
     bits: int | None = None  # weight bits; smoothquant is W8A8 (8, the default)
     group_size: PositiveInt | None = 128  # None: per-channel
-    symmetric: bool = True
+    symmetric: bool | None = None  # None: the method's default (awq asymmetric, others symmetric)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     calibration: Calibration | None = None
     path: NonEmptyStr | None = None  # method=checkpoint only: local dir or hub id
+    expect: Literal["pass", "fail"] = "pass"  # "fail": a known regression, reported as xfail (strict)
 
     @property
     def is_fp(self) -> bool:

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 SUITE = """
 name: e2e
 data_dir: {data_dir}
@@ -27,16 +25,17 @@ quantizers:
 benchmarks:
   - name: arith
     task: qmr_arith
-    limit: 32
+    limit: 40
     seed: 0
 thresholds:
   max_abs_drop: 0.05
   max_rel_drop: 0.10
   alpha: 0.05
-  min_items: 20
+  min_items: 16
+  sequential: true
 generation:
-  max_new_tokens: 192
-  batch_size: 16
+  max_new_tokens: 96
+  batch_size: 20
 """
 
 
@@ -71,5 +70,6 @@ def test_scrambled_fails_untouched_copy_passes(pytester, lab_model, data_dir, ca
     verdicts = {c["cell_id"]: c["gate"]["verdict"] for c in results["cells"]}
     assert verdicts == {"smollm2-135m-arith-copy-arith": "pass", "smollm2-135m-arith-scrambled-arith": "fail"}
     copy_samples = (run_dir / "cells" / "smollm2-135m-arith-copy-arith" / "samples.jsonl").read_text().splitlines()
-    assert len(copy_samples) == 32
+    copy_result = next(c for c in results["cells"] if c["cell_id"] == "smollm2-135m-arith-copy-arith")
+    assert len(copy_samples) == copy_result["n"] == copy_result["gate"]["n"] > 0
     assert all(json.loads(line)["response"] for line in copy_samples)
