@@ -638,19 +638,3 @@ def add_cli(subparsers) -> None:
     i.add_argument("--judged", required=True, help="judged.jsonl the queue was built from")
     i.add_argument("--out", required=True, help="merged judged.jsonl")
     i.set_defaults(func=_cmd_review_import)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pytest_qmr.locate judge|review ...`` (the same commands as ``qmr``)."""
-    parser = argparse.ArgumentParser(prog="qmr")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (LocateError, JudgeFileError, ReviewError, ValueError) as exc:
-        print(f"qmr {args.command}: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -112,7 +112,8 @@ class QuantizerSpec(_Spec):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     calibration: Calibration | None = None
     path: NonEmptyStr | None = None  # method=checkpoint only: local dir or hub id
-    expect: Literal["pass", "fail"] = "pass"  # "fail": a known regression, reported as xfail (strict)
+    # benchmarks on which this quantizer is a known regression: those cells are strict xfails
+    expect_fail_on: list[NonEmptyStr] = Field(default_factory=list)
 
     @property
     def is_fp(self) -> bool:
@@ -358,8 +359,13 @@ def _fail(source: str, key: str, problem: str, value: Any, *, raw: bool = False)
 
 
 def _check_semantics(source: str, spec: SuiteSpec) -> None:
+    benchmark_names = [b.name for b in spec.benchmarks]
     for i, q in enumerate(spec.quantizers):
         key = f"quantizers[{i}]"
+        for j, name in enumerate(q.expect_fail_on):
+            if name not in benchmark_names:
+                _fail(source, f"{key}.expect_fail_on[{j}]",
+                      f"not a benchmark of this suite ({', '.join(benchmark_names)})", name)
         if q.method == "fp":
             for field in ("bits", "group_size", "symmetric", "ignore", "calibration", "path"):
                 if field in q.model_fields_set:

@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pytest_qmr import cli
+
 from pytest_qmr import judges, locate
 from pytest_qmr.judges import (Case, JudgeConfig, JudgeFileError, JudgeOutputError, LocalJudge, OpenAIJudge,
                                RuleJudge, build_messages, parse_judge_settings, parse_verdict, redact)
@@ -479,7 +481,7 @@ def test_api_key_never_written_anywhere(served, fault_server, tmp_path, monkeypa
     rows = [{"id": cid, "problem": f"CASE-{cid}: compute (3*4+5)/2", "response": STEPS3, "gold_answer": "8.5",
              "reference_response": "Step 1: 17 / 2 = 8.5\nThe answer is 8.5"} for cid in ("k1", "k2", "k3")]
     (tmp_path / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rc = locate.main(["judge", "--input", str(tmp_path / "traces.jsonl"), "--judges", "rule,echo,smol",
+    rc = cli.main(["judge", "--input", str(tmp_path / "traces.jsonl"), "--judges", "rule,echo,smol",
                       "--judge-config", str(tmp_path / "judges.yaml"), "--out", str(tmp_path / "judged.jsonl"),
                       "--review-dir", str(tmp_path / "review"), "--audit-rate", "1", "--profile",
                       str(tmp_path / "profile.json"), "--no-progress"])

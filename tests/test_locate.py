@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_qmr import locate
+from pytest_qmr import cli, locate
 from pytest_qmr.judges import Vote
 from pytest_qmr.locate import (LocateError, Policy, check_profile, decide, error_profile, import_reviews,
                                regression_set, write_review_queue)
@@ -416,7 +416,7 @@ def _write_traces(path: Path) -> Path:
 def test_cli_judge_with_rule_judge(tmp_path, capsys):
     traces = _write_traces(tmp_path / "traces.jsonl")
     out = tmp_path / "judged.jsonl"
-    rc = locate.main(["judge", "--input", str(traces), "--judges", "rule", "--out", str(out),
+    rc = cli.main(["judge", "--input", str(traces), "--judges", "rule", "--out", str(out),
                       "--review-dir", str(tmp_path / "review"), "--profile", str(tmp_path / "profile.json"),
                       "--no-progress"])
     assert rc == 0
@@ -436,15 +436,15 @@ def test_cli_judge_with_rule_judge(tmp_path, capsys):
     # review import through the CLI
     verdict = review / "cases" / case_dir_name("t2") / "human_verdict.json"
     verdict.write_text(json.dumps({"id": "t2", "primary_error_type": "computational_error", "error_step": 1}))
-    rc = locate.main(["review", "import", "--queue", str(review), "--judged", str(out),
+    rc = cli.main(["review", "import", "--queue", str(review), "--judged", str(out),
                       "--out", str(tmp_path / "reviewed.jsonl")])
     assert rc == 0
     reviewed = [json.loads(line) for line in (tmp_path / "reviewed.jsonl").read_text().splitlines()]
     assert reviewed[1]["status"] == "human" and reviewed[1]["first_error_step"] == 1
     # --all judges every row; review build from a judged file
-    rc = locate.main(["judge", "--input", str(traces), "--out", str(out), "--all", "--no-progress"])
+    rc = cli.main(["judge", "--input", str(traces), "--out", str(out), "--all", "--no-progress"])
     assert rc == 0 and len(out.read_text().splitlines()) == 4
-    assert locate.main(["review", "build", "--judged", str(out), "--out", str(tmp_path / "r2")]) == 0
+    assert cli.main(["review", "build", "--judged", str(out), "--out", str(tmp_path / "r2")]) == 0
     assert (tmp_path / "r2" / "index.html").is_file()
 
 
@@ -455,7 +455,7 @@ def test_cli_judge_with_rule_judge(tmp_path, capsys):
 ])
 def test_cli_judge_errors_are_one_line(tmp_path, capsys, argv, fragment):
     traces = _write_traces(tmp_path / "traces.jsonl")
-    rc = locate.main(["judge", "--input", str(traces), "--out", str(tmp_path / "o.jsonl"), "--no-progress", *argv])
+    rc = cli.main(["judge", "--input", str(traces), "--out", str(tmp_path / "o.jsonl"), "--no-progress", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and fragment in err[-1] and err[-1].startswith("qmr judge:")
 
@@ -463,20 +463,20 @@ def test_cli_judge_errors_are_one_line(tmp_path, capsys, argv, fragment):
 def test_cli_bad_input_line(tmp_path, capsys):
     bad = tmp_path / "traces.jsonl"
     bad.write_text(json.dumps(TRACES[0]) + "\n{oops\n")
-    assert locate.main(["judge", "--input", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert cli.main(["judge", "--input", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
 
 
 def test_cli_resumes_from_partial(tmp_path):
     traces = _write_traces(tmp_path / "traces.jsonl")
     out = tmp_path / "judged.jsonl"
-    locate.main(["judge", "--input", str(traces), "--out", str(out), "--no-progress"])
+    cli.main(["judge", "--input", str(traces), "--out", str(out), "--no-progress"])
     first = out.read_text().splitlines()[0]
     # a partial file left by an interrupted run: its (doctored) vote is reused, not recomputed
     row = json.loads(first)
     row["votes"]["rule"]["explanation"] = "from the interrupted run"
     (tmp_path / "judged.jsonl.partial").write_text(json.dumps(row) + "\n")
-    locate.main(["judge", "--input", str(traces), "--out", str(out), "--no-progress"])
+    cli.main(["judge", "--input", str(traces), "--out", str(out), "--no-progress"])
     again = json.loads(out.read_text().splitlines()[0])
     assert again["votes"]["rule"]["explanation"] == "from the interrupted run"
     assert not (tmp_path / "judged.jsonl.partial").exists()

@@ -342,3 +342,19 @@ def test_minimal_suite_defaults(tmp_path, monkeypatch):
     assert cell.generation.backend == "hf"
     assert cell.restore == "off"  # YAML's bare `off` is read as false and mapped back
     assert cell.data_dir is None
+
+
+def test_expect_fail_on_names_a_benchmark(tmp_path):
+    from pytest_qmr.suite import SuiteError, load_suite
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: s\nmodels: [{name: m, ref: embedded:smollm2-135m}]\n"
+        "quantizers: [{name: q, method: rtn, bits: 4, expect_fail_on: [arithh]}]\n"
+        "benchmarks: [{name: arith, task: qmr_arith}]\n"
+    )
+    with pytest.raises(SuiteError) as err:
+        load_suite(path)
+    assert str(err.value) == (
+        f"{path}: quantizers[0].expect_fail_on[0]: not a benchmark of this suite (arith) (got 'arithh')"
+    )
