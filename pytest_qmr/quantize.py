@@ -837,20 +837,3 @@ def add_cli(subparsers) -> None:
     clear.add_argument("--max-size-gb", type=float, default=None)
     clear.set_defaults(func=_cmd_cache_clear)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m pytest_qmr.quantize``); ``qmr`` wires the same commands."""
-    parser = argparse.ArgumentParser(prog="qmr")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    from .models import ModelError
-
-    try:
-        return args.func(args)
-    except (ModelError, QuantizeError) as exc:
-        print(f"qmr {args.command}: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
