@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 NO_ERROR = "no_error"
 RULE = "rule"
+ARITH = "arith"  # the exact labeller of the CPU lab benchmark
 VOTE_STATUSES = ("error", "no_error", "abstain", "unjudged")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -468,7 +469,32 @@ class _Fatal(Exception):
     """A failure no retry fixes (HTTP 4xx, missing key): unjudged at once."""
 
 
-class RuleJudge:
+class _InlineJudge:
+    """A judge that needs no endpoint: runs in the caller's thread, never raises."""
+
+    name = ""
+
+    def judge(self, case: Case) -> Vote:
+        raise NotImplementedError
+
+    def judge_many(self, cases: Sequence[Case], on_done: Callable[[int, Vote], None] | None = None) -> list[Vote]:
+        votes = []
+        for i, case in enumerate(cases):
+            votes.append(self.judge(case))
+            if on_done:
+                on_done(i, votes[-1])
+        return votes
+
+    def submit(self, case: Case) -> Future:
+        future: Future = Future()
+        future.set_result(self.judge(case))
+        return future
+
+    def close(self) -> None:
+        pass
+
+
+class RuleJudge(_InlineJudge):
     """The sympy arithmetic judge as a voter (never unjudged, never raises)."""
 
     name = RULE
@@ -486,21 +512,37 @@ class RuleJudge:
         return Vote(RULE, "abstain", explanation=verdict.explanation, reason=verdict.status, attempts=1,
                     latency_s=took)
 
-    def judge_many(self, cases: Sequence[Case], on_done: Callable[[int, Vote], None] | None = None) -> list[Vote]:
-        votes = []
-        for i, case in enumerate(cases):
-            votes.append(self.judge(case))
-            if on_done:
-                on_done(i, votes[-1])
-        return votes
 
-    def submit(self, case: Case) -> Future:
-        future: Future = Future()
-        future.set_result(self.judge(case))
-        return future
+class ArithJudge(_InlineJudge):
+    """Ground truth for ``qmr_arith`` cases: the exact labeller (:mod:`pytest_qmr.arith_labeller`).
 
-    def close(self) -> None:
-        pass
+    Cases are matched to problems by id (``arith-<split>-<hash>``); any other case, and a
+    response whose format collapsed (no checkable step; not a taxonomy type), is an abstention.
+    """
+
+    name = ARITH
+
+    def __init__(self, n: int = 500, seed: int = 0):
+        from . import arith
+
+        self._problems = {p.id: p for split in ("test", "train") for p in arith.generate(split, n, seed)}
+
+    def judge(self, case: Case) -> Vote:
+        from . import arith_labeller
+
+        problem = self._problems.get(case.id)
+        if problem is None:
+            return Vote(ARITH, "abstain", reason="not a qmr_arith problem", attempts=1)
+        t0 = time.perf_counter()
+        label = arith_labeller.label(problem, case.response)
+        took = time.perf_counter() - t0
+        if label.status == "error":
+            return Vote(ARITH, "error", label.first_error_step, label.primary_error_type, label.explanation,
+                        1.0, attempts=1, latency_s=took)
+        if label.status == "correct":
+            return Vote(ARITH, NO_ERROR, explanation=label.explanation, confidence_score=1.0, attempts=1,
+                        latency_s=took)
+        return Vote(ARITH, "abstain", explanation=label.explanation, reason=label.status, attempts=1, latency_s=took)
 
 
 class _LLMJudge:
@@ -699,7 +741,7 @@ def make_judge(config: JudgeConfig, **kwargs: Any) -> _LLMJudge:
 
 
 def build_judges(names: Iterable[str], settings: JudgeSettings | None = None) -> list:
-    """Judges by name, in the order given: ``rule`` and the names configured in ``settings``."""
+    """Judges by name, in the order given: ``rule``, ``arith`` and the names configured in ``settings``."""
     judges: list = []
     seen = set()
     for name in names:
@@ -711,10 +753,12 @@ def build_judges(names: Iterable[str], settings: JudgeSettings | None = None) ->
         seen.add(name)
         if name == RULE:
             judges.append(RuleJudge())
+        elif name == ARITH:
+            judges.append(ArithJudge())
         elif settings is not None and name in settings.judges:
             judges.append(make_judge(settings.judges[name]))
         else:
-            known = [RULE, *(settings.judges if settings else [])]
+            known = [RULE, ARITH, *(settings.judges if settings else [])]
             raise JudgeFileError(f"unknown judge {name!r} (configured: {', '.join(known)}; "
                                  "LLM judges come from --judge-config)")
     return judges

@@ -297,6 +297,15 @@ def locate(rows: Sequence[Mapping[str, Any]], judges: Sequence[Any], policy: Pol
     return [r for r in out if r is not None]
 
 
+def locate_cell(fp_items: Mapping[str, Mapping[str, Any]], quant_samples: Sequence[SampleRecord],
+                judges: Sequence[Any], policy: Policy | None = None) -> list[dict[str, Any]]:
+    """Judged regression rows of one cell: FP side from the baseline's items (``correct``, ``response``)."""
+    fp = [SampleRecord(item_id, int(v.get("doc_index", 0)), "", str(v.get("response", "")), v.get("extracted"), "",
+                       bool(v.get("correct"))) for item_id, v in fp_items.items()]
+    rows = regression_set(fp, quant_samples)
+    return locate(rows, judges, policy) if rows else []
+
+
 def regression_set(fp_samples: Iterable[SampleRecord], quant_samples: Iterable[SampleRecord],
                    problems: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Locate input rows for the items the FP model solved and the quantized model failed.
@@ -517,7 +526,11 @@ def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def _summary(rows: Sequence[Mapping[str, Any]]) -> str:
-    p = error_profile(rows)
+    return profile_summary(error_profile(rows))
+
+
+def profile_summary(p: Mapping[str, Any]) -> str:
+    """One line for terminals and failure messages."""
     st = p["status"]
     cats = ", ".join(f"{c} {d['count']}" for c, d in p["categories"].items())
     med = p["first_error_step"]["median"]

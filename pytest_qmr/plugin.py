@@ -135,7 +135,10 @@ class CellItem(pytest.Item):
         for title, text in session.report_sections(result):
             self.add_report_section("call", title, text)
         if result.outcome == "fail":
-            raise CellFailed(result.gate.summary() if result.gate else "cell failed")
+            message = result.gate.summary() if result.gate else "cell failed"
+            if result.profile_violations:
+                message += "; error profile: " + "; ".join(result.profile_violations)
+            raise CellFailed(message)
 
     def repr_failure(self, excinfo, style=None):
         if excinfo.errisinstance((CellFailed, CellError)):

@@ -88,6 +88,7 @@ class CellResult:
     seconds: dict[str, float] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)
     error_profile: dict[str, Any] | None = None
+    profile_violations: list[str] = field(default_factory=list)
     restore: dict[str, Any] | None = None
     outcome: str = ""
 

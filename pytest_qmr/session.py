@@ -119,7 +119,10 @@ class QmrSession:
     def run_cell(self, cell) -> CellResult:
         cell_dir = self.run_dir / "cells" / cell.id
         if self.resume and (cell_dir / "result.json").is_file():
-            return CellResult.from_dict(json.loads((cell_dir / "result.json").read_text()))
+            # the records are reused; the verdict follows the suite's current thresholds
+            result = CellResult.from_dict(json.loads((cell_dir / "result.json").read_text()))
+            self._settle(cell, result)
+            return result
         seconds: dict[str, float] = {}
         started = time.monotonic()
         fp = models.resolve(cell.model.ref, self.cache_dir)
@@ -156,6 +159,11 @@ class QmrSession:
         seconds["evaluate"] = time.monotonic() - started
 
         gate = self._gate(cell, baseline, records, fp_correct_all)
+        profile = None
+        if not cell.is_fp and cell.locate.enabled:
+            started = time.monotonic()
+            profile = self._locate(cell, baseline, records, cell_dir)
+            seconds["locate"] = time.monotonic() - started
         result = CellResult(
             cell_id=cell.id,
             model=cell.model.name,
@@ -168,8 +176,9 @@ class QmrSession:
             samples_path=str(cell_dir / "samples.jsonl"),
             seconds={k: round(v, 2) for k, v in seconds.items()},
             quantization=quantized.info,
-            outcome=self._outcome(cell, gate),
+            error_profile=profile,
         )
+        self._settle(cell, result)
         self._write_cell(cell_dir, records, result)
         return result
 
@@ -193,6 +202,33 @@ class QmrSession:
         gate.n_planned = len(fp_correct_all)
         return gate
 
+    def _locate(self, cell, baseline: bl.Baseline, records: list[SampleRecord], cell_dir: Path) -> dict:
+        """First faulty step of every regressed item, with the suite's judges; rows go to located.jsonl."""
+        from .judges import build_judges, load_judge_settings
+        from .locate import Policy, default_policy, error_profile, locate_cell
+
+        settings = load_judge_settings(cell.judge_config) if cell.judge_config is not None else None
+        judges = build_judges(cell.locate.judges, settings)
+        try:
+            policy = Policy.from_dict(cell.locate.policy) if cell.locate.policy else default_policy(judges)
+            rows = locate_cell(baseline.items, records, judges, policy)
+        finally:
+            for judge in judges:
+                judge.close()
+        atomic_write_text(cell_dir / "located.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        profile = error_profile(rows)
+        profile["judges_used"] = list(cell.locate.judges)
+        profile["policy"] = policy.name
+        return profile
+
+    def _settle(self, cell, result: CellResult) -> None:
+        """Outcome from the gate and the suite's error-profile thresholds (a violation fails the cell)."""
+        from .locate import check_profile
+
+        result.profile_violations = ([] if result.error_profile is None
+                                     else check_profile(result.error_profile, cell.thresholds.error_profile))
+        result.outcome = "fail" if result.profile_violations else self._outcome(cell, result.gate)
+
     @staticmethod
     def _outcome(cell, gate: GateResult) -> str:
         if gate.verdict == "pass":
@@ -207,7 +243,12 @@ class QmrSession:
         atomic_write_json(cell_dir / "result.json", result.to_dict())
 
     def report_sections(self, result: CellResult) -> list[tuple[str, str]]:
+        from .locate import profile_summary
+
         lines = [result.gate.summary()] if result.gate else []
+        if result.error_profile is not None:
+            lines.append("error profile: " + profile_summary(result.error_profile))
+        lines += [f"error profile threshold violated: {v}" for v in result.profile_violations]
         lines.append(f"samples: {result.samples_path}")
         lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
         return [("qmr", "\n".join(lines))]

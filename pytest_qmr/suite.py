@@ -162,6 +162,7 @@ class BenchmarkSpec(_Spec):
     limit: PositiveInt | None = None  # None: all items
     seed: Seed = 0
     thresholds: ThresholdsOverride | None = None
+    quantizers: list[Name] | None = None  # only these quantizers' cells (None: every quantizer)
 
 
 class Generation(_Spec):
@@ -170,10 +171,20 @@ class Generation(_Spec):
     backend: Literal["hf", "vllm", "openai"] = "hf"
 
 
+class LocateSpec(_Spec):
+    """How quantized cells locate the first faulty step of each regressed item."""
+
+    enabled: bool = True
+    judges: list[NonEmptyStr] = Field(default_factory=lambda: ["rule"], min_length=1)
+    judge_config: NonEmptyStr | None = None  # YAML of LLM judges (relative to the suite file)
+    policy: dict[str, Any] = Field(default_factory=dict)
+
+
 class SuiteSpec(_Spec):
     name: Name
     description: str | None = None
     data_dir: NonEmptyStr | None = None
+    locate: LocateSpec = Field(default_factory=LocateSpec)
     restore: Annotated[Literal["off", "on-fail", "always"], BeforeValidator(_yaml_switch)] = "off"
     models: list[ModelSpec] = Field(min_length=1)
     quantizers: list[QuantizerSpec] = Field(min_length=1)
@@ -198,6 +209,8 @@ class Cell:
     generation: Generation
     data_dir: Path | None  # absolute, or None: fall back to the hub
     restore: str
+    locate: LocateSpec = LocateSpec()
+    judge_config: Path | None = None  # absolute path of locate.judge_config
 
     def __hash__(self) -> int:
         return hash(self.id)
@@ -252,6 +265,11 @@ class Suite:
             return None
         return (self.path.parent / Path(self.spec.data_dir).expanduser()).resolve()
 
+    def judge_config(self) -> Path | None:
+        if self.spec.locate.judge_config is None:
+            return None
+        return (self.path.parent / Path(self.spec.locate.judge_config).expanduser()).resolve()
+
     def thresholds_for(self, benchmark: BenchmarkSpec) -> Thresholds:
         if benchmark.thresholds is None:
             return self.spec.thresholds
@@ -264,6 +282,8 @@ class Suite:
         for model in self.spec.models:
             for quantizer in self.spec.quantizers:
                 for benchmark in self.spec.benchmarks:
+                    if benchmark.quantizers is not None and quantizer.name not in benchmark.quantizers:
+                        continue
                     cells.append(
                         Cell(
                             id=f"{model.name}-{quantizer.name}-{benchmark.name}",
@@ -275,6 +295,8 @@ class Suite:
                             generation=self.spec.generation,
                             data_dir=data_dir,
                             restore=self.spec.restore,
+                            locate=self.spec.locate,
+                            judge_config=self.judge_config(),
                         )
                     )
         return cells
@@ -395,6 +417,14 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
                       item.name)
             seen[item.name] = i
 
+    quantizer_names = [q.name for q in spec.quantizers]
+    for i, b in enumerate(spec.benchmarks):
+        for j, name in enumerate(b.quantizers or []):
+            if name not in quantizer_names:
+                _fail(source, f"benchmarks[{i}].quantizers[{j}]",
+                      f"not a quantizer of this suite ({', '.join(quantizer_names)})", name)
+    _check_locate(source, spec)
+
     seen_ids: dict[str, str] = {}
     for mi, m in enumerate(spec.models):
         for qi, q in enumerate(spec.quantizers):
@@ -405,6 +435,30 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
                     _fail(source, f"models[{mi}].name",
                           f"cell id {cell_id!r} of {where} collides with {seen_ids[cell_id]}; rename one", m.name)
                 seen_ids[cell_id] = where
+
+
+def _check_locate(source: str, spec: SuiteSpec) -> None:
+    from .judges import ARITH, RULE
+    from .locate import LocateError, Policy, validate_thresholds
+
+    builtin = (RULE, ARITH)
+    for j, name in enumerate(spec.locate.judges):
+        if name not in builtin and spec.locate.judge_config is None:
+            _fail(source, f"locate.judges[{j}]", f"not a built-in judge ({', '.join(builtin)}); "
+                  "LLM judges need locate.judge_config", name)
+    try:
+        Policy.from_dict(spec.locate.policy)
+    except (LocateError, TypeError) as exc:
+        _fail(source, "locate.policy", str(exc), spec.locate.policy)
+    profiles = [("thresholds.error_profile", spec.thresholds.error_profile)]
+    profiles += [(f"benchmarks[{i}].thresholds.error_profile", b.thresholds.error_profile)
+                 for i, b in enumerate(spec.benchmarks) if b.thresholds is not None and b.thresholds.error_profile]
+    for key, thresholds in profiles:
+        try:
+            validate_thresholds(thresholds)
+        except ValueError as exc:
+            bad = next(k for k in thresholds if str(k) in str(exc))
+            _fail(source, f"{key}.{bad}", str(exc).split(": ", 1)[1].split(", got ")[0], thresholds[bad])
 
 
 # --------------------------------------------------------------------------- messages

@@ -36,6 +36,8 @@ thresholds:
 generation:
   max_new_tokens: 96
   batch_size: 20
+locate:
+  judges: [arith, rule]
 """
 
 
@@ -73,3 +75,22 @@ def test_scrambled_fails_untouched_copy_passes(pytester, lab_model, data_dir, ca
     copy_result = next(c for c in results["cells"] if c["cell_id"] == "smollm2-135m-arith-copy-arith")
     assert len(copy_samples) == copy_result["n"] == copy_result["gate"]["n"] > 0
     assert all(json.loads(line)["response"] for line in copy_samples)
+
+    # locate: every regressed item of the scrambled cell is judged, and the profile is recorded
+    scrambled_result = next(c for c in results["cells"] if c["cell_id"] == "smollm2-135m-arith-scrambled-arith")
+    located = [json.loads(line) for line in
+               (run_dir / "cells" / "smollm2-135m-arith-scrambled-arith" / "located.jsonl").read_text().splitlines()]
+    assert len(located) == scrambled_result["gate"]["fp_only"] == scrambled_result["error_profile"]["n"] > 0
+    assert {row["status"] for row in located} <= {"accepted", "escalated", "unjudged"}
+    assert copy_result["error_profile"]["n"] == 0 and copy_result["profile_violations"] == []
+
+    # an error-profile threshold fails a cell the gate passed; --qmr-resume re-checks the records
+    strict = suite.read_text().replace("  sequential: true", "  sequential: true\n  error_profile:\n    min_located: 1")
+    suite.write_text(strict)
+    again = pytester.runpytest_subprocess(
+        str(suite), f"--qmr-baselines={repo_root / 'baselines'}", f"--qmr-run-dir={run_dir}",
+        f"--qmr-cache-dir={cache_dir}", "--qmr-resume", "-p", "no:cacheprovider",
+    )
+    again.assert_outcomes(failed=2)
+    again.stdout.fnmatch_lines(["*smollm2-135m-arith-copy-arith: PASS: FP acc*; error profile: number of located "
+                                "errors is 0 < min 1 (min_located*"])

@@ -480,3 +480,43 @@ def test_cli_resumes_from_partial(tmp_path):
     again = json.loads(out.read_text().splitlines()[0])
     assert again["votes"]["rule"]["explanation"] == "from the interrupted run"
     assert not (tmp_path / "judged.jsonl.partial").exists()
+
+
+# ------------------------------------------------------------------------ a cell's regressions
+
+
+def test_locate_cell_with_the_arith_labeller_and_rule_judge():
+    """A cell's regressions judged by the exact arith labeller (primary) and the rule judge."""
+    from pytest_qmr import arith
+    from pytest_qmr.judges import ArithJudge, RuleJudge
+    from pytest_qmr.locate import error_profile, locate_cell
+
+    problems = [p for p in arith.generate("test", 500, 0) if len(p.steps) >= 3][:3]
+    slip, wrong_op, solved = problems
+    s1, s2 = slip.steps[0], slip.steps[1]
+    slipped = (f"Step 1: {s1.a} {s1.op} {s1.b} = {s1.result}\nStep 2: {s2.a} {s2.op} {s2.b} = {s2.result + 1}\n"
+               f"The answer is {s2.result + 1}.")
+    w1 = wrong_op.steps[0]
+    other = "+" if w1.op != "+" else "*"
+    value = arith.apply(w1.a, other, w1.b) if other == "*" else w1.a + w1.b
+    swapped = f"Step 1: {w1.a} {other} {w1.b} = {value}\nThe answer is {value}."
+    fp_items = {p.id: {"correct": True, "response": p.solution(), "doc_index": i} for i, p in enumerate(problems)}
+    fp_items["arith-test-not-in-set"] = {"correct": True, "response": "Step 1: 1 + 1 = 2", "doc_index": 9}
+    quant = [
+        SampleRecord(slip.id, 0, "prompt", slipped, str(s2.result + 1), str(slip.answer), False),
+        SampleRecord(wrong_op.id, 1, "prompt", swapped, str(value), str(wrong_op.answer), False),
+        SampleRecord(solved.id, 2, "prompt", solved.solution(), str(solved.answer), str(solved.answer), True),
+        SampleRecord("arith-test-not-in-set", 9, "prompt", "Step 1: 1 + 1 = 3", "3", "2", False),
+    ]
+    rows = {r["id"]: r for r in locate_cell(fp_items, quant, [ArithJudge(), RuleJudge()])}
+    assert set(rows) == {slip.id, wrong_op.id, "arith-test-not-in-set"}  # the solved item is no regression
+    assert (rows[slip.id]["first_error_step"], rows[slip.id]["primary_error_type"]) == (2, "computational_error")
+    assert rows[slip.id]["status"] == "accepted" and rows[slip.id]["agreement"] == 1.0  # rule judge agrees
+    assert (rows[wrong_op.id]["first_error_step"], rows[wrong_op.id]["primary_error_type"]) == (1, "procedural_error")
+    assert rows[wrong_op.id]["reference_response"] == wrong_op.solution()
+    # not a qmr_arith problem: the labeller abstains, the rule judge's slip is escalated, not accepted
+    assert rows["arith-test-not-in-set"]["status"] == "escalated"
+    profile = error_profile(list(rows.values()))
+    assert profile["n_located"] == 2
+    assert profile["categories"]["execution"]["count"] == 1 and profile["categories"]["method"]["count"] == 1
+    assert locate_cell(fp_items, quant[2:3], [RuleJudge()]) == []  # nothing regressed, nothing judged

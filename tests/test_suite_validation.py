@@ -34,7 +34,7 @@ VALID = {
     ],
     "benchmarks": [
         {"name": "arith", "task": "qmr_arith", "limit": 100, "seed": 0,
-         "thresholds": {"max_abs_drop": 0.10, "error_profile": {"max_share.arithmetic": 0.5}}},
+         "thresholds": {"max_abs_drop": 0.10, "error_profile": {"max_share.method": 0.5}}},
         {"name": "gsm8k", "task": "gsm8k", "limit": None},
     ],
     "thresholds": {
@@ -85,7 +85,7 @@ CASES = {
     ),
     "unknown top-level key without close match": (
         lambda d: d.update(zzz=1),
-        "zzz: unknown key (valid keys: benchmarks, data_dir, description, generation, models, name, "
+        "zzz: unknown key (valid keys: benchmarks, data_dir, description, generation, locate, models, name, "
         "quantizers, restore, thresholds) (got 1)",
     ),
     "unknown key in benchmark thresholds": (
@@ -214,6 +214,29 @@ CASES = {
         lambda d: d["thresholds"].update(error_profile=[1, 2]),
         "thresholds.error_profile: must be a mapping (got a list [1, 2])",
     ),
+    "unknown error profile share": (
+        lambda d: d["thresholds"].update(error_profile={"max_share.exectuion": 0.5}),
+        "thresholds.error_profile.max_share.exectuion: unknown key (share names: conceptual, reasoning, method, "
+        "execution, conceptual_misunderstanding, contextual_oversight, logical_reasoning_error, procedural_error, "
+        "formula_rule_error, computational_error, symbolic_manipulation_error, no_error) (got 0.5)",
+    ),
+    "error profile limit not a number": (
+        lambda d: d["benchmarks"][0]["thresholds"].update(error_profile={"min_median_first_error_step": "two"}),
+        "benchmarks[0].thresholds.error_profile.min_median_first_error_step: limit must be a number (got 'two')",
+    ),
+    "unknown judge without judge config": (
+        lambda d: d.update(locate={"judges": ["rule", "gpt-4o"]}),
+        "locate.judges[1]: not a built-in judge (rule, arith); LLM judges need locate.judge_config (got 'gpt-4o')",
+    ),
+    "benchmark limited to an unknown quantizer": (
+        lambda d: d["benchmarks"][0].update(quantizers=["fp", "gptq-w3"]),
+        "benchmarks[0].quantizers[1]: not a quantizer of this suite (fp, rtn-w4g64, gptq-w4) (got 'gptq-w3')",
+    ),
+    "unknown locate policy": (
+        lambda d: d.update(locate={"policy": {"name": "vote"}}),
+        "locate.policy: unknown policy 'vote' (known: paper, majority, unanimous, rule-only) "
+        "(got a mapping {'name': 'vote'})",
+    ),
 }
 
 
@@ -302,7 +325,7 @@ def test_valid_suite_cells(tmp_path, monkeypatch):
     assert arith.thresholds.max_abs_drop == 0.10
     assert arith.thresholds.max_rel_drop == 0.10
     assert arith.thresholds.alpha == 0.05 and arith.thresholds.min_items == 20
-    assert arith.thresholds.error_profile == {"max_share.execution": 0.6, "max_share.arithmetic": 0.5}
+    assert arith.thresholds.error_profile == {"max_share.execution": 0.6, "max_share.method": 0.5}
     assert gsm.thresholds.max_abs_drop == 0.05
     assert gsm.thresholds.error_profile == {"max_share.execution": 0.6}
     # data_dir relative to the suite file, not to the cwd
@@ -314,6 +337,13 @@ def test_valid_suite_cells(tmp_path, monkeypatch):
     assert len({c for c in cells}) == len(cells)  # hashable
     with pytest.raises(Exception):
         arith.id = "other"  # frozen
+
+
+def test_benchmark_limited_to_some_quantizers(tmp_path):
+    suite = load_suite(write(tmp_path, mutated(lambda d: d["benchmarks"][1].update(quantizers=["fp", "gptq-w4"]))))
+    assert [c.id for c in suite.cells() if c.benchmark.name == "gsm8k"] == [
+        "smollm2-135m-arith-fp-gsm8k", "smollm2-135m-arith-gptq-w4-gsm8k"]
+    assert len([c for c in suite.cells() if c.benchmark.name == "arith"]) == 3
 
 
 def test_data_dir_env_override_and_absent(tmp_path, monkeypatch):
@@ -358,3 +388,16 @@ def test_expect_fail_on_names_a_benchmark(tmp_path):
     assert str(err.value) == (
         f"{path}: quantizers[0].expect_fail_on[0]: not a benchmark of this suite (arith) (got 'arithh')"
     )
+
+
+def test_shipped_suites_validate_and_collect():
+    """suites/paper.yaml (the paper's Table 1 grid) and the smoke suite load here, hub or not."""
+    root = Path(__file__).resolve().parents[1] / "suites"
+    paper = load_suite(root / "paper.yaml")
+    ids = [c.id for c in paper.cells()]
+    assert len(ids) == 7 * 4 * 3
+    assert "qwen2.5-7b-gptq-w4g128-math500" in ids and "llama3.1-8b-smoothquant-w8a8-aime24" in ids
+    assert {c.quantizer.method for c in paper.cells()} == {"fp", "awq", "gptq", "smoothquant"}
+    smoke = load_suite(root / "smoke.yaml")
+    assert {c.quantizer.method for c in smoke.cells()} == {"fp", "rtn", "gptq", "awq", "smoothquant"}
+    assert any(c.quantizer.bits == 3 for c in smoke.cells())
