@@ -37,6 +37,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="model / quantized-checkpoint cache (default: QMR_CACHE_DIR or ~/.cache/pytest-qmr)")
     group.addoption("--qmr-resume", action="store_true",
                     help="reuse cells already finished in --qmr-run-dir instead of re-running them")
+    group.addoption("--qmr-report", metavar="DIR", default=None,
+                    help="write report.html, report.md and report.json of the run into DIR at the end of the session")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -176,6 +178,7 @@ class QmrReporter:
     def __init__(self, session) -> None:
         self.session = session
         self.rows: list[dict] = []
+        self.report_line: str | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "call":
@@ -188,8 +191,23 @@ class QmrReporter:
         if getattr(session.config, "workerinput", None) is not None:
             return  # only the controller aggregates
         self.session.write_results()
+        report_dir = session.config.getoption("--qmr-report")
+        if report_dir:
+            self.report_line = self._write_report(session.config.invocation_params.dir / report_dir)
+
+    def _write_report(self, directory: Path) -> str:
+        """Never raises: a report that cannot be written is one warning line, not a pytest crash."""
+        try:
+            from .report import build_report, write_all
+
+            paths = write_all(build_report(self.session.run_dir, self.session.baselines_dir), directory)
+            return f"qmr report: {paths['html']}"
+        except Exception as exc:  # noqa: BLE001
+            return f"qmr report: WARNING: not written ({type(exc).__name__}: {' '.join(str(exc).split())})"
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config: pytest.Config) -> None:
+        if self.report_line:
+            terminalreporter.write_line(self.report_line, yellow="WARNING" in self.report_line)
         if not self.rows:
             return
         tr = terminalreporter
