@@ -54,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.set_defaults(func=_cmd_model)
 
-    from . import locate, quantize, report, serve
+    from . import locate, quantize, report, restore, serve
 
     quantize.add_cli(sub)
     locate.add_cli(sub)
     serve.add_cli(sub)
+    restore.add_cli(sub)
     report.add_cli(sub)
     return parser
 

@@ -1,0 +1,456 @@
+"""Restore: Silver Bullet pairs on hand-checked arith cases, teachers (gold, a real model, a real
+loopback endpoint), variants, the leakage guard, one-line errors, and DPO with LoRA on a tiny
+random Llama quantized for real (RTN): adapter round trip, frozen base = quantized checkpoint,
+atomic save under ENOSPC, the CLI.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+from pytest_qmr import arith, models, restore  # noqa: E402
+from pytest_qmr.cli import main  # noqa: E402
+from pytest_qmr.judges import JudgeConfig  # noqa: E402
+from pytest_qmr.restore import (  # noqa: E402
+    EndpointTeacher, GoldTeacher, LeakageError, ModelTeacher, PreferencePair, RestoreConfig, RestoreError,
+    RestoreResult, TrainProblem,
+)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One thread while this module trains (fast on a shared CPU); restored for the modules after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- fixtures & cases
+
+
+@pytest.fixture(scope="module")
+def base_path(cache_dir) -> Path:
+    return models.resolve("embedded:smollm2-135m", cache_dir).path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_path):
+    return _tokenizer(base_path)
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+PROBLEMS = arith.generate("train", 12, 0)
+
+
+def _by_ops(*ops: str) -> arith.ArithProblem:
+    """The first train problem whose first operators are ``ops`` (deterministic)."""
+    return next(p for p in arith.generate("train", 400, 0) if tuple(s.op for s in p.steps[:len(ops)]) == ops)
+
+
+def _row(p: arith.ArithProblem, response: str, **extra) -> dict:
+    """A case row as mine_traces writes it: the exact arith labeller's verdict on ``response``."""
+    return {"id": p.id, "problem": p.question, "response": response, "gold_answer": str(p.answer),
+            "solution": p.solution(), **restore.label_trace(TrainProblem.from_arith(p), response), **extra}
+
+
+def computational(p: arith.ArithProblem) -> str:
+    """Step 1 right, step 2 off by one, answer follows the wrong value."""
+    s = p.steps
+    return f"{s[0].text(1)}\nStep 2: {s[1].a} {s[1].op} {s[1].b} = {s[1].result + 1}\nThe answer is {s[1].result + 1}."
+
+
+def procedural(p: arith.ArithProblem) -> str:
+    """Step 2 applies '-' where the gold adds (same operand): a method error."""
+    s = p.steps
+    assert s[1].op == "+"
+    return f"{s[0].text(1)}\nStep 2: {s[1].a} - {s[1].b} = {s[1].a - s[1].b}\nThe answer is {s[1].a - s[1].b}."
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def test_pair_cuts_before_first_faulty_step_with_gold_resume(tokenizer):
+    p = PROBLEMS[0]
+    response = computational(p)
+    row = _row(p, response)
+    verdict = (row["first_error_step"], row["primary_error_type"], row["category"])
+    assert verdict == (2, "computational_error", "execution")
+    [pair] = restore.build_pairs([row], GoldTeacher(), tokenizer=tokenizer)
+    s = p.steps
+    prefix = f"{s[0].text(1)}\n"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": arith.prompt(p.question)}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert pair.prompt == prompt + prefix
+    assert pair.prompt.endswith("<|im_start|>assistant\n" + prefix)
+    assert pair.rejected == response[len(prefix):]  # the model's own text, verbatim
+    assert pair.chosen == "\n".join(st.text(i) for i, st in enumerate(s[1:], 2)) + f"\nThe answer is {p.answer}."
+    assert (pair.item_id, pair.error_type, pair.category, pair.first_step, pair.teacher, pair.variant) == (
+        p.id, "computational_error", "execution", 2, "gold", "all-step")
+    assert PreferencePair.from_dict(json.loads(json.dumps(pair.to_dict()))) == pair
+
+
+def test_rows_with_chat_formatted_problem_need_no_tokenizer(tokenizer):
+    """Regression rows built from SampleRecords carry the rendered prompt as ``problem``."""
+    p = PROBLEMS[0]
+    rendered = restore.chat_prompt(tokenizer, arith.prompt(p.question))
+    row = _row(p, computational(p), problem=rendered)
+    [pair] = restore.build_pairs([row], GoldTeacher())
+    assert pair.prompt.startswith(rendered)
+    with pytest.raises(RestoreError, match="not chat-formatted"):
+        restore.build_pairs([_row(p, computational(p))], GoldTeacher())
+
+
+def test_missing_last_step_resumes_after_the_last_written_step(tokenizer):
+    """Answering after step 2 of a 3+ step problem: the cut is the answer line, gold resumes at step 3."""
+    p = next(q for q in PROBLEMS if len(q.steps) >= 3)
+    s = p.steps
+    response = f"{s[0].text(1)}\n{s[1].text(2)}\nThe answer is {s[1].result}."
+    [pair] = restore.build_pairs([_row(p, response)], GoldTeacher(), tokenizer=tokenizer)
+    assert pair.first_step == 3 and pair.rejected == f"The answer is {s[1].result}."
+    assert pair.chosen.startswith(f"Step 3: {s[2].a} {s[2].op} {s[2].b} = {s[2].result}\n")
+
+
+def test_chosen_dropped_when_teacher_answer_is_wrong(tokenizer):
+    good, bad = PROBLEMS[0], PROBLEMS[1]
+    rows = [_row(good, computational(good)), _row(bad, computational(bad))]
+    wrong = bad.solution().replace(f"The answer is {bad.answer}.", f"The answer is {bad.answer + 7}.")
+    pairs = restore.build_pairs(rows, GoldTeacher({bad.id: wrong}), tokenizer=tokenizer)
+    assert [x.item_id for x in pairs] == [good.id]
+    with pytest.raises(RestoreError, match="teacher gold gave no continuation whose final answer verifies"):
+        restore.build_pairs(rows[1:], GoldTeacher({bad.id: wrong}), tokenizer=tokenizer)
+
+
+def test_variants_filter_by_category(tokenizer):
+    ex, me = PROBLEMS[0], _by_ops(PROBLEMS[0].steps[0].op, "+")
+    rows = [_row(ex, computational(ex)), _row(me, procedural(me))]
+    assert rows[1]["category"] == "method", rows[1]["explanation"]
+    ids = lambda v: [x.item_id for x in restore.build_pairs(rows, GoldTeacher(), v, tokenizer=tokenizer)]  # noqa: E731
+    assert ids("all-step") == [ex.id, me.id]
+    assert ids("ee-step") == [ex.id]
+    assert ids("me-step") == [me.id]
+    with pytest.raises(RestoreError, match=r"^nothing to restore: .* in category conceptual \(variant ce-step\)$"):
+        restore.build_pairs(rows, GoldTeacher(), "ce-step", tokenizer=tokenizer)
+
+
+def test_no_resume_variants(tokenizer):
+    p = PROBLEMS[0]
+    response = computational(p)
+    [pair] = restore.build_pairs([_row(p, response)], GoldTeacher(), "all-ns", tokenizer=tokenizer)
+    assert pair.prompt == restore.chat_prompt(tokenizer, arith.prompt(p.question))
+    assert (pair.chosen, pair.rejected, pair.first_step) == (p.solution(), response, 1)
+
+    pool = [_row(q, computational(q)) for q in PROBLEMS[:6]]
+    pool[0] = _row(PROBLEMS[0], PROBLEMS[0].solution())  # a correct response: rand-ns may draw it anyway
+    for seed in range(4):  # the identical (correct) pair is skipped and another problem drawn instead
+        a = restore.build_pairs(pool[:2], GoldTeacher(), "rand-ns", tokenizer=tokenizer, pool=pool, size=5, seed=seed)
+        assert len({x.item_id for x in a}) == len(a) == 5 and PROBLEMS[0].id not in {x.item_id for x in a}
+        assert all(x.first_step == 1 and x.variant == "rand-ns" and x.rejected != x.chosen for x in a)
+    assert a == restore.build_pairs(pool[:2], GoldTeacher(), "rand-ns", tokenizer=tokenizer, pool=pool, size=5, seed=3)
+    # default size: as many as the located cases (pool[1:3]: 2)
+    assert len(restore.build_pairs(pool[1:3], GoldTeacher(), "rand-ns", tokenizer=tokenizer, pool=pool)) == 2
+
+
+def test_leakage_guard(tokenizer):
+    with pytest.raises(LeakageError, match=r"^preference pairs overlap the evaluation items: b, c$"):
+        restore.check_leakage(["a", "b", "c"], ["c", "b", "z"])
+    restore.check_leakage(["a"], ["b"])
+    p = PROBLEMS[0]
+    with pytest.raises(LeakageError, match=p.id):
+        restore.build_pairs([_row(p, computational(p))], GoldTeacher(), tokenizer=tokenizer, eval_ids=[p.id])
+    t = arith.generate("test", 1, 0)[0]
+    test_row = {**_row(p, computational(p)), "id": t.id}
+    with pytest.raises(LeakageError, match="must come from a training split"):
+        restore.build_pairs([test_row], GoldTeacher(), tokenizer=tokenizer)
+    assert restore.build_pairs([test_row], GoldTeacher(), tokenizer=tokenizer, allow_test_split=True)
+
+
+def test_gsm8k_train_vs_test_overlap_by_id(data_dir):
+    train = restore.gsm8k_problems(data_dir, "train", 50, seed=0)
+    test_ids = [p.id for p in restore.gsm8k_problems(data_dir, "test")]
+    restore.check_leakage([p.id for p in train], test_ids)  # disjoint splits
+    with pytest.raises(LeakageError, match=test_ids[3]):
+        restore.check_leakage([p.id for p in train] + [test_ids[3]], test_ids)
+
+
+def test_gsm8k_gold_steps_resume(data_dir):
+    first = json.loads((data_dir / "gsm8k" / "train.jsonl").read_text().splitlines()[0])
+    text = restore.gsm8k_solution(first["answer"])
+    assert text == ("Step 1: Natalia sold 48/2 = 24 clips in May.\n"
+                    "Step 2: Natalia sold 48+24 = 72 clips altogether in April and May.\nThe answer is 72.")
+    gold = restore.GoldSolution.from_text(text)
+    prefix = "Step 1: In May she sold 48 / 2 = 24 clips.\n"
+    assert gold.continuation(prefix, 2) == ("Step 2: Natalia sold 48+24 = 72 clips altogether in April and May.\n"
+                                            "The answer is 72.")
+
+
+def test_empty_regression_set_is_one_line_error(tokenizer):
+    p = PROBLEMS[0]
+    with pytest.raises(RestoreError, match=r"^nothing to restore: none of 0 cases"):
+        restore.build_pairs([], GoldTeacher(), tokenizer=tokenizer)
+    solved = _row(p, p.solution())
+    assert solved["first_error_step"] == -1
+    escalated = {**_row(p, computational(p)), "status": "escalated"}  # not a final verdict
+    with pytest.raises(RestoreError, match=r"^nothing to restore: none of 2 cases"):
+        restore.build_pairs([solved, escalated], GoldTeacher(), tokenizer=tokenizer)
+
+
+# ----------------------------------------------------------------------------- endpoint teacher
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_endpoint_down_is_one_line_error(tokenizer):
+    p = PROBLEMS[0]
+    config = JudgeConfig(name="down", base_url=f"http://127.0.0.1:{_free_port()}/v1", model="m", max_retries=1,
+                         backoff=0.0, timeout=2)
+    teacher = EndpointTeacher(config)
+    with pytest.raises(RestoreError, match=r"^teacher endpoint:down is unreachable: connection to http://127"):
+        restore.build_pairs([_row(p, computational(p))], teacher, tokenizer=tokenizer)
+    teacher.close()
+
+
+def test_endpoint_teacher_on_loopback_server(tokenizer, monkeypatch):
+    """A real HTTP server on loopback answering chat completions: the key goes only in the header."""
+    p = PROBLEMS[0]
+    s = p.steps
+    answer = "\n".join(st.text(i) for i, st in enumerate(s[1:], 2)) + f"\nThe answer is {p.answer}."
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"auth": self.headers.get("Authorization"), "body": body})
+            data = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("QMR_TEST_TEACHER_KEY", "sk-secret-123")
+    try:
+        config = JudgeConfig(name="loop", base_url=f"http://127.0.0.1:{server.server_port}/v1", model="m",
+                             api_key_env="QMR_TEST_TEACHER_KEY", max_retries=0)
+        teacher = EndpointTeacher(config)
+        [pair] = restore.build_pairs([_row(p, computational(p))], teacher, tokenizer=tokenizer)
+        teacher.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert pair.teacher == "endpoint:loop" and pair.chosen == answer
+    assert seen[0]["auth"] == "Bearer sk-secret-123"
+    content = seen[0]["body"]["messages"][0]["content"]
+    assert content.startswith(arith.prompt(p.question)) and content.endswith(f"{s[0].text(1)}\n")
+    assert "sk-secret" not in json.dumps(pair.to_dict())
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, base_path) -> dict:
+    """A 2-layer random Llama (hidden 96) with the lab tokenizer, and its real RTN W4 dense copy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pytest_qmr.quantize import QuantSpec, quantize
+
+    tok = _tokenizer(base_path)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=24, vocab_size=len(tok), max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    fp = tmp_path_factory.mktemp("tiny-fp")
+    LlamaForCausalLM(config).save_pretrained(fp, safe_serialization=True)
+    tok.save_pretrained(fp)
+    q = quantize(fp, models.weights_fingerprint(fp), QuantSpec(method="rtn", bits=4, group_size=32),
+                 tmp_path_factory.mktemp("tiny-qcache"))
+    return {"fp": fp, "quant": q.path, "work": tmp_path_factory.mktemp("restore")}
+
+
+def _logits(model, text: str, tok) -> torch.Tensor:
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_model_teacher_failing_everywhere_is_one_line_error(tiny, tokenizer):
+    rows = [_row(p, computational(p)) for p in PROBLEMS[:3]]
+    teacher = ModelTeacher(tiny["fp"], max_new_tokens=6, progress=False)
+    with pytest.raises(RestoreError, match=r"^teacher fp gave no continuation whose final answer verifies for any of 3"
+                                           r" cases"):
+        restore.build_pairs(rows, teacher, tokenizer=tokenizer)
+
+
+def test_mine_traces_labels_every_response(tiny):
+    problems = restore.arith_problems("train", 3)
+    rows = restore.mine_traces(tiny["quant"], problems, max_new_tokens=8, batch_size=2, progress=False)
+    assert [r["id"] for r in rows] == [p.id for p in problems]
+    for r, p in zip(rows, problems):
+        assert r["prompt"].endswith("<|im_start|>assistant\n") and p.question in r["prompt"]
+        assert r["status"] == "accepted" and r["first_error_step"] >= 1 and not r["correct"]  # random weights
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tokenizer) -> dict:
+    rows = [_row(p, computational(p)) for p in PROBLEMS[:4]]
+    pairs = restore.build_pairs(rows, GoldTeacher(), tokenizer=tokenizer)
+    config = RestoreConfig(max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0,
+                           lora_r=4, lora_alpha=8, max_length=256, sft_weight=0.5)
+    out = tiny["work"] / "adapter"
+    card = restore.train_adapter(tiny["quant"], pairs, config, out)
+    return {"pairs": pairs, "card": card, "out": out}
+
+
+def test_dpo_trains_and_saves_adapter_with_card(trained):
+    card, out = trained["card"], trained["out"]
+    assert card["steps"] == 3 and card["pairs"] == 4 and len(card["losses"]) == 3
+    assert len(card["reward_accuracies"]) == 3 and card["config"]["beta"] == 0.1
+    assert card["save_check_max_abs_diff"] <= 1e-5
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert json.loads((out / "qmr_card.json").read_text())["steps"] == 3
+    assert not (out / "trainer").exists() and not list(out.parent.glob(".tmp-*"))
+    lora = json.loads((out / "adapter_config.json").read_text())
+    assert lora["r"] == 4 and {m.rsplit(".", 1)[-1] for m in lora["target_modules"]} >= {"q_proj", "down_proj"}
+
+
+def test_adapter_round_trip_and_frozen_base_is_the_quantized_checkpoint(tiny, trained, tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    text = trained["pairs"][0].prompt + trained["pairs"][0].chosen
+    quant_model, _ = models.load(tiny["quant"])
+    base_logits = _logits(quant_model, text, tokenizer)
+    peft = PeftModel.from_pretrained(models.load(tiny["quant"])[0], str(trained["out"])).eval()
+    with peft.disable_adapter():
+        assert torch.equal(_logits(peft, text, tokenizer), base_logits)
+    adapted = _logits(peft, text, tokenizer)
+    assert not torch.allclose(adapted, base_logits, atol=1e-4)  # training moved the function
+
+    merged, _ = restore.load_restored(tiny["quant"], trained["out"])
+    torch.testing.assert_close(_logits(merged, text, tokenizer), adapted, atol=1e-4, rtol=1e-4)
+    out = restore.merge_to_dir(tiny["quant"], trained["out"], tiny["work"] / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(plain, text, tokenizer), adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_out_of_disk_during_save_leaves_no_adapter(tiny, trained, monkeypatch):
+    import peft.peft_model
+
+    real = peft.peft_model.safe_save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        real(tensors, filename, *args, **kwargs)
+        with open(filename, "r+b") as handle:  # half the file made it to disk, then the disk was full
+            handle.truncate(os.path.getsize(filename) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
+    config = RestoreConfig(max_steps=1, per_device_train_batch_size=2, lora_r=4, lora_alpha=8, max_length=256)
+    fresh = tiny["work"] / "enospc"
+    with pytest.raises(OSError) as info:
+        restore.train_adapter(tiny["quant"], trained["pairs"], config, fresh)
+    assert info.value.errno == errno.ENOSPC
+    assert not fresh.exists() and not list(fresh.parent.glob(".tmp-enospc*"))
+    # over an existing adapter: the old one survives whole
+    before = (trained["out"] / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(OSError):
+        restore.train_adapter(tiny["quant"], trained["pairs"], config, trained["out"])
+    assert (trained["out"] / "adapter_model.safetensors").read_bytes() == before
+    assert not list(trained["out"].parent.glob(".tmp-adapter*"))
+
+
+def test_cli_pairs_and_restore(tiny, tokenizer, tmp_path, capsys):
+    rows = [_row(p, computational(p)) for p in PROBLEMS[:2]]
+    judged = tmp_path / "judged.jsonl"
+    judged.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs_file = tmp_path / "pairs.jsonl"
+    assert main(["pairs", "--judged", str(judged), "--teacher", "gold", "--model", str(tiny["quant"]),
+                 "--out", str(pairs_file)]) == 0
+    pairs = restore.read_pairs(pairs_file)
+    assert [x.item_id for x in pairs] == [r["id"] for r in rows]
+    assert main(["restore", "--model", str(tiny["quant"]), "--pairs", str(pairs_file), "--out",
+                 str(tmp_path / "ad"), "--set", "max_steps=1", "--set", "per_device_train_batch_size=2",
+                 "--set", "lora_r=2"]) == 0
+    assert json.loads((tmp_path / "ad" / "qmr_card.json").read_text())["steps"] == 1
+    capsys.readouterr()
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({**rows[0], "first_error_step": -1}) + "\n")
+    assert main(["pairs", "--judged", str(empty), "--model", str(tiny["quant"]), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip().startswith("qmr pairs: nothing to restore: none of 1 cases")
+    assert main(["restore", "--model", str(tiny["quant"]), "--pairs", str(pairs_file), "--out",
+                 str(tmp_path / "ad2"), "--set", "bogus=1"]) == 2
+    assert "unknown setting" in capsys.readouterr().err
+
+
+def test_restore_result_to_dict():
+    r = RestoreResult(10, "gold", "all-step", 5, 1.5, "/a", fp_acc=0.5, quant_acc=0.1, restored_acc=0.3)
+    d = r.to_dict()
+    assert d["recovered"] == 0.5 and d["pairs"] == 10 and d["restored_acc"] == 0.3
+    assert RestoreResult(1, "gold", "all-step", 1, 0.1, "/a").to_dict()["recovered"] is None
+
+
+def test_config_losses_follow_installed_trl():
+    """trl 1.16 has no rpo_alpha: NLL on chosen is its "sft" loss, mixed by loss_weights."""
+    from trl import DPOConfig
+
+    assert not hasattr(DPOConfig, "rpo_alpha")
+    assert RestoreConfig().losses() == (["sigmoid"], None)
+    assert RestoreConfig(sft_weight=0.2).losses() == (["sigmoid", "sft"], [1.0, 0.2])
+    assert RestoreConfig(mode="sft").losses() == (["sft"], None)
+    with pytest.raises(RestoreError):
+        RestoreConfig(mode="ppo")
+
+
+def test_hookspec_registers_as_firstresult():
+    import pluggy
+
+    from pytest_qmr import hooks
+
+    pm = pluggy.PluginManager("pytest")
+    pm.add_hookspecs(hooks)
+
+    class Skip:
+        @pluggy.HookimplMarker("pytest")
+        def pytest_qmr_restore(self, cell, result, records):
+            return None
+
+    class Restores:
+        @pluggy.HookimplMarker("pytest")
+        def pytest_qmr_restore(self, cell, result, records):
+            return RestoreResult(len(records), "gold", "all-step", 1, 0.1, "/a")
+
+    pm.register(Restores())
+    pm.register(Skip())
+    out = pm.hook.pytest_qmr_restore(cell=None, result=None, records=[{}, {}])
+    assert isinstance(out, RestoreResult) and out.pairs == 2
