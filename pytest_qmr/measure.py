@@ -45,15 +45,24 @@ def _to_record(sample: dict) -> SampleRecord:
 
 
 class Evaluator:
-    """One lm-eval harness around an in-memory model; reused across chunks of one cell."""
+    """One lm-eval harness around a model; reused across chunks of one cell.
+
+    By default the model is an in-memory transformers model (lm-eval ``HFLM``, the ``hf``
+    backend); ``lm`` passes any other lm-eval model instead (see :mod:`pytest_qmr.backends`),
+    with ``render_prompt`` turning its logged prompts into the text the hf backend records.
+    """
 
     def __init__(self, model, tokenizer, generation: GenerationSettings, data_dir: Path | None,
-                 task_metadata: dict | None = None) -> None:
-        from lm_eval.models.huggingface import HFLM
-
+                 task_metadata: dict | None = None, *, lm=None,
+                 render_prompt: Callable[[Any], str] | None = None) -> None:
         self.generation = generation
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=generation.batch_size, device="cpu",
-                       dtype="float32")
+        if lm is None:
+            from lm_eval.models.huggingface import HFLM
+
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=generation.batch_size, device="cpu",
+                      dtype="float32")
+        self.lm = lm
+        self.render_prompt = render_prompt
         self.manager = task_manager(data_dir, task_metadata)
 
     def run(self, task: str, indices: list[int] | None = None, limit: int | None = None,
@@ -78,6 +87,9 @@ class Evaluator:
             **kwargs,
         )
         records = [_to_record(s) for s in output["samples"][task]]
+        if self.render_prompt is not None:
+            for record in records:
+                record.prompt = self.render_prompt(record.prompt)
         return sorted(records, key=lambda r: r.doc_index)
 
     def run_sequential(self, task: str, indices: list[int], chunk: int, seed: int,

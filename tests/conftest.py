@@ -39,3 +39,14 @@ def lab_model(cache_dir):
     from pytest_qmr import models
 
     return models.resolve("embedded:smollm2-135m-arith", cache_dir)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for a test that runs a model beside a server or other processes; restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

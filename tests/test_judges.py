@@ -448,16 +448,6 @@ def test_openai_judge_against_served_model(served, monkeypatch):
             assert v.attempts == 2 and ("malformed" in v.reason or "schema" in v.reason)
 
 
-@pytest.fixture
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # far faster than 2 threads when the CPU is shared
-    yield
-    torch.set_num_threads(before)
-
-
 def test_local_judge_with_embedded_model(cache_dir, monkeypatch, one_torch_thread):
     monkeypatch.setenv("QMR_CACHE_DIR", str(cache_dir))
     judge = LocalJudge(JudgeConfig(name="tiny", kind="local", model="embedded:smollm2-135m", max_tokens=8,

