@@ -41,6 +41,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write report.html, report.md and report.json of the run into DIR at the end of the session")
 
 
+def pytest_addhooks(pluginmanager) -> None:
+    from . import hooks
+
+    pluginmanager.add_hookspecs(hooks)
+
+
+class DefaultRestore:
+    """The built-in pytest_qmr_restore (runs last: a conftest.py implementation returning a result wins)."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_qmr_restore(self, cell, result, records):
+        return self.session.restore_cell(cell, result, records)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "qmr_cell: a model x quantizer x benchmark cell from a suite file")
     for method in QUANT_METHODS:
@@ -49,6 +66,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
     run_dir = config.getoption("--qmr-run-dir")
     workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        _share_cpu_between_workers(int(workerinput.get("workercount", 1)))
+        from .backends import pin_worker_device
+
+        pin_worker_device()  # before quantization or loading can touch a GPU
     if workerinput and workerinput.get("qmr_run_dir"):
         run_dir = workerinput["qmr_run_dir"]
     if run_dir is None:
@@ -63,9 +85,28 @@ def pytest_configure(config: pytest.Config) -> None:
         cache_dir=Path(config.getoption("--qmr-cache-dir")).resolve() if config.getoption("--qmr-cache-dir") else None,
         resume=config.getoption("--qmr-resume"),
     )
-    config.pluginmanager.register(QmrReporter(config.stash[SESSION_KEY]), "qmr-reporter")
+    session = config.stash[SESSION_KEY]
+    session.restore_hook = config.hook.pytest_qmr_restore
+    config.pluginmanager.register(DefaultRestore(session), "qmr-default-restore")
+    config.pluginmanager.register(QmrReporter(session), "qmr-reporter")
     for suite in config.getoption("--qmr-suite"):
         config.args.append(str(Path(suite).resolve()))
+
+
+def _share_cpu_between_workers(workers: int) -> None:
+    """xdist workers split the cores instead of each spinning up one thread per core.
+
+    N processes x all cores oversubscribes the CPU and torch's thread pools then spin against
+    each other (several times slower than one process). Only when the user set no thread count;
+    children (pytester subprocesses, servers) inherit it through the environment.
+    """
+    if workers <= 1 or os.environ.get("OMP_NUM_THREADS"):
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -78,6 +119,12 @@ def _is_suite_file(file_path: Path, parent: pytest.Collector) -> bool:
     if file_path.suffix not in (".yaml", ".yml"):
         return False
     return parent.session.isinitpath(file_path) or file_path.parent.name == "suites"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(SESSION_KEY, None)
+    if session is not None:
+        session.close()
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):

@@ -55,6 +55,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, Iterator
 
 from .calibration import CalibrationError, CalibrationSpec
@@ -71,6 +72,21 @@ COMPRESSED_DIR = "compressed"
 GPTQ_SETTINGS = {"block_size": 128, "dampening_frac": 0.01, "actorder": "static"}
 AWQ_SETTINGS = {"duo_scaling": True, "n_grid": 20}
 SMOOTHQUANT_SETTINGS = {"smoothing_strength": 0.5}
+METHOD_SETTINGS = {"gptq": GPTQ_SETTINGS, "awq": AWQ_SETTINGS, "smoothquant": SMOOTHQUANT_SETTINGS, "rtn": {}}
+
+
+def method_settings(method: str, options: Mapping[str, Any] | Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
+    """The method's modifier settings with ``options`` applied; an unknown option is a QuantizeError."""
+    defaults = METHOD_SETTINGS.get(method, {})
+    merged = dict(defaults)
+    for key, value in dict(options).items():
+        if key not in defaults:
+            known = ", ".join(defaults) or "none"
+            raise QuantizeError(f"method {method}: unknown option {key!r} (known: {known})")
+        if type(value) is not type(defaults[key]):
+            raise QuantizeError(f"method {method}: option {key} must be of type {type(defaults[key]).__name__} (got {value!r})")
+        merged[key] = value
+    return merged
 
 
 class QuantizeError(ValueError):
@@ -94,6 +110,8 @@ class QuantSpec:
     ignore: tuple[str, ...] = ("lm_head",)
     path: str | None = None  # method "checkpoint": an existing (pre-quantized) checkpoint
     calibration: CalibrationSpec | None = None
+    # modifier settings over the method's defaults (METHOD_SETTINGS), e.g. (("n_grid", 10),) for awq
+    options: tuple[tuple[str, Any], ...] = ()
 
     def recipe_dict(self) -> dict[str, Any]:
         return effective_recipe(self)
@@ -150,7 +168,7 @@ def effective_recipe(spec: QuantSpec) -> dict[str, Any]:
             "requested_group_size": spec.group_size,
             "symmetric": True,
             "ignore": ignore,
-            **SMOOTHQUANT_SETTINGS,
+            **method_settings(method, spec.options),
         }
     else:
         if spec.bits not in WEIGHT_BITS:
@@ -166,7 +184,7 @@ def effective_recipe(spec: QuantSpec) -> dict[str, Any]:
             "strategy": "group" if spec.group_size else "channel",
             "symmetric": symmetric,
             "ignore": ignore,
-            **(GPTQ_SETTINGS if method == "gptq" else AWQ_SETTINGS if method == "awq" else {}),
+            **method_settings(method, spec.options),
         }
     if method in CALIBRATED:
         calibration = spec.calibration or CalibrationSpec()

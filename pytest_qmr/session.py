@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import baselines as bl
 from . import models
@@ -34,15 +36,22 @@ class QmrSession:
     data_dir: Path | None = None
     cache_dir: Path | None = None
     resume: bool = False
+    # calls the pytest_qmr_restore hook (set by the plugin; None: Restore is not available)
+    restore_hook: Callable[..., Any] | None = None
     _loaded: dict = field(default_factory=dict)
+    _quantized: dict = field(default_factory=dict)
     _fp_records: dict = field(default_factory=dict)
+    _servers: Any = None  # backends.ServerPool of the openai backend, created on first use
 
     # ---- models -------------------------------------------------------------------------
     def _load(self, path: Path, trust_remote_code: bool):
         """Keep one model in memory: cells are ordered so consecutive ones share it."""
+        from .backends import pin_worker_device
+
         key = str(path)
         if key not in self._loaded:
             self._loaded.clear()
+            pin_worker_device()  # xdist worker on a GPU machine: its own GPU, before anything loads
             self._loaded[key] = models.load(path, trust_remote_code=trust_remote_code)
         return self._loaded[key]
 
@@ -53,9 +62,22 @@ class QmrSession:
     def _data_dir(self, cell) -> Path | None:
         return self.data_dir or cell.data_dir
 
+    def _evaluator(self, path: Path, cell) -> Evaluator:
+        """An Evaluator on the cell's ``generation.backend`` (hf | openai | vllm; pytest_qmr.backends)."""
+        from .backends import ServerPool, backend_lm
+
+        gen, data_dir = self._generation(cell), self._data_dir(cell)
+        if cell.generation.backend == "hf":
+            model, tokenizer = self._load(path, cell.model.trust_remote_code)
+            return Evaluator(model, tokenizer, gen, data_dir)
+        if self._servers is None:
+            self._servers = ServerPool()  # one qmr serve, reused across consecutive cells of a checkpoint
+        lm, render_prompt = backend_lm(cell.generation.backend, path, gen.max_new_tokens, gen.batch_size,
+                                       cell.benchmark.seed, cell.model.trust_remote_code, self._servers)
+        return Evaluator(None, None, gen, data_dir, lm=lm, render_prompt=render_prompt)
+
     def _evaluate(self, path: Path, cell, indices: list[int] | None, fp_correct: list[bool] | None):
-        model, tokenizer = self._load(path, cell.model.trust_remote_code)
-        evaluator = Evaluator(model, tokenizer, self._generation(cell), self._data_dir(cell))
+        evaluator = self._evaluator(path, cell)
         task, seed = cell.benchmark.task, cell.benchmark.seed
         if fp_correct is not None and cell.thresholds.sequential and indices is not None:
             from .gate import final_verdict_if_known
@@ -146,8 +168,10 @@ class QmrSession:
         q = cell.quantizer
         calibration = CalibrationSpec(**q.calibration.model_dump()) if q.calibration is not None else None
         spec = QuantSpec(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
-                         ignore=tuple(q.ignore), path=q.path, calibration=calibration)
+                         ignore=tuple(q.ignore), path=q.path, calibration=calibration,
+                         options=tuple(sorted(q.options.items())))
         quantized = quantize(fp.path, fp.fingerprint, spec, self.cache_dir, data_dir=self._data_dir(cell))
+        self._quantized[cell.id] = quantized.path
         seconds["quantize"] = time.monotonic() - started
 
         started = time.monotonic()
@@ -177,8 +201,15 @@ class QmrSession:
             seconds={k: round(v, 2) for k, v in seconds.items()},
             quantization=quantized.info,
             error_profile=profile,
+            backend=cell.generation.backend,
         )
         self._settle(cell, result)
+        if self.restore_hook is not None and cell.restores(failed=result.outcome == "fail"):
+            started = time.monotonic()
+            self._restore(cell, result, records)
+            seconds["restore"] = time.monotonic() - started
+            result.seconds = {k: round(v, 2) for k, v in seconds.items()}
+            self._settle(cell, result)
         self._write_cell(cell_dir, records, result)
         return result
 
@@ -216,6 +247,10 @@ class QmrSession:
             for judge in judges:
                 judge.close()
         atomic_write_text(cell_dir / "located.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        if cell.locate.review and rows:
+            from .review import write_review_queue
+
+            write_review_queue(rows, cell_dir / "review", cell.locate.audit_rate, seed=cell.benchmark.seed)
         profile = error_profile(rows)
         profile["judges_used"] = list(cell.locate.judges)
         profile["policy"] = policy.name
@@ -228,6 +263,88 @@ class QmrSession:
         result.profile_violations = ([] if result.error_profile is None
                                      else check_profile(result.error_profile, cell.thresholds.error_profile))
         result.outcome = "fail" if result.profile_violations else self._outcome(cell, result.gate)
+        if cell.restore.may_pass and (result.restore or {}).get("restored_verdict") == "pass":
+            result.outcome = "pass"
+
+    # ---- restore ------------------------------------------------------------------------
+    def _restore(self, cell, result: CellResult, records: list[SampleRecord]) -> None:
+        """Run the pytest_qmr_restore hook; a RestoreError is recorded on the cell, not raised."""
+        from .restore import RestoreError, RestoreResult
+
+        try:
+            restored = self.restore_hook(cell=cell, result=result, records=records)
+        except RestoreError as exc:
+            result.restore = {"error": str(exc)}
+            return
+        if restored is not None:
+            result.restore = restored.to_dict() if isinstance(restored, RestoreResult) else dict(restored)
+
+    def restore_cell(self, cell, result: CellResult, records: list[SampleRecord]):
+        """The default pytest_qmr_restore: Silver Bullet pairs mined on the benchmark's training
+        split, DPO + LoRA on the quantized model, then the same items re-measured with the adapter."""
+        from . import restore as rs
+        from .gate import mcnemar_exact
+
+        spec, gen, seed = cell.restore, self._generation(cell), cell.benchmark.seed
+        cell_dir = self.run_dir / "cells" / cell.id
+        quant_path = self._quantized[cell.id]
+        started = time.monotonic()
+        problems = self._training_problems(cell)
+        model, tokenizer = self._load(quant_path, cell.model.trust_remote_code)
+        traces = rs.mine_traces(quant_path, problems, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+                                model_and_tokenizer=(model, tokenizer))
+        fp = models.resolve(cell.model.ref, self.cache_dir)
+        teacher = rs.make_teacher(spec.teacher, model=fp.path, judge_config=cell.judge_config,
+                                  max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size)
+        pairs = rs.build_pairs(traces, teacher, spec.variant, tokenizer=tokenizer, pool=traces, size=spec.max_pairs,
+                               seed=seed, eval_ids=[r.item_id for r in records])
+        if spec.max_pairs is not None:
+            pairs = pairs[:spec.max_pairs]
+        if not pairs:
+            failed = sum(not t.get("correct") for t in traces)
+            raise rs.RestoreError(f"nothing to restore: {failed} of {len(traces)} training problems failed, "
+                                  f"none gave a {spec.variant} pair the {spec.teacher} teacher could verify")
+        rs.write_pairs(cell_dir / "pairs.jsonl", pairs)
+        card = rs.train_adapter(quant_path, pairs, rs.RestoreConfig(**spec.train), cell_dir / "adapter")
+
+        restored_model, restored_tokenizer = rs.load_restored(quant_path, cell_dir / "adapter")
+        evaluator = Evaluator(restored_model, restored_tokenizer, gen, self._data_dir(cell))
+        again = evaluator.run(cell.benchmark.task, indices=[r.doc_index for r in records], seed=seed)
+        atomic_write_text(cell_dir / "restored_samples.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in again))
+        quant = {r.item_id: r.correct for r in records}
+        paired = [(quant[r.item_id], r.correct) for r in again if r.item_id in quant]
+        baseline = self.fp_baseline(cell, fp)
+        restored_gate = self._gate(cell, baseline, again, [bool(baseline.items[r.item_id]["correct"]) for r in again])
+        outcome = rs.RestoreResult(
+            pairs=len(pairs), teacher=spec.teacher, variant=spec.variant, steps=card["steps"],
+            minutes=round((time.monotonic() - started) / 60, 2), adapter_path=card["adapter_path"],
+            fp_acc=result.gate.fp_acc if result.gate else None, quant_acc=result.accuracy,
+            restored_acc=sum(r.correct for r in again) / max(len(again), 1),
+            p_value=mcnemar_exact(sum(q and not r for q, r in paired), sum(r and not q for q, r in paired)),
+            n_eval=len(again), card=card,
+        ).to_dict()
+        outcome["restored_verdict"] = restored_gate.verdict
+        outcome["restored_gate"] = restored_gate.to_dict()
+        if spec.mmlu_limit:
+            outcome["mmlu"] = {name: sum(r.correct for r in recs) / max(len(recs), 1) for name, recs in (
+                ("quantized", Evaluator(model, tokenizer, gen, self._data_dir(cell)).run("qmr_mmlu", limit=spec.mmlu_limit)),
+                ("restored", evaluator.run("qmr_mmlu", limit=spec.mmlu_limit)))}
+            outcome["mmlu"]["n"] = spec.mmlu_limit
+        return outcome
+
+    def _training_problems(self, cell):
+        from . import restore as rs
+
+        task, n, seed = cell.benchmark.task, cell.restore.train_problems, cell.benchmark.seed
+        if task == "qmr_arith":
+            return rs.arith_problems("train", n, seed)
+        if task == "qmr_gsm8k":
+            data_dir = self._data_dir(cell)
+            if data_dir is None:
+                raise rs.RestoreError("restore on qmr_gsm8k needs a data dir with gsm8k/train.jsonl")
+            return rs.gsm8k_problems(data_dir, "train", n, seed)
+        raise rs.RestoreError(f"restore: task {task} has no training split with step-aligned gold "
+                              "(supported: qmr_arith, qmr_gsm8k)")
 
     @staticmethod
     def _outcome(cell, gate: GateResult) -> str:
@@ -249,9 +366,24 @@ class QmrSession:
         if result.error_profile is not None:
             lines.append("error profile: " + profile_summary(result.error_profile))
         lines += [f"error profile threshold violated: {v}" for v in result.profile_violations]
+        r = result.restore or {}
+        if r.get("error"):
+            lines.append(f"restore: {r['error']}")
+        elif r.get("restored_acc") is not None:
+            recovered = "" if r.get("recovered") is None else f", recovered {r['recovered']:.0%} of the loss"
+            lines.append(f"restore: FP {r['fp_acc']:.3f} -> quantized {r['quant_acc']:.3f} -> restored "
+                         f"{r['restored_acc']:.3f} (McNemar vs quantized p={r['p_value']:.3g}{recovered}; "
+                         f"{r['pairs']} {r['variant']} pairs from the {r['teacher']} teacher, {r['steps']} DPO steps, "
+                         f"{r['minutes']:.1f} min)")
         lines.append(f"samples: {result.samples_path}")
         lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
         return [("qmr", "\n".join(lines))]
+
+    def close(self) -> None:
+        """Stop servers this session started (every process, xdist workers included)."""
+        if self._servers is not None:
+            self._servers.close()
+            self._servers = None
 
     def write_results(self) -> None:
         cells_dir = self.run_dir / "cells"

@@ -112,6 +112,7 @@ class QuantizerSpec(_Spec):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     calibration: Calibration | None = None
     path: NonEmptyStr | None = None  # method=checkpoint only: local dir or hub id
+    options: dict[str, Any] = Field(default_factory=dict)  # modifier settings, e.g. {n_grid: 10} for awq
     # benchmarks on which this quantizer is a known regression: those cells are strict xfails
     expect_fail_on: list[NonEmptyStr] = Field(default_factory=list)
 
@@ -178,6 +179,29 @@ class LocateSpec(_Spec):
     judges: list[NonEmptyStr] = Field(default_factory=lambda: ["rule"], min_length=1)
     judge_config: NonEmptyStr | None = None  # YAML of LLM judges (relative to the suite file)
     policy: dict[str, Any] = Field(default_factory=dict)
+    review: bool = True  # write the human review queue (escalated, unjudged, audit sample) per cell
+    audit_rate: Fraction = 0.02  # share of accepted cases sampled into the review queue
+
+
+def _restore_shorthand(value: Any) -> Any:
+    # `restore: on-fail` is short for `restore: {when: on-fail}`
+    value = _yaml_switch(value)
+    return {"when": value} if isinstance(value, str) else value
+
+
+class RestoreSpec(_Spec):
+    """When a failing cell runs Silver Bullet DPO, and with what (see pytest_qmr.restore)."""
+
+    when: Annotated[Literal["off", "on-fail", "always"], BeforeValidator(_yaml_switch)] = "off"
+    quantizers: list[Name] | None = None  # only these quantizers' cells (None: all)
+    benchmarks: list[Name] | None = None  # only these benchmarks' cells (None: all)
+    teacher: NonEmptyStr = "gold"  # gold | fp | endpoint:NAME (NAME from locate.judge_config)
+    variant: Literal["all-step", "ce-step", "me-step", "ee-step", "all-ns", "rand-ns"] = "all-step"
+    train_problems: PositiveInt = 200  # training-split problems the quantized model is mined on
+    max_pairs: PositiveInt | None = None
+    may_pass: bool = False  # a restored model that passes the gate turns the cell to pass
+    mmlu_limit: Annotated[int, Field(ge=0)] = 0  # >0: MMLU items checked before/after (preservation)
+    train: dict[str, Any] = Field(default_factory=dict)  # RestoreConfig fields (beta, lora_r, max_steps...)
 
 
 class SuiteSpec(_Spec):
@@ -185,7 +209,7 @@ class SuiteSpec(_Spec):
     description: str | None = None
     data_dir: NonEmptyStr | None = None
     locate: LocateSpec = Field(default_factory=LocateSpec)
-    restore: Annotated[Literal["off", "on-fail", "always"], BeforeValidator(_yaml_switch)] = "off"
+    restore: Annotated[RestoreSpec, BeforeValidator(_restore_shorthand)] = Field(default_factory=RestoreSpec)
     models: list[ModelSpec] = Field(min_length=1)
     quantizers: list[QuantizerSpec] = Field(min_length=1)
     benchmarks: list[BenchmarkSpec] = Field(min_length=1)
@@ -208,7 +232,7 @@ class Cell:
     thresholds: Thresholds  # benchmark override merged on the suite defaults
     generation: Generation
     data_dir: Path | None  # absolute, or None: fall back to the hub
-    restore: str
+    restore: RestoreSpec
     locate: LocateSpec = LocateSpec()
     judge_config: Path | None = None  # absolute path of locate.judge_config
 
@@ -218,6 +242,14 @@ class Cell:
     @property
     def is_fp(self) -> bool:
         return self.quantizer.method == "fp"
+
+    def restores(self, failed: bool) -> bool:
+        """Whether this cell runs Restore, given whether it failed."""
+        r = self.restore
+        if self.is_fp or r.when == "off" or (r.when == "on-fail" and not failed):
+            return False
+        return ((r.quantizers is None or self.quantizer.name in r.quantizers)
+                and (r.benchmarks is None or self.benchmark.name in r.benchmarks))
 
 
 @dataclass(frozen=True)
@@ -253,7 +285,7 @@ class Suite:
         return self.spec.generation
 
     @property
-    def restore(self) -> str:
+    def restore(self) -> RestoreSpec:
         return self.spec.restore
 
     def data_dir(self) -> Path | None:
@@ -406,6 +438,14 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
         if q.method == "checkpoint" and q.path is None:
             _fail(source, f"{key}.path", "required for method checkpoint: a local directory or hub id",
                   "nothing", raw=True)
+        if q.options:
+            from .quantize import QuantizeError, method_settings
+
+            try:
+                method_settings(q.method, q.options)
+            except QuantizeError as exc:
+                bad = next((k for k in q.options if repr(k) in str(exc) or f" {k} " in str(exc)), next(iter(q.options)))
+                _fail(source, f"{key}.options.{bad}", str(exc).split(": ", 1)[1].split(" (got ")[0], q.options[bad])
         if q.method != "checkpoint" and q.path is not None:
             _fail(source, f"{key}.path", f"only allowed for method checkpoint, not {q.method}", q.path)
 
@@ -424,6 +464,7 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
                 _fail(source, f"benchmarks[{i}].quantizers[{j}]",
                       f"not a quantizer of this suite ({', '.join(quantizer_names)})", name)
     _check_locate(source, spec)
+    _check_restore(source, spec)
 
     seen_ids: dict[str, str] = {}
     for mi, m in enumerate(spec.models):
@@ -435,6 +476,32 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
                     _fail(source, f"models[{mi}].name",
                           f"cell id {cell_id!r} of {where} collides with {seen_ids[cell_id]}; rename one", m.name)
                 seen_ids[cell_id] = where
+
+
+def _check_restore(source: str, spec: SuiteSpec) -> None:
+    from dataclasses import fields
+
+    from .restore import RestoreConfig, RestoreError
+
+    r = spec.restore
+    for section, names in (("quantizers", [q.name for q in spec.quantizers]),
+                           ("benchmarks", [b.name for b in spec.benchmarks])):
+        for j, name in enumerate(getattr(r, section) or []):
+            if name not in names:
+                _fail(source, f"restore.{section}[{j}]", f"not one of this suite's {section} ({', '.join(names)})", name)
+    known = [f.name for f in fields(RestoreConfig)]
+    for key, value in r.train.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+            _fail(source, f"restore.train.{key}", f"unknown setting, {hint}", value)
+    try:
+        RestoreConfig(**r.train)
+    except (RestoreError, TypeError, ValueError) as exc:
+        _fail(source, "restore.train", str(exc), r.train)
+    teacher = r.teacher
+    if teacher not in ("gold", "fp") and not (teacher.startswith("endpoint:") and spec.locate.judge_config):
+        _fail(source, "restore.teacher", "must be gold, fp or endpoint:NAME (NAME from locate.judge_config)", teacher)
 
 
 def _check_locate(source: str, spec: SuiteSpec) -> None:

@@ -38,6 +38,13 @@ generation:
   batch_size: 20
 locate:
   judges: [arith, rule]
+restore: on-fail
+"""
+
+# A project's own Restore: a conftest.py hook implementation wins over the built-in DPO one.
+CONFTEST = """
+def pytest_qmr_restore(cell, result, records):
+    return {"by": "conftest", "cell": cell.id, "verdict": result.gate.verdict, "n_records": len(records)}
 """
 
 
@@ -61,6 +68,7 @@ def test_scrambled_fails_untouched_copy_passes(pytester, lab_model, data_dir, ca
     shutil.copytree(lab_model.path, copy)
     _scramble(lab_model.path, scrambled)
     suite = pytester.makefile(".yaml", e2e=SUITE.format(data_dir=data_dir, copy=copy, scrambled=scrambled))
+    pytester.makeconftest(CONFTEST)
     run_dir = tmp_path / "run"
     result = pytester.runpytest_subprocess(
         str(suite), f"--qmr-baselines={repo_root / 'baselines'}", f"--qmr-run-dir={run_dir}",
@@ -83,6 +91,14 @@ def test_scrambled_fails_untouched_copy_passes(pytester, lab_model, data_dir, ca
     assert len(located) == scrambled_result["gate"]["fp_only"] == scrambled_result["error_profile"]["n"] > 0
     assert {row["status"] for row in located} <= {"accepted", "escalated", "unjudged"}
     assert copy_result["error_profile"]["n"] == 0 and copy_result["profile_violations"] == []
+    # restore: on-fail fired the hook for the failed cell only, with its records
+    assert scrambled_result["restore"] == {"by": "conftest", "cell": "smollm2-135m-arith-scrambled-arith",
+                                           "verdict": "fail", "n_records": scrambled_result["n"]}
+    assert copy_result["restore"] is None
+    # the human review queue holds every escalated/unjudged case (plus the audit sample) of the cell
+    queue = json.loads((run_dir / "cells" / "smollm2-135m-arith-scrambled-arith" / "review" / "queue.json").read_text())
+    queued = {case["id"] for case in (queue["cases"] if isinstance(queue, dict) else queue)}
+    assert {row["id"] for row in located if row["status"] != "accepted"} <= queued
 
     # an error-profile threshold fails a cell the gate passed; --qmr-resume re-checks the records
     strict = suite.read_text().replace("  sequential: true", "  sequential: true\n  error_profile:\n    min_located: 1")

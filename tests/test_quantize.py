@@ -254,6 +254,9 @@ def test_key_covers_recipe_calibration_and_data(tiny_model):
     assert qz.cache_key(fp, _spec("gptq", 4, group_size=32), "a" * 64) != base
     assert qz.cache_key(fp, _spec("gptq", 4, calibration=CalibrationSpec("qmr_arith", 16, 64)), "a" * 64) != base
     assert qz.cache_key("other-model", _spec("gptq", 4), "a" * 64) != base
+    # modifier options are part of the recipe; spelling out a default changes nothing
+    assert qz.cache_key(fp, _spec("gptq", 4, options=(("dampening_frac", 0.1),)), "a" * 64) != base
+    assert qz.cache_key(fp, _spec("gptq", 4, options=(("dampening_frac", 0.01),)), "a" * 64) == base
     # rtn ignores calibration settings entirely
     assert qz.cache_key(fp, _spec("rtn", 4, calibration=None)) == qz.cache_key(fp, _spec("rtn", 4))
 
@@ -381,6 +384,8 @@ def test_cache_entries_and_clear(tiny_model, tmp_path):
     (QuantSpec(method="gptq", bits=4, calibration=CalibrationSpec(dataset="wikitext")), "wikitext"),
     (QuantSpec(method="gptq", bits=4, calibration=CalibrationSpec(samples=0)), "samples"),
     (QuantSpec(method="rtn", bits=4, ignore=("re:.*",)), "no Linear layer left"),
+    (QuantSpec(method="awq", bits=4, options=(("n_grids", 10),)), "unknown option 'n_grids'"),
+    (QuantSpec(method="rtn", bits=4, options=(("n_grid", 10),)), r"unknown option 'n_grid' \(known: none\)"),
 ])
 def test_impossible_requests_fail_with_one_line(tiny_model, tmp_path, spec, message):
     with pytest.raises(QuantizeError, match=message) as excinfo:

@@ -127,7 +127,7 @@ CASES = {
     ),
     "bad enum restore": (
         lambda d: d.update(restore="sometimes"),
-        "restore: must be one of off, on-fail, always (got 'sometimes')",
+        "restore.when: must be one of off, on-fail, always (got 'sometimes')",
     ),
     "fraction out of range": (
         lambda d: d["thresholds"].update(max_abs_drop=5),
@@ -232,6 +232,27 @@ CASES = {
         lambda d: d["benchmarks"][0].update(quantizers=["fp", "gptq-w3"]),
         "benchmarks[0].quantizers[1]: not a quantizer of this suite (fp, rtn-w4g64, gptq-w4) (got 'gptq-w3')",
     ),
+    "unknown quantizer option": (
+        lambda d: d["quantizers"][2].update(options={"n_grids": 10}),
+        "quantizers[2].options.n_grids: unknown option 'n_grids' (known: block_size, dampening_frac, "
+        "actorder) (got 10)",
+    ),
+    "quantizer option of the wrong type": (
+        lambda d: d["quantizers"][2].update(options={"block_size": "big"}),
+        "quantizers[2].options.block_size: option block_size must be of type int (got 'big')",
+    ),
+    "unknown restore training setting": (
+        lambda d: d.update(restore={"when": "on-fail", "train": {"lora_rank": 8}}),
+        "restore.train.lora_rank: unknown setting, did you mean 'lora_r'? (got 8)",
+    ),
+    "restore limited to an unknown quantizer": (
+        lambda d: d.update(restore={"when": "on-fail", "quantizers": ["awq-w4"]}),
+        "restore.quantizers[0]: not one of this suite's quantizers (fp, rtn-w4g64, gptq-w4) (got 'awq-w4')",
+    ),
+    "restore teacher unknown": (
+        lambda d: d.update(restore={"when": "on-fail", "teacher": "gpt"}),
+        "restore.teacher: must be gold, fp or endpoint:NAME (NAME from locate.judge_config) (got 'gpt')",
+    ),
     "unknown locate policy": (
         lambda d: d.update(locate={"policy": {"name": "vote"}}),
         "locate.policy: unknown policy 'vote' (known: paper, majority, unanimous, rule-only) "
@@ -269,7 +290,7 @@ RAW_CASES = {
     "empty file": ("", "(top level): must be a mapping of suite keys (got an empty file)"),
     "bare on for restore": (
         yaml.safe_dump(mutated(lambda d: d.pop("restore")), sort_keys=False) + "restore: on\n",
-        "restore: must be one of off, on-fail, always (got 'on')",
+        "restore.when: must be one of off, on-fail, always (got 'on')",
     ),
 }
 
@@ -332,11 +353,24 @@ def test_valid_suite_cells(tmp_path, monkeypatch):
     expected_dir = (tmp_path / "repo" / "data").resolve()
     assert arith.data_dir == expected_dir and arith.data_dir.is_absolute()
     assert arith.quantizer.bits == 4 and arith.quantizer.group_size == 64
-    assert arith.generation.max_new_tokens == 256 and arith.restore == "off"
+    assert arith.generation.max_new_tokens == 256 and arith.restore.when == "off"
     assert arith.benchmark.limit == 100 and gsm.benchmark.limit is None
     assert len({c for c in cells}) == len(cells)  # hashable
     with pytest.raises(Exception):
         arith.id = "other"  # frozen
+
+
+def test_restore_shorthand_and_cell_filters(tmp_path):
+    short = load_suite(write(tmp_path, mutated(lambda d: d.update(restore="on-fail"))))
+    assert short.restore.when == "on-fail" and short.restore.teacher == "gold"
+    cells = {c.id: c for c in short.cells()}
+    assert not cells["smollm2-135m-arith-fp-arith"].restores(failed=True)  # FP cells never restore
+    assert cells["smollm2-135m-arith-rtn-w4g64-arith"].restores(failed=True)
+    assert not cells["smollm2-135m-arith-rtn-w4g64-arith"].restores(failed=False)
+    only = load_suite(write(tmp_path, mutated(lambda d: d.update(
+        restore={"when": "always", "quantizers": ["gptq-w4"], "benchmarks": ["arith"], "train": {"max_steps": 5}}))))
+    chosen = [c.id for c in only.cells() if c.restores(failed=False)]
+    assert chosen == ["smollm2-135m-arith-gptq-w4-arith"]
 
 
 def test_benchmark_limited_to_some_quantizers(tmp_path):
@@ -370,7 +404,7 @@ def test_minimal_suite_defaults(tmp_path, monkeypatch):
     assert cell.quantizer.calibration.samples == 128 and cell.quantizer.calibration.seq_len == 512
     assert cell.thresholds.max_abs_drop == 0.05 and cell.thresholds.sequential is False
     assert cell.generation.backend == "hf"
-    assert cell.restore == "off"  # YAML's bare `off` is read as false and mapped back
+    assert cell.restore.when == "off"  # YAML's bare `off` is read as false and mapped back
     assert cell.data_dir is None
 
 
