@@ -558,6 +558,8 @@ def test_cli_quantize_and_cache(tiny_model, tmp_path, capsys):
     assert path.name in listing and "rtn" in listing
     assert "removed 1" in run("cache", "--cache-dir", str(tmp_path), "clear", "--older-than-days", "0")
     assert qz.cache_entries(tmp_path) == []
-    assert qz.main(["quantize", "--model", str(tiny_model[0]), "--method", "smoothquant", "--bits", "4",
-                    "--cache-dir", str(tmp_path)]) == 2
+    from pytest_qmr.cli import main
+
+    assert main(["quantize", "--model", str(tiny_model[0]), "--method", "smoothquant", "--bits", "4",
+                 "--cache-dir", str(tmp_path)]) == 2
     assert "bits must be 8" in capsys.readouterr().err
