@@ -58,6 +58,14 @@ class DefaultRestore:
         return self.session.restore_cell(cell, result, records)
 
 
+@pytest.fixture
+def qmr_restore(request):
+    """What a cell runs to restore itself: the ``pytest_qmr_restore`` hook, called with keyword
+    arguments ``cell``, ``result``, ``records``. Override this fixture in a ``conftest.py`` to wrap
+    or replace Restore for the cells under it (e.g. another teacher, or a budget per directory)."""
+    return request.config.hook.pytest_qmr_restore
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "qmr_cell: a model x quantizer x benchmark cell from a suite file")
     for method in QUANT_METHODS:
@@ -146,6 +154,7 @@ class SuiteFile(pytest.File):
         for cell in suite.cells():
             item = CellItem.from_parent(self, name=cell.id, cell=cell)
             item.add_marker(pytest.mark.qmr_cell)
+            item.add_marker(pytest.mark.usefixtures("qmr_restore"))
             item.add_marker(getattr(pytest.mark, cell.quantizer.method))
             if cell.benchmark.name in cell.quantizer.expect_fail_on:
                 item.add_marker(pytest.mark.xfail(
@@ -174,9 +183,20 @@ class CellItem(pytest.Item):
         super().__init__(**kwargs)
         self.cell = cell
 
+    def setup(self) -> None:
+        """Resolve the cell's fixtures (``qmr_restore`` and any usefixtures/autouse ones) the way
+        pytest does for test functions, so a conftest.py can override them."""
+        from _pytest.fixtures import TopRequest
+
+        self._fixtureinfo = self.session._fixturemanager.getfixtureinfo(node=self, func=None, cls=None)
+        self.fixturenames = self._fixtureinfo.names_closure
+        self.funcargs: dict = {}
+        self._request = TopRequest(self, _ispytest=True)
+        self._request._fillfixtures()
+
     def runtest(self) -> None:
         session = self.config.stash[SESSION_KEY]
-        result = session.run_cell(self.cell)
+        result = session.run_cell(self.cell, restore=self.funcargs.get("qmr_restore"))
         self.user_properties.append((RESULT_PROPERTY, json.dumps(_summary_row(result))))
         if result.gate is not None:
             for key in ("fp_acc", "quant_acc", "delta", "p_value", "n", "verdict"):

@@ -138,7 +138,9 @@ class QmrSession:
         bl.write_baseline(path, baseline)
         return baseline
 
-    def run_cell(self, cell) -> CellResult:
+    def run_cell(self, cell, restore: Callable[..., Any] | None = None) -> CellResult:
+        """Measure (and locate, and restore when the suite asks) one cell; ``restore`` overrides
+        ``restore_hook`` for this cell (the ``qmr_restore`` fixture)."""
         cell_dir = self.run_dir / "cells" / cell.id
         if self.resume and (cell_dir / "result.json").is_file():
             # the records are reused; the verdict follows the suite's current thresholds
@@ -204,9 +206,10 @@ class QmrSession:
             backend=cell.generation.backend,
         )
         self._settle(cell, result)
-        if self.restore_hook is not None and cell.restores(failed=result.outcome == "fail"):
+        restore = restore or self.restore_hook
+        if restore is not None and cell.restores(failed=result.outcome == "fail"):
             started = time.monotonic()
-            self._restore(cell, result, records)
+            self._restore(restore, cell, result, records)
             seconds["restore"] = time.monotonic() - started
             result.seconds = {k: round(v, 2) for k, v in seconds.items()}
             self._settle(cell, result)
@@ -267,12 +270,12 @@ class QmrSession:
             result.outcome = "pass"
 
     # ---- restore ------------------------------------------------------------------------
-    def _restore(self, cell, result: CellResult, records: list[SampleRecord]) -> None:
+    def _restore(self, restore: Callable[..., Any], cell, result: CellResult, records: list[SampleRecord]) -> None:
         """Run the pytest_qmr_restore hook; a RestoreError is recorded on the cell, not raised."""
         from .restore import RestoreError, RestoreResult
 
         try:
-            restored = self.restore_hook(cell=cell, result=result, records=records)
+            restored = restore(cell=cell, result=result, records=records)
         except RestoreError as exc:
             result.restore = {"error": str(exc)}
             return

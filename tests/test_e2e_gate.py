@@ -41,10 +41,18 @@ locate:
 restore: on-fail
 """
 
-# A project's own Restore: a conftest.py hook implementation wins over the built-in DPO one.
+# A project's own Restore: a conftest.py hook implementation wins over the built-in DPO one, and
+# an overridden qmr_restore fixture wraps whatever the hook gives.
 CONFTEST = """
+import pytest
+
 def pytest_qmr_restore(cell, result, records):
     return {"by": "conftest", "cell": cell.id, "verdict": result.gate.verdict, "n_records": len(records)}
+
+@pytest.fixture
+def qmr_restore(request):
+    hook = request.config.hook.pytest_qmr_restore
+    return lambda **kwargs: {**hook(**kwargs), "via": "fixture"}
 """
 
 
@@ -93,7 +101,7 @@ def test_scrambled_fails_untouched_copy_passes(pytester, lab_model, data_dir, ca
     assert copy_result["error_profile"]["n"] == 0 and copy_result["profile_violations"] == []
     # restore: on-fail fired the hook for the failed cell only, with its records
     assert scrambled_result["restore"] == {"by": "conftest", "cell": "smollm2-135m-arith-scrambled-arith",
-                                           "verdict": "fail", "n_records": scrambled_result["n"]}
+                                           "verdict": "fail", "n_records": scrambled_result["n"], "via": "fixture"}
     assert copy_result["restore"] is None
     # the human review queue holds every escalated/unjudged case (plus the audit sample) of the cell
     queue = json.loads((run_dir / "cells" / "smollm2-135m-arith-scrambled-arith" / "review" / "queue.json").read_text())
