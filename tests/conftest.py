@@ -50,3 +50,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def build_tiny_llama(out: Path, tokenizer_dir: Path, *, hidden: int = 96, layers: int = 2, heads: int = 4,
+                     kv_heads: int = 2, intermediate: int = 256, seed: int = 0) -> tuple[Path, str]:
+    """A random Llama small enough to quantize or train in seconds, with the embedded model's
+    tokenizer, saved as fp32 safetensors; returns (directory, weights fingerprint)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pytest_qmr import models
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                         vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out, models.weights_fingerprint(out)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama():
+    """:func:`build_tiny_llama` for fixtures of other modules (conftest is not imported directly)."""
+    return build_tiny_llama

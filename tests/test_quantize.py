@@ -35,22 +35,11 @@ CAL = CalibrationSpec(dataset="qmr_arith", samples=8, seq_len=64, seed=0)
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, cache_dir) -> tuple[Path, str]:
+def tiny_model(tmp_path_factory, cache_dir, make_tiny_llama) -> tuple[Path, str]:
     """A randomly initialised 2-layer Llama with the embedded model's tokenizer (fp32 safetensors)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from pytest_qmr import models
 
-    base = models.resolve("embedded:smollm2-135m", cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(base.path)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=24, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out, models.weights_fingerprint(out)
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), models.resolve("embedded:smollm2-135m", cache_dir).path)
 
 
 @pytest.fixture(scope="session")

@@ -278,20 +278,11 @@ def test_endpoint_teacher_on_loopback_server(tokenizer, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, base_path) -> dict:
+def tiny(tmp_path_factory, base_path, make_tiny_llama) -> dict:
     """A 2-layer random Llama (hidden 96) with the lab tokenizer, and its real RTN W4 dense copy."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from pytest_qmr.quantize import QuantSpec, quantize
 
-    tok = _tokenizer(base_path)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=24, vocab_size=len(tok), max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    fp = tmp_path_factory.mktemp("tiny-fp")
-    LlamaForCausalLM(config).save_pretrained(fp, safe_serialization=True)
-    tok.save_pretrained(fp)
+    fp, _ = make_tiny_llama(tmp_path_factory.mktemp("tiny-fp"), base_path)
     q = quantize(fp, models.weights_fingerprint(fp), QuantSpec(method="rtn", bits=4, group_size=32),
                  tmp_path_factory.mktemp("tiny-qcache"))
     return {"fp": fp, "quant": q.path, "work": tmp_path_factory.mktemp("restore")}

@@ -92,22 +92,13 @@ def test_two_workers_give_the_same_records_as_one(pytester, data_dir, cache_dir,
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, cache_dir) -> tuple[Path, str]:
+def tiny_llama(tmp_path_factory, cache_dir, make_tiny_llama) -> tuple[Path, str]:
     """A random 1-layer Llama (hidden 64) with the embedded tokenizer: quantizing it takes seconds."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from pytest_qmr import models
 
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve("embedded:smollm2-135m", cache_dir).path)
-    torch.manual_seed(1)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=32, vocab_size=len(tokenizer), max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    out = tmp_path_factory.mktemp("tiny-llama-xdist")
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out, models.weights_fingerprint(out)
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-xdist"),
+                            models.resolve("embedded:smollm2-135m", cache_dir).path,
+                            hidden=64, layers=1, heads=2, kv_heads=1, intermediate=128, seed=1)
 
 
 def _quantize_after_barrier(model: str, fingerprint: str, root: str, barrier, builds_log: str) -> dict:
