@@ -109,7 +109,10 @@ def pin_worker_device(env: MutableMapping[str, str] | None = None) -> str | None
     env = os.environ if env is None else env
     if env.get(PINNED_ENV):
         return env[PINNED_ENV]
-    device = worker_device(visible_gpus(env), xdist_worker_index(env))
+    worker = xdist_worker_index(env)
+    if worker is None:
+        return None  # not an xdist worker: nothing to split, and no nvidia-smi call
+    device = worker_device(visible_gpus(env), worker)
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
         env[PINNED_ENV] = device

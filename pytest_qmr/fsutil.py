@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Iterator
 
 from filelock import FileLock
@@ -33,6 +34,32 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
+    """One JSON object per line, written atomically (a crash never leaves a truncated file)."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+
+
+def read_jsonl_strict(path: str | os.PathLike, error: type[Exception] = ValueError) -> list[dict]:
+    """JSONL a user handed us: any unreadable file, bad line or non-object is ``error`` naming file:line."""
+    rows = []
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror})") from None
+    with handle:
+        for n, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise error(f"{path}:{n}: not a JSON object")
+            rows.append(row)
+    return rows
 
 
 def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:

@@ -34,7 +34,6 @@ A row is ``unjudged`` when no judge gave a verdict at all.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -46,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from . import taxonomy
-from .judges import NO_ERROR, RULE, Case, JudgeFileError, Vote, build_judges, load_judge_settings
+from .fsutil import atomic_write_jsonl, read_jsonl_strict
+from .judges import NO_ERROR, RULE, Case, Vote, build_judges, load_judge_settings
 from .records import SampleRecord
 from .review import ReviewError, import_reviews, write_review_queue  # noqa: F401  (re-exported)
 
@@ -499,32 +499,6 @@ def check_profile(profile: Mapping[str, Any], thresholds: Mapping[str, Any]) -> 
 # --------------------------------------------------------------------------------- CLI
 
 
-def _read_jsonl_strict(path: Path) -> list[dict]:
-    rows = []
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise LocateError(f"{path}: cannot read ({exc.strerror})") from None
-    with handle:
-        for n, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LocateError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise LocateError(f"{path}:{n}: not a JSON object")
-            rows.append(row)
-    return rows
-
-
-def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    from .fsutil import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
-
-
 def _summary(rows: Sequence[Mapping[str, Any]]) -> str:
     return profile_summary(error_profile(rows))
 
@@ -548,7 +522,7 @@ def _cmd_judge(args: argparse.Namespace) -> int:
 
     if args.kind not in KINDS:
         raise LocateError(f"--kind must be one of {', '.join(KINDS)}")
-    rows = _read_jsonl_strict(Path(args.input))
+    rows = read_jsonl_strict(args.input, LocateError)
     _validate_rows(rows)
     if not args.all:
         total = len(rows)
@@ -586,7 +560,7 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     finally:
         for j in judges:
             j.close()
-    _write_jsonl(out, judged)
+    atomic_write_jsonl(out, judged)
     partial.unlink(missing_ok=True)
     Path(str(partial) + ".lock").unlink(missing_ok=True)
     print(f"qmr judge: {_summary(judged)} -> {out}", file=sys.stderr)
@@ -602,16 +576,16 @@ def _cmd_judge(args: argparse.Namespace) -> int:
 
 
 def _cmd_review_build(args: argparse.Namespace) -> int:
-    rows = _read_jsonl_strict(Path(args.judged))
+    rows = read_jsonl_strict(args.judged, LocateError)
     cases = write_review_queue(rows, args.out, audit_rate=args.audit_rate, seed=args.seed)
     print(f"qmr review: {len(cases)} cases -> {Path(args.out) / 'index.html'}", file=sys.stderr)
     return 0
 
 
 def _cmd_review_import(args: argparse.Namespace) -> int:
-    rows = _read_jsonl_strict(Path(args.judged))
+    rows = read_jsonl_strict(args.judged, LocateError)
     merged = import_reviews(args.queue, rows)
-    _write_jsonl(Path(args.out), merged)
+    atomic_write_jsonl(args.out, merged)
     n = sum(r.get("status") == "human" for r in merged) - sum(r.get("status") == "human" for r in rows)
     print(f"qmr review: {n} human verdicts merged; {_summary(merged)} -> {args.out}", file=sys.stderr)
     return 0

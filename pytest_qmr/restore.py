@@ -39,7 +39,8 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from . import answers, arith, taxonomy
-from .fsutil import atomic_directory, atomic_write_json, atomic_write_text, sha256_text
+from .fsutil import (atomic_directory, atomic_write_json, atomic_write_jsonl, read_jsonl_strict,
+                     sha256_text)
 from .steps import cut_before, segment
 
 FINAL_STATUSES = ("accepted", "human")  # as pytest_qmr.locate: only these verdicts are final
@@ -94,7 +95,7 @@ class PreferencePair:
 
 def write_pairs(path: str | os.PathLike, pairs: Sequence[PreferencePair]) -> None:
     """JSONL, written atomically (a crash never leaves a truncated pair file)."""
-    atomic_write_text(path, "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in pairs))
+    atomic_write_jsonl(path, (p.to_dict() for p in pairs))
 
 
 def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
@@ -776,7 +777,7 @@ def ablate(config: AblationConfig, restore: RestoreConfig, work_dir: str | os.Pa
     traces = mine_traces(qm.path, arith_problems("train", config.n_train, config.seed),
                          max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                          model_and_tokenizer=(model, tokenizer))
-    atomic_write_text(work / "traces.jsonl", "".join(json.dumps(t) + "\n" for t in traces))
+    atomic_write_jsonl(work / "traces.jsonl", traces)
     eval_ids = [p.id for p in arith.generate("test", config.n_test, 0)]
     quant = _accuracy(model, tokenizer, config.n_test, config)
     fp = _accuracy(*load(base.path), config.n_test, config)
@@ -822,12 +823,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _read_rows(path: str) -> list[dict]:
-    from .locate import LocateError, _read_jsonl_strict
-
-    try:
-        return _read_jsonl_strict(Path(path))
-    except LocateError as exc:
-        raise RestoreError(str(exc)) from None
+    return read_jsonl_strict(path, RestoreError)
 
 
 def _solutions(source: str | None, data_dir: str | None) -> dict[str, str]:

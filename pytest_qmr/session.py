@@ -14,7 +14,7 @@ from typing import Any
 
 from . import baselines as bl
 from . import models
-from .fsutil import atomic_write_json, atomic_write_text, sha256_text
+from .fsutil import atomic_write_json, atomic_write_jsonl, sha256_text
 from .measure import Evaluator, GenerationSettings, items_fingerprint
 from .calibration import CalibrationSpec
 from .quantize import QuantSpec, quantize
@@ -39,19 +39,16 @@ class QmrSession:
     # calls the pytest_qmr_restore hook (set by the plugin; None: Restore is not available)
     restore_hook: Callable[..., Any] | None = None
     _loaded: dict = field(default_factory=dict)
-    _quantized: dict = field(default_factory=dict)
+    _restore_inputs: dict = field(default_factory=dict)  # cell id -> (FP model, baseline, quantized path)
     _fp_records: dict = field(default_factory=dict)
     _servers: Any = None  # backends.ServerPool of the openai backend, created on first use
 
     # ---- models -------------------------------------------------------------------------
     def _load(self, path: Path, trust_remote_code: bool):
         """Keep one model in memory: cells are ordered so consecutive ones share it."""
-        from .backends import pin_worker_device
-
         key = str(path)
         if key not in self._loaded:
             self._loaded.clear()
-            pin_worker_device()  # xdist worker on a GPU machine: its own GPU, before anything loads
             self._loaded[key] = models.load(path, trust_remote_code=trust_remote_code)
         return self._loaded[key]
 
@@ -173,7 +170,7 @@ class QmrSession:
                          ignore=tuple(q.ignore), path=q.path, calibration=calibration,
                          options=tuple(sorted(q.options.items())))
         quantized = quantize(fp.path, fp.fingerprint, spec, self.cache_dir, data_dir=self._data_dir(cell))
-        self._quantized[cell.id] = quantized.path
+        self._restore_inputs[cell.id] = (fp, baseline, quantized.path)
         seconds["quantize"] = time.monotonic() - started
 
         started = time.monotonic()
@@ -249,7 +246,7 @@ class QmrSession:
         finally:
             for judge in judges:
                 judge.close()
-        atomic_write_text(cell_dir / "located.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_jsonl(cell_dir / "located.jsonl", rows)
         if cell.locate.review and rows:
             from .review import write_review_queue
 
@@ -290,33 +287,27 @@ class QmrSession:
 
         spec, gen, seed = cell.restore, self._generation(cell), cell.benchmark.seed
         cell_dir = self.run_dir / "cells" / cell.id
-        quant_path = self._quantized[cell.id]
+        fp, baseline, quant_path = self._restore_inputs[cell.id]
         started = time.monotonic()
         problems = self._training_problems(cell)
         model, tokenizer = self._load(quant_path, cell.model.trust_remote_code)
         traces = rs.mine_traces(quant_path, problems, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
                                 model_and_tokenizer=(model, tokenizer))
-        fp = models.resolve(cell.model.ref, self.cache_dir)
         teacher = rs.make_teacher(spec.teacher, model=fp.path, judge_config=cell.judge_config,
                                   max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size)
         pairs = rs.build_pairs(traces, teacher, spec.variant, tokenizer=tokenizer, pool=traces, size=spec.max_pairs,
                                seed=seed, eval_ids=[r.item_id for r in records])
-        if spec.max_pairs is not None:
+        if spec.max_pairs is not None:  # build_pairs raises "nothing to restore" itself when none are left
             pairs = pairs[:spec.max_pairs]
-        if not pairs:
-            failed = sum(not t.get("correct") for t in traces)
-            raise rs.RestoreError(f"nothing to restore: {failed} of {len(traces)} training problems failed, "
-                                  f"none gave a {spec.variant} pair the {spec.teacher} teacher could verify")
         rs.write_pairs(cell_dir / "pairs.jsonl", pairs)
         card = rs.train_adapter(quant_path, pairs, rs.RestoreConfig(**spec.train), cell_dir / "adapter")
 
         restored_model, restored_tokenizer = rs.load_restored(quant_path, cell_dir / "adapter")
         evaluator = Evaluator(restored_model, restored_tokenizer, gen, self._data_dir(cell))
         again = evaluator.run(cell.benchmark.task, indices=[r.doc_index for r in records], seed=seed)
-        atomic_write_text(cell_dir / "restored_samples.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in again))
+        atomic_write_jsonl(cell_dir / "restored_samples.jsonl", (r.to_dict() for r in again))
         quant = {r.item_id: r.correct for r in records}
         paired = [(quant[r.item_id], r.correct) for r in again if r.item_id in quant]
-        baseline = self.fp_baseline(cell, fp)
         restored_gate = self._gate(cell, baseline, again, [bool(baseline.items[r.item_id]["correct"]) for r in again])
         outcome = rs.RestoreResult(
             pairs=len(pairs), teacher=spec.teacher, variant=spec.variant, steps=card["steps"],
@@ -358,8 +349,7 @@ class QmrSession:
         return cell.thresholds.inconclusive
 
     def _write_cell(self, cell_dir: Path, records: list[SampleRecord], result: CellResult) -> None:
-        text = "".join(json.dumps(r.to_dict()) + "\n" for r in records)
-        atomic_write_text(cell_dir / "samples.jsonl", text)
+        atomic_write_jsonl(cell_dir / "samples.jsonl", (r.to_dict() for r in records))
         atomic_write_json(cell_dir / "result.json", result.to_dict())
 
     def report_sections(self, result: CellResult) -> list[tuple[str, str]]:
