@@ -162,8 +162,8 @@ def plant(problem: ArithProblem, k: int, kind: str, rng: random.Random) -> tuple
         return _render(before, before[-1][3]), "logical_reasoning_error", k
     if kind == "symbolic_manipulation_error":
         digits = str(gold.a)
-        if k == 1 or len(digits) < 2 or digits[0] == digits[1]:
-            return None
+        if k == 1 or len(digits) < 2 or digits[0] == digits[1] or gold.a == gold.b:
+            return None  # (46 + 46 miscopied as 64 + 46 reads as a wrong operand just as well)
         x = Fraction(int(digits[1] + digits[0] + digits[2:]))
         z = compute(x, gold.op, b)
         if x in {Fraction(v) for v in _numbers(problem)} or z is None or z.denominator != 1 or digits[1] == "0":
@@ -198,6 +198,19 @@ def planted(problems):
                 if case is not None:
                     cases.append((problem, kind, *case))
     return cases
+
+
+def test_generated_values_stay_in_the_lab_range(problems):
+    """Every value a step works on or gives is an integer in [1, MAX_VALUE]; + and - move at most
+    MAX_ADDEND; train and test never share a problem."""
+    for p in problems:
+        assert 2 <= len(p.steps) <= 5
+        for s in p.steps:
+            assert 1 <= s.a <= arith.MAX_VALUE and 1 <= s.result <= arith.MAX_VALUE, p.solution()
+            if s.op in "+-":
+                assert 1 <= s.b <= arith.MAX_ADDEND, p.solution()
+    train = {p.id.split("-")[-1] for p in arith.generate("train", 400, seed=11, min_steps=2, max_steps=5)}
+    assert not train & {p.id.split("-")[-1] for p in problems}
 
 
 def test_gold_solutions_are_correct(problems):
