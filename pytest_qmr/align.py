@@ -36,6 +36,9 @@ class AlignConfig:
     warmup_steps: int = 10
     max_minutes: float = 40.0
     max_train_steps: int = -1
+    # Continue training this LoRA adapter (its rank and targets win over lora_r/target_modules):
+    # a CPU budget spent on an earlier alignment is not thrown away when the data changes.
+    init_adapter: str = ""
 
 
 def arith_sft_rows(config: AlignConfig) -> list[dict]:
@@ -78,6 +81,16 @@ def align(model_path: Path, out: Path, config: AlignConfig, rows: list[dict] | N
 
     torch.manual_seed(config.seed)
     model, tokenizer = load(model_path)
+    previous = None
+    if config.init_adapter:
+        from peft import PeftModel
+
+        init = Path(config.init_adapter)
+        if not (init / "adapter_config.json").is_file():
+            raise ValueError(f"init_adapter {init}: no adapter_config.json there")
+        model = PeftModel.from_pretrained(model, init, is_trainable=True)
+        card_file = init / "qmr_card.json"
+        previous = json.loads(card_file.read_text()) if card_file.is_file() else {}
     rows = rows if rows is not None else arith_sft_rows(config)
     data_hash = sha256_text(json.dumps(rows, sort_keys=True))[:16]
     started = time.monotonic()
@@ -114,7 +127,7 @@ def align(model_path: Path, out: Path, config: AlignConfig, rows: list[dict] | N
             args=args,
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
-            peft_config=peft_config,
+            peft_config=None if previous is not None else peft_config,
             callbacks=[_stop_after(config.max_minutes)],
         )
         trainer.train()
@@ -130,6 +143,11 @@ def align(model_path: Path, out: Path, config: AlignConfig, rows: list[dict] | N
             "minutes": round(minutes, 2),
             "final_loss": history[-1]["loss"] if history else None,
         }
+        if previous is not None:  # the loaded adapter's shape, not AlignConfig's unused lora_* defaults
+            lora = trainer.model.peft_config["default"]
+            card["config"].update(lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                                  target_modules=sorted(lora.target_modules))
+            card["continued_from"] = previous
         atomic_write_json(scratch / "qmr_card.json", card)
         import shutil
 
