@@ -394,6 +394,7 @@ def plot(results: dict, path: Path) -> None:
         total = sum(hist[str(s)] for s in steps) or 1
         ax2.plot(steps, [hist[str(s)] / total for s in steps], marker="o", label=label_)
     ax2.set_xlabel("first faulty step (ground truth)")
+    ax2.xaxis.get_major_locator().set_params(integer=True)
     ax2.set_ylabel("share of located failing traces")
     ax2.legend(fontsize=7)
     fig.tight_layout()
