@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from . import answers, arith, taxonomy
 from .fsutil import (atomic_directory, atomic_write_json, atomic_write_jsonl, read_jsonl_strict,
                      sha256_text)
-from .steps import cut_before, segment
+from .steps import cut_before, is_final_answer_line, segment
 
 FINAL_STATUSES = ("accepted", "human")  # as pytest_qmr.locate: only these verdicts are final
 #: variant -> the one category it keeps (None: every category)
@@ -50,6 +50,8 @@ VARIANTS: Mapping[str, str | None] = MappingProxyType({
     "all-ns": None, "rand-ns": None,
 })
 NO_RESUME = ("all-ns", "rand-ns")
+#: how much of the quantized model's continuation a pair rejects: all of it (the paper) or its faulty step
+REJECTED_SCOPES = ("rest", "step")
 CHAT_USER = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.DOTALL)
 _VALUE_AFTER_EQUALS = re.compile(r"=\s*\$?\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
@@ -520,13 +522,18 @@ def _check_split(ids: Sequence[str]) -> None:
 def build_pairs(cases: Sequence[Mapping[str, Any]], teacher: Teacher, variant: str = "all-step", *,
                 tokenizer=None, kind: str = "number", pool: Sequence[Mapping[str, Any]] | None = None,
                 size: int | None = None, seed: int = 0, eval_ids: Sequence[str] | None = None,
-                allow_test_split: bool = False) -> list[PreferencePair]:
+                allow_test_split: bool = False, rejected_scope: str = "rest") -> list[PreferencePair]:
     """Preference pairs of ``variant`` from judged rows (Locate output or :func:`mine_traces`).
 
     ``rand-ns`` draws ``size`` (default: the number of located cases) random rows of ``pool``
     (default ``cases``; correct or not) and pairs the teacher's whole solution with the model's
     whole response. Teacher continuations whose final answer is not the gold are dropped.
-    Raises :class:`RestoreError` when nothing is left, :class:`LeakageError` on leakage."""
+    ``rejected_scope="step"`` keeps only the faulty step of the rejected continuation (Step-DPO
+    style): what follows an error is often correct arithmetic on a wrong value, and DPO would
+    push that down too. Raises :class:`RestoreError` when nothing is left, :class:`LeakageError`
+    on leakage."""
+    if rejected_scope not in REJECTED_SCOPES:
+        raise RestoreError(f"rejected_scope must be one of {', '.join(REJECTED_SCOPES)}, got {rejected_scope!r}")
     located = select_cases(cases, variant)
     if variant == "rand-ns":
         pool = list(pool if pool is not None else cases)
@@ -544,7 +551,7 @@ def build_pairs(cases: Sequence[Mapping[str, Any]], teacher: Teacher, variant: s
     while len(pairs) < want and tried < len(candidates):
         batch = candidates[tried:tried + want - len(pairs)]
         tried += len(batch)
-        pairs += _pairs_of(batch, teacher, variant, tokenizer, kind, eval_ids, allow_test_split)
+        pairs += _pairs_of(batch, teacher, variant, tokenizer, kind, eval_ids, allow_test_split, rejected_scope)
     if not pairs:
         raise RestoreError(f"teacher {teacher.name} gave no continuation whose final answer verifies for any of "
                            f"{tried} cases (variant {variant}); no pairs")
@@ -552,7 +559,8 @@ def build_pairs(cases: Sequence[Mapping[str, Any]], teacher: Teacher, variant: s
 
 
 def _pairs_of(rows: Sequence[Mapping[str, Any]], teacher: Teacher, variant: str, tokenizer, kind: str,
-              eval_ids: Sequence[str] | None, allow_test_split: bool) -> list[PreferencePair]:
+              eval_ids: Sequence[str] | None, allow_test_split: bool, rejected_scope: str = "rest",
+              ) -> list[PreferencePair]:
     ids = [str(r["id"]) for r in rows]
     if not allow_test_split:
         _check_split(ids)
@@ -565,9 +573,18 @@ def _pairs_of(rows: Sequence[Mapping[str, Any]], teacher: Teacher, variant: str,
             continue
         if not answers.is_equivalent(answers.extract_answer(cut.prefix + chosen, cut.kind), cut.gold_answer, cut.kind):
             continue
-        pairs.append(PreferencePair(cut.prompt + cut.prefix, chosen, cut.rejected, cut.item_id, cut.error_type,
+        step_only = rejected_scope == "step" and variant not in NO_RESUME  # no-resume rows have no cut
+        rejected = first_step_of(cut.rejected) if step_only else cut.rejected
+        pairs.append(PreferencePair(cut.prompt + cut.prefix, chosen, rejected, cut.item_id, cut.error_type,
                                     cut.category, cut.first_step, teacher.name, variant))
     return pairs
+
+
+def first_step_of(continuation: str) -> str:
+    """``continuation`` up to the end of its first step (all of it when it has no step, e.g. a
+    bare answer line written where a step was missing)."""
+    steps = segment(continuation)
+    return continuation[:steps[0].end_char] if steps else continuation
 
 
 # --------------------------------------------------------------------------------- training
@@ -598,6 +615,7 @@ class RestoreConfig:
     max_length: int = 512
     seed: int = 0
     logging_steps: int = 1
+    eos_on_cut_rejected: bool = False  # True: trl's default, an EOS after every rejected continuation
 
     def __post_init__(self) -> None:
         if self.mode not in ("dpo", "sft"):
@@ -669,6 +687,9 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=peft_config,
                              callbacks=[_stop_after(config.max_minutes)])
+        cut_eos = 0
+        if not config.eos_on_cut_rejected:
+            trainer.train_dataset, cut_eos = drop_cut_eos(trainer.train_dataset, pairs, tokenizer.eos_token_id)
         trainer.train()
         trainer.model.save_pretrained(scratch, safe_serialization=True)
         save_diff = _check_saved(trainer.model, model_path, scratch, tokenizer, pairs[0].prompt + pairs[0].chosen)
@@ -680,6 +701,7 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
             "pairs_sha256": sha256_text(json.dumps(rows, sort_keys=True))[:16],
             "teachers": dict(Counter(p.teacher for p in pairs)),
             "variants": dict(Counter(p.variant for p in pairs)),
+            "cut_rejected_eos_dropped": cut_eos,
             "steps": trainer.state.global_step,
             "minutes": round((time.monotonic() - started) / 60, 2),
             "losses": [round(h["loss"], 5) for h in history],
@@ -691,6 +713,31 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
         shutil.rmtree(scratch / "trainer", ignore_errors=True)
     card["adapter_path"] = str(out_dir)
     return card
+
+
+def stopped_by_itself(continuation: str) -> bool:
+    """Whether a continuation ends where the model itself would stop: on its final-answer line.
+    A cut one (``rejected_scope="step"``) or one that ran into ``max_new_tokens`` does not."""
+    lines = [line for line in continuation.splitlines() if line.strip()]
+    return bool(lines) and is_final_answer_line(lines[-1].strip())
+
+
+def drop_cut_eos(dataset, pairs: Sequence[PreferencePair], eos_token_id: int):
+    """(dataset, count): trl's tokenized rows with the EOS it appends to every rejected
+    continuation removed where that continuation was cut. The model never chose to stop there,
+    and DPO would otherwise win its margin by pushing down an EOS it never emits instead of the
+    faulty step."""
+    cut = {i for i, p in enumerate(pairs) if not stopped_by_itself(p.rejected)}
+
+    def drop(example, index):
+        ids = example["rejected_ids"]
+        if index in cut and len(ids) > 1 and ids[-1] == eos_token_id:
+            ids = ids[:-1]
+        return {"rejected_ids": ids}
+
+    before = sum(len(ids) for ids in dataset["rejected_ids"])
+    dataset = dataset.map(drop, with_indices=True)
+    return dataset, before - sum(len(ids) for ids in dataset["rejected_ids"])
 
 
 def _check_saved(trained, model_path: Path, saved: Path, tokenizer, probe: str) -> float:
@@ -859,6 +906,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
     eval_ids = [r["id"] for r in _read_rows(args.eval_ids)] if args.eval_ids else None
     try:
         pairs = build_pairs(rows, teacher, args.variant, tokenizer=tokenizer, kind=args.kind, eval_ids=eval_ids,
+                            rejected_scope=args.rejected_scope,
                             allow_test_split=args.allow_test_split, seed=args.seed)
     finally:
         getattr(teacher, "close", lambda: None)()
@@ -901,6 +949,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--judged", required=True, help="judged.jsonl (qmr judge output, or mined traces)")
     p.add_argument("--teacher", default="gold", help="gold | fp | endpoint:NAME")
     p.add_argument("--variant", default="all-step", choices=list(VARIANTS))
+    p.add_argument("--rejected-scope", default="rest", choices=REJECTED_SCOPES,
+                   help="reject the quantized continuation (rest) or only its faulty step (step)")
     p.add_argument("--out", required=True, help="pairs.jsonl")
     p.add_argument("--model", default=None, help="the FP model (teacher fp; also renders unformatted prompts)")
     p.add_argument("--judge-config", default=None, help="judges.yaml holding the endpoint of endpoint:NAME")

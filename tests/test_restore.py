@@ -110,6 +110,32 @@ def test_pair_cuts_before_first_faulty_step_with_gold_resume(tokenizer):
     assert PreferencePair.from_dict(json.loads(json.dumps(pair.to_dict()))) == pair
 
 
+def test_step_scope_rejects_only_the_faulty_step(tokenizer):
+    """rejected_scope="step": the answer line that follows the wrong value is not pushed down;
+    the prompt and chosen are those of the default scope, and an unknown scope is one line."""
+    p = PROBLEMS[0]
+    response = computational(p)
+    [rest] = restore.build_pairs([_row(p, response)], GoldTeacher(), tokenizer=tokenizer)
+    [step] = restore.build_pairs([_row(p, response)], GoldTeacher(), tokenizer=tokenizer, rejected_scope="step")
+    s = p.steps
+    assert step.rejected == f"Step 2: {s[1].a} {s[1].op} {s[1].b} = {s[1].result + 1}"
+    assert rest.rejected == step.rejected + f"\nThe answer is {s[1].result + 1}."
+    assert (step.prompt, step.chosen) == (rest.prompt, rest.chosen)
+    with pytest.raises(RestoreError, match="rejected_scope must be one of rest, step, got 'all'"):
+        restore.build_pairs([_row(p, response)], GoldTeacher(), tokenizer=tokenizer, rejected_scope="all")
+
+
+def test_step_scope_keeps_a_bare_answer_line_and_leaves_no_resume_rows_whole(tokenizer):
+    p = next(q for q in PROBLEMS if len(q.steps) >= 3)
+    s = p.steps
+    early = f"{s[0].text(1)}\n{s[1].text(2)}\nThe answer is {s[1].result}."
+    [pair] = restore.build_pairs([_row(p, early)], GoldTeacher(), tokenizer=tokenizer, rejected_scope="step")
+    assert pair.rejected == f"The answer is {s[1].result}."
+    [whole] = restore.build_pairs([_row(p, early)], GoldTeacher(), "all-ns", tokenizer=tokenizer,
+                                  rejected_scope="step")
+    assert whole.rejected == early
+
+
 def test_rows_with_chat_formatted_problem_need_no_tokenizer(tokenizer):
     """Regression rows built from SampleRecords carry the rendered prompt as ``problem``."""
     p = PROBLEMS[0]
@@ -314,7 +340,8 @@ def test_mine_traces_labels_every_response(tiny):
 @pytest.fixture(scope="module")
 def trained(tiny, tokenizer) -> dict:
     rows = [_row(p, computational(p)) for p in PROBLEMS[:4]]
-    pairs = restore.build_pairs(rows, GoldTeacher(), tokenizer=tokenizer)
+    pairs = (restore.build_pairs(rows[:2], GoldTeacher(), tokenizer=tokenizer)  # rejected ends on its answer
+             + restore.build_pairs(rows[2:], GoldTeacher(), tokenizer=tokenizer, rejected_scope="step"))
     config = RestoreConfig(max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0,
                            lora_r=4, lora_alpha=8, max_length=256, sft_weight=0.5)
     out = tiny["work"] / "adapter"
@@ -325,6 +352,7 @@ def trained(tiny, tokenizer) -> dict:
 def test_dpo_trains_and_saves_adapter_with_card(trained):
     card, out = trained["card"], trained["out"]
     assert card["steps"] == 3 and card["pairs"] == 4 and len(card["losses"]) == 3
+    assert card["cut_rejected_eos_dropped"] == 2  # the two step-scoped rejected continuations
     assert len(card["reward_accuracies"]) == 3 and card["config"]["beta"] == 0.1
     assert card["save_check_max_abs_diff"] <= 1e-5
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
@@ -445,3 +473,34 @@ def test_hookspec_registers_as_firstresult():
     pm.register(Skip())
     out = pm.hook.pytest_qmr_restore(cell=None, result=None, records=[{}, {}])
     assert isinstance(out, RestoreResult) and out.pairs == 2
+
+
+def test_restore_shortfall_against_min_gain():
+    from pytest_qmr.session import restore_shortfall
+
+    won = {"quant_acc": 0.25, "restored_acc": 0.30}
+    assert restore_shortfall(won, 0.05) is None  # exactly the required gain (no float-rounding miss)
+    assert restore_shortfall(won, 0.06) == ("Restore won back +0.050 (quantized 0.250 -> restored 0.300), "
+                                            "less than restore.min_gain 0.06")
+    assert "less than" in restore_shortfall({"quant_acc": 0.3, "restored_acc": 0.25}, 0.0)
+    assert restore_shortfall({"error": "nothing to restore: none of 3 cases ..."}, 0.0) == (
+        "restore.min_gain 0 required, but Restore did not run: nothing to restore: none of 3 cases ...")
+
+
+def test_cut_rejected_continuations_lose_the_eos_trl_appends(tokenizer):
+    """A rejected step cut out of a trace (or one that ran into max_new_tokens) never stopped by
+    itself: the EOS trl appends is dropped; a continuation ending on its answer line keeps it."""
+    from datasets import Dataset
+
+    from pytest_qmr.restore import drop_cut_eos, stopped_by_itself
+
+    assert stopped_by_itself("Step 2: 3 + 4 = 8\nThe answer is 8.\n")
+    assert not stopped_by_itself("Step 2: 3 + 4 = 8")
+    assert not stopped_by_itself("Step 2: 3 + 4 = 8\nStep 3: 8 * 2 = 1")  # ran into the token limit
+    eos = tokenizer.eos_token_id
+    pairs = [PreferencePair("p", "Step 2: 3 + 4 = 7\nThe answer is 7.", rejected, "i", None, None, 2, "gold", "all-step")
+             for rejected in ("Step 2: 3 + 4 = 8", "Step 2: 3 + 4 = 8\nThe answer is 8.")]
+    rows = [{"prompt_ids": [1], "chosen_ids": [5, eos], "rejected_ids": [6, 7, eos]} for _ in pairs]
+    dataset, dropped = drop_cut_eos(Dataset.from_list(rows), pairs, eos)
+    assert dropped == 1
+    assert dataset["rejected_ids"] == [[6, 7], [6, 7, eos]] and dataset["chosen_ids"] == [[5, eos]] * 2
