@@ -174,6 +174,10 @@ class CellFailed(Exception):
     """The gate said fail (or inconclusive where the suite counts that as failing)."""
 
 
+class RestoreFailed(Exception):
+    """The suite's ``restore.min_gain`` was not won back (or Restore could not run)."""
+
+
 class CellError(Exception):
     """A cell could not be evaluated (missing baseline, provenance mismatch, bad model)."""
 
@@ -203,6 +207,9 @@ class CellItem(pytest.Item):
                 self.user_properties.append((f"qmr_{key}", getattr(result.gate, key)))
         for title, text in session.report_sections(result):
             self.add_report_section("call", title, text)
+        shortfall = (result.restore or {}).get("shortfall")
+        if shortfall:  # not a CellFailed: a suite that expects the cell to regress still needs the repair
+            raise RestoreFailed(shortfall)
         if result.outcome == "fail":
             message = result.gate.summary() if result.gate else "cell failed"
             if result.profile_violations:
@@ -210,7 +217,7 @@ class CellItem(pytest.Item):
             raise CellFailed(message)
 
     def repr_failure(self, excinfo, style=None):
-        if excinfo.errisinstance((CellFailed, CellError)):
+        if excinfo.errisinstance((CellFailed, CellError, RestoreFailed)):
             return f"{self.cell.id}: {excinfo.value}"
         from .baselines import BaselineError
         from .models import ModelError

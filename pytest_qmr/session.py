@@ -257,7 +257,8 @@ class QmrSession:
         return profile
 
     def _settle(self, cell, result: CellResult) -> None:
-        """Outcome from the gate and the suite's error-profile thresholds (a violation fails the cell)."""
+        """Outcome from the gate and the suite's error-profile thresholds (a violation fails the cell);
+        a Restore short of ``restore.min_gain`` is noted for the plugin to raise."""
         from .locate import check_profile
 
         result.profile_violations = ([] if result.error_profile is None
@@ -265,6 +266,10 @@ class QmrSession:
         result.outcome = "fail" if result.profile_violations else self._outcome(cell, result.gate)
         if cell.restore.may_pass and (result.restore or {}).get("restored_verdict") == "pass":
             result.outcome = "pass"
+        if result.restore is not None:  # checked again on --qmr-resume, like the thresholds
+            result.restore.pop("shortfall", None)
+            if cell.restore.min_gain is not None:
+                result.restore["shortfall"] = restore_shortfall(result.restore, cell.restore.min_gain)
 
     # ---- restore ------------------------------------------------------------------------
     def _restore(self, restore: Callable[..., Any], cell, result: CellResult, records: list[SampleRecord]) -> None:
@@ -274,8 +279,7 @@ class QmrSession:
         try:
             restored = restore(cell=cell, result=result, records=records)
         except RestoreError as exc:
-            result.restore = {"error": str(exc)}
-            return
+            restored = {"error": str(exc)}
         if restored is not None:
             result.restore = restored.to_dict() if isinstance(restored, RestoreResult) else dict(restored)
 
@@ -296,7 +300,7 @@ class QmrSession:
         teacher = rs.make_teacher(spec.teacher, model=fp.path, judge_config=cell.judge_config,
                                   max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size)
         pairs = rs.build_pairs(traces, teacher, spec.variant, tokenizer=tokenizer, pool=traces, size=spec.max_pairs,
-                               seed=seed, eval_ids=[r.item_id for r in records])
+                               seed=seed, eval_ids=[r.item_id for r in records], rejected_scope=spec.rejected_scope)
         if spec.max_pairs is not None:  # build_pairs raises "nothing to restore" itself when none are left
             pairs = pairs[:spec.max_pairs]
         rs.write_pairs(cell_dir / "pairs.jsonl", pairs)
@@ -384,3 +388,17 @@ class QmrSession:
             return
         cells = [json.loads(f.read_text()) for f in sorted(cells_dir.glob("*/result.json"))]
         atomic_write_json(self.run_dir / "results.json", {"run_dir": str(self.run_dir), "cells": cells})
+
+
+def restore_shortfall(restore: dict, min_gain: float) -> str | None:
+    """Why a Restore did not win back ``restore.min_gain`` (None: it did)."""
+    if restore.get("error"):
+        return f"restore.min_gain {min_gain:g} required, but Restore did not run: {restore['error']}"
+    quant, restored = restore.get("quant_acc"), restore.get("restored_acc")
+    if not all(isinstance(v, (int, float)) for v in (quant, restored)):
+        return f"restore.min_gain {min_gain:g} required, but the Restore result has no quant_acc/restored_acc"
+    gain = restored - quant
+    if gain < min_gain - 1e-9:
+        return (f"Restore won back {gain:+.3f} (quantized {quant:.3f} -> restored {restored:.3f}), "
+                f"less than restore.min_gain {min_gain:g}")
+    return None

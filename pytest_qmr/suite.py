@@ -197,9 +197,13 @@ class RestoreSpec(_Spec):
     benchmarks: list[Name] | None = None  # only these benchmarks' cells (None: all)
     teacher: NonEmptyStr = "gold"  # gold | fp | endpoint:NAME (NAME from locate.judge_config)
     variant: Literal["all-step", "ce-step", "me-step", "ee-step", "all-ns", "rand-ns"] = "all-step"
+    rejected_scope: Literal["rest", "step"] = "rest"  # step: reject only the faulty step (Step-DPO style)
     train_problems: PositiveInt = 200  # training-split problems the quantized model is mined on
     max_pairs: PositiveInt | None = None
     may_pass: bool = False  # a restored model that passes the gate turns the cell to pass
+    # accuracy the restored model must win back over the quantized one on the cell's items
+    # (None: report only); a Restore that wins less, or cannot run, fails the cell as RestoreFailed
+    min_gain: Annotated[float, Field(ge=-1, le=1)] | None = None
     mmlu_limit: Annotated[int, Field(ge=0)] = 0  # >0: MMLU items checked before/after (preservation)
     train: dict[str, Any] = Field(default_factory=dict)  # RestoreConfig fields (beta, lora_r, max_steps...)
 

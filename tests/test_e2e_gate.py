@@ -78,10 +78,13 @@ def test_scrambled_fails_untouched_copy_passes(pytester, lab_model, data_dir, ca
     suite = pytester.makefile(".yaml", e2e=SUITE.format(data_dir=data_dir, copy=copy, scrambled=scrambled))
     pytester.makeconftest(CONFTEST)
     run_dir = tmp_path / "run"
-    result = pytester.runpytest_subprocess(
-        str(suite), f"--qmr-baselines={repo_root / 'baselines'}", f"--qmr-run-dir={run_dir}",
-        f"--qmr-cache-dir={cache_dir}", "-p", "no:cacheprovider",
-    )
+
+    def run(*extra: str):
+        return pytester.runpytest_subprocess(
+            str(suite), f"--qmr-baselines={repo_root / 'baselines'}", f"--qmr-run-dir={run_dir}",
+            f"--qmr-cache-dir={cache_dir}", "-p", "no:cacheprovider", *extra)
+
+    result = run()
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*smollm2-135m-arith-scrambled-arith: FAIL: FP acc*McNemar exact p=*"])
     results = json.loads((run_dir / "results.json").read_text())
@@ -111,10 +114,18 @@ def test_scrambled_fails_untouched_copy_passes(pytester, lab_model, data_dir, ca
     # an error-profile threshold fails a cell the gate passed; --qmr-resume re-checks the records
     strict = suite.read_text().replace("  sequential: true", "  sequential: true\n  error_profile:\n    min_located: 1")
     suite.write_text(strict)
-    again = pytester.runpytest_subprocess(
-        str(suite), f"--qmr-baselines={repo_root / 'baselines'}", f"--qmr-run-dir={run_dir}",
-        f"--qmr-cache-dir={cache_dir}", "--qmr-resume", "-p", "no:cacheprovider",
-    )
+    again = run("--qmr-resume")
     again.assert_outcomes(failed=2)
     again.stdout.fnmatch_lines(["*smollm2-135m-arith-copy-arith: PASS: FP acc*; error profile: number of located "
                                 "errors is 0 < min 1 (min_located*"])
+
+    # restore.min_gain: a Restore that wins nothing back fails the cell even where the suite
+    # expects it to regress (the conftest hook above reports no accuracies at all)
+    demanding = strict.replace("restore: on-fail", "restore:\n  when: on-fail\n  min_gain: 0.05").replace(
+        "    path: {}\n".format(scrambled), "    path: {}\n    expect_fail_on: [arith]\n".format(scrambled))
+    suite.write_text(demanding)
+    third = run("--qmr-resume")
+    third.assert_outcomes(failed=2)
+    third.stdout.fnmatch_lines(["*smollm2-135m-arith-scrambled-arith: restore.min_gain 0.05 required, but the "
+                                "Restore result has no quant_acc/restored_acc"])
+
