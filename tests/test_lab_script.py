@@ -1,9 +1,11 @@
-"""benchmarks/run_lab.py's bookkeeping: paired statistics, the README block it rewrites, and the
-result keys issue #7 names (the full run itself is a script, measured in benchmarks/README.md)."""
+"""benchmarks/run_lab.py: its paired statistics and README block, and the whole lab path at CI size
+(24 test problems, one quantizer, a one-step Restore) with the direction of each effect checked;
+the full-size run is a script, measured in benchmarks/README.md."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -57,3 +59,40 @@ def test_readme_block_is_replaced_not_appended_twice(lab):
     twice = lab.replace_between(once, "table 2")
     assert twice.count(lab.BEGIN) == 1 and "table 2" in twice and "table 1" not in twice
     assert twice.startswith("# title\n\nprose\n")
+
+
+def test_reduced_lab_end_to_end_checks_each_effects_direction(lab, tmp_path, data_dir, cache_dir, monkeypatch,
+                                                               capsys):
+    """The same path as the full lab (measure, label, quantize, mine, pairs, DPO, re-measure,
+    JSON + plot + README), at CI size on the embedded lab model; a second call resumes from the
+    stage cache without recomputing anything."""
+    monkeypatch.setenv("QMR_CACHE_DIR", str(cache_dir))
+    readme = tmp_path / "README.md"
+    readme.write_text("# lab\n")
+    argv = ["--n-test", "24", "--quantizers", "rtn-w4g64", "--n-train", "16", "--pair-budget", "4",
+            "--skip-ablation", "--restore-set", "max_steps=1", "per_device_train_batch_size=2", "max_minutes=3",
+            "--data-dir", str(data_dir), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--readme", str(readme)]
+    assert lab.main(argv) == 0
+    results = json.loads((tmp_path / "out" / "cpu_lab.json").read_text())
+    assert {"fp_acc", "cells", "restore", "ablation", "stage_seconds", "machine"} <= set(results)
+    [cell] = results["cells"]
+    # quantization hurts: RTN W4 loses accuracy against FP on the same items, significantly
+    assert cell["quantizer"] == "rtn-w4g64" and cell["n"] == 24
+    assert cell["acc"] < results["fp_acc"] and cell["p_value"] < 0.05
+    # ... and its errors come early: first faulty steps no later, on average, than FP's
+    early = cell["errors_earlier_than_fp"]
+    assert early["mean_step"] <= early["fp_mean_step"]
+    assert sum(cell["first_error_step_hist"].values()) == round(24 * (1 - cell["acc"]))
+    # restore ran on pairs from the train split and was re-measured on the same 24 items
+    restore = results["restore"]
+    assert restore["quantizer"] == "rtn-w4g64" and restore["pairs"] == 4 and restore["dpo_steps"] == 1
+    assert restore["n"] == 24 and restore["quant_acc"] == cell["acc"] and 0 <= restore["restored_acc"] <= 1
+    assert {"evaluate", "judge", "quantize", "mine", "pairs", "dpo"} <= set(results["stage_seconds"])
+    assert (tmp_path / "out" / "cpu_lab.png").stat().st_size > 10_000
+    assert lab.BEGIN in readme.read_text() and "| rtn-w4g64 |" in readme.read_text()
+    capsys.readouterr()
+    assert lab.main(argv) == 0  # resumed: every stage from the cache
+    assert "[lab]" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "cpu_lab.json").read_text())["cells"] == results["cells"]
+
