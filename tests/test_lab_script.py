@@ -1,5 +1,5 @@
 """benchmarks/run_lab.py: its paired statistics and README block, and the whole lab path at CI size
-(24 test problems, one quantizer, a one-step Restore) with the direction of each effect checked;
+(20 test problems, one quantizer, a one-step Restore) with the direction of each effect checked;
 the full-size run is a script, measured in benchmarks/README.md."""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def test_reduced_lab_end_to_end_checks_each_effects_direction(lab, tmp_path, dat
     monkeypatch.setenv("QMR_CACHE_DIR", str(cache_dir))
     readme = tmp_path / "README.md"
     readme.write_text("# lab\n")
-    argv = ["--n-test", "24", "--quantizers", "rtn-w4g64", "--n-train", "16", "--pair-budget", "4",
+    argv = ["--n-test", "20", "--quantizers", "rtn-w4g64", "--n-train", "12", "--pair-budget", "4",
             "--skip-ablation", "--restore-set", "max_steps=1", "per_device_train_batch_size=2", "max_minutes=3",
             "--data-dir", str(data_dir), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
             "--readme", str(readme)]
@@ -78,16 +78,16 @@ def test_reduced_lab_end_to_end_checks_each_effects_direction(lab, tmp_path, dat
     assert {"fp_acc", "cells", "restore", "ablation", "stage_seconds", "machine"} <= set(results)
     [cell] = results["cells"]
     # quantization hurts: RTN W4 loses accuracy against FP on the same items, significantly
-    assert cell["quantizer"] == "rtn-w4g64" and cell["n"] == 24
+    assert cell["quantizer"] == "rtn-w4g64" and cell["n"] == 20
     assert cell["acc"] < results["fp_acc"] and cell["p_value"] < 0.05
     # ... and its errors come early: first faulty steps no later, on average, than FP's
     early = cell["errors_earlier_than_fp"]
     assert early["mean_step"] <= early["fp_mean_step"]
-    assert sum(cell["first_error_step_hist"].values()) == round(24 * (1 - cell["acc"]))
-    # restore ran on pairs from the train split and was re-measured on the same 24 items
+    assert sum(cell["first_error_step_hist"].values()) == round(20 * (1 - cell["acc"]))
+    # restore ran on pairs from the train split and was re-measured on the same 20 items
     restore = results["restore"]
     assert restore["quantizer"] == "rtn-w4g64" and restore["pairs"] == 4 and restore["dpo_steps"] == 1
-    assert restore["n"] == 24 and restore["quant_acc"] == cell["acc"] and 0 <= restore["restored_acc"] <= 1
+    assert restore["n"] == 20 and restore["quant_acc"] == cell["acc"] and 0 <= restore["restored_acc"] <= 1
     assert {"evaluate", "judge", "quantize", "mine", "pairs", "dpo"} <= set(results["stage_seconds"])
     assert (tmp_path / "out" / "cpu_lab.png").stat().st_size > 10_000
     assert lab.BEGIN in readme.read_text() and "| rtn-w4g64 |" in readme.read_text()
