@@ -82,8 +82,10 @@ class Lab:
         self.fp = resolve(config.model)
         self.problems = arith.generate("test", config.n_test, config.seed)
         self.timings_file = self.work / "stage_seconds.json"
-        self.stage_seconds: dict[str, float] = (json.loads(self.timings_file.read_text())
-                                               if self.timings_file.is_file() else {})
+        #: seconds of every stage result ever computed under ``work``, by "stage:file"
+        self.timings: dict[str, float] = (json.loads(self.timings_file.read_text())
+                                          if self.timings_file.is_file() else {})
+        self.stage_seconds: dict[str, float] = {}  # what this run's results took, computed or cached
 
     # ------------------------------------------------------------------ caching and timing
 
@@ -93,16 +95,22 @@ class Lab:
     def cached(self, name: str, key: str, compute: Callable[[], Any], stage: str, jsonl: bool = False) -> Any:
         """``compute()`` once per (name, key); its seconds are added to ``stage_seconds[stage]``."""
         path = self.work / f"{name}-{key}.{'jsonl' if jsonl else 'json'}"
+        timing = f"{stage}:{path.stem}"
         if path.is_file():
-            return read_jsonl(path) if jsonl else json.loads(path.read_text())
-        started = time.monotonic()
-        value = compute()
-        seconds = time.monotonic() - started
-        (atomic_write_jsonl if jsonl else atomic_write_json)(path, value)
-        self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0.0) + seconds, 1)
-        self.stage_seconds[f"{stage}:{name}"] = round(seconds, 1)
-        atomic_write_json(self.timings_file, self.stage_seconds)
-        print(f"[lab] {name}: {seconds:.0f} s", file=sys.stderr, flush=True)
+            value = read_jsonl(path) if jsonl else json.loads(path.read_text())
+            # (caches written before timings were kept per file have them per stage name only)
+            seconds = self.timings.get(timing, self.timings.get(f"{stage}:{name}"))
+        else:
+            started = time.monotonic()
+            value = compute()
+            seconds = round(time.monotonic() - started, 1)
+            (atomic_write_jsonl if jsonl else atomic_write_json)(path, value)
+            self.timings[timing] = seconds
+            atomic_write_json(self.timings_file, self.timings)
+            print(f"[lab] {name}: {seconds:.0f} s", file=sys.stderr, flush=True)
+        if seconds is not None and f"{stage}:{name}" not in self.stage_seconds:
+            self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0.0) + seconds, 1)
+            self.stage_seconds[f"{stage}:{name}"] = seconds
         return value
 
     # ------------------------------------------------------------------ stages
