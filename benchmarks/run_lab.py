@@ -190,7 +190,7 @@ class Lab:
         runs: dict[str, dict] = {}
         for variant in self.config.variants:
             key = self._key(name, variant, self.config.n_train, self.config.pair_budget, asdict(config),
-                            *([self.config.rejected_scope] if self.config.rejected_scope != "rest" else []))
+                            self.config.rejected_scope)
 
             def make_pairs(variant=variant):
                 from transformers import AutoTokenizer

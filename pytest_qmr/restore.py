@@ -567,13 +567,13 @@ def _pairs_of(rows: Sequence[Mapping[str, Any]], teacher: Teacher, variant: str,
     if eval_ids is not None:
         check_leakage(ids, eval_ids)
     cuts = [c for r in rows if (c := cut_case(r, tokenizer, kind, resume=variant not in NO_RESUME))]
+    step_only = rejected_scope == "step" and variant not in NO_RESUME  # no-resume rows have no cut
     pairs = []
     for cut, chosen in zip(cuts, teacher.continue_many(cuts)):
         if chosen is None or not chosen.strip() or chosen == cut.rejected:
             continue
         if not answers.is_equivalent(answers.extract_answer(cut.prefix + chosen, cut.kind), cut.gold_answer, cut.kind):
             continue
-        step_only = rejected_scope == "step" and variant not in NO_RESUME  # no-resume rows have no cut
         rejected = first_step_of(cut.rejected) if step_only else cut.rejected
         pairs.append(PreferencePair(cut.prompt + cut.prefix, chosen, rejected, cut.item_id, cut.error_type,
                                     cut.category, cut.first_step, teacher.name, variant))

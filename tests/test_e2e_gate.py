@@ -128,4 +128,3 @@ def test_scrambled_fails_untouched_copy_passes(pytester, lab_model, data_dir, ca
     third.assert_outcomes(failed=2)
     third.stdout.fnmatch_lines(["*smollm2-135m-arith-scrambled-arith: restore.min_gain 0.05 required, but the "
                                 "Restore result has no quant_acc/restored_acc"])
-

@@ -95,4 +95,3 @@ def test_reduced_lab_end_to_end_checks_each_effects_direction(lab, tmp_path, dat
     assert lab.main(argv) == 0  # resumed: every stage from the cache
     assert "[lab]" not in capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "cpu_lab.json").read_text())["cells"] == results["cells"]
-
