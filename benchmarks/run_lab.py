@@ -53,11 +53,11 @@ class LabConfig:
                                                        "seed": 0})
     restore_quantizer: str = ""  # default: the W4 cell that lost most, significantly if any did
     n_train: int = 400  # train-split problems mined for pairs
-    pair_budget: int = 160  # pairs per Restore run (all variants of the ablation get the same)
+    pair_budget: int = 200  # pairs per Restore run (all variants of the ablation get the same)
     rejected_scope: str = "step"  # reject only the faulty step (restore.build_pairs); "rest": the paper's
     # the settings measured best in benchmarks/README.md (max_minutes is checked after each step)
     restore_set: list[str] = field(default_factory=lambda: [
-        "learning_rate=1e-4", "sft_weight=1.0", "beta=0.3", "epochs=1", "per_device_train_batch_size=4",
+        "learning_rate=1e-4", "sft_weight=4.0", "beta=0.3", "epochs=1", "per_device_train_batch_size=4",
         "max_minutes=9.6"])
     variants: list[str] = field(default_factory=lambda: ["all-step", "all-ns", "rand-ns"])
     ablation_n_test: int = 200
