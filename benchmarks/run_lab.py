@@ -205,7 +205,8 @@ class Lab:
                      self.cached(f"pairs-{name}-{variant}", key, make_pairs, "pairs", jsonl=True)]
             adapter = self.work / f"adapter-{name}-{variant}-{key}"
             card = self.cached(f"dpo-{name}-{variant}", key,
-                               lambda: rs.train_adapter(qpath, pairs, config, adapter), "dpo")
+                               lambda: rs.train_adapter(qpath, pairs, config, adapter, distill_from=self.fp.path),
+                               "dpo")
             n = self.config.n_test if variant == "all-step" else self.config.ablation_n_test
             rows = self.evaluate(f"restored-{name}-{variant}-{key}", lambda: rs.load_restored(qpath, adapter), n)
             runs[variant] = {"card": card, "rows": rows, "pairs": len(pairs)}

@@ -594,12 +594,17 @@ def first_step_of(continuation: str) -> str:
 class RestoreConfig:
     """Settings of one Restore run (trl style: one dataclass per trainer; DPOConfig names where
     they exist). ``sft_weight`` > 0 adds trl's ``sft`` loss (NLL on chosen, as RPO does) with that
-    weight; ``mode="sft"`` trains on the chosen continuations alone (the SFT baseline)."""
+    weight; ``distill_weight`` > 0 adds the token-level KL from the full-precision model to the
+    policy on each chosen row (``distill_scope``: its continuation, or every position, since every
+    position carries the quantization error); ``mode="sft"`` trains on the chosen continuations
+    alone (the SFT baseline)."""
 
     mode: str = "dpo"  # "dpo" | "sft"
     beta: float = 0.1
     loss_type: str = "sigmoid"
     sft_weight: float = 0.0
+    distill_weight: float = 0.0  # needs the FP model (train_adapter's distill_from)
+    distill_scope: str = "completion"  # or "sequence": every attended position of the chosen row
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -622,6 +627,10 @@ class RestoreConfig:
             raise RestoreError(f"mode must be dpo or sft, got {self.mode!r}")
         if self.sft_weight < 0:
             raise RestoreError(f"sft_weight must be >= 0, got {self.sft_weight}")
+        if self.distill_weight < 0:
+            raise RestoreError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if self.distill_scope not in ("completion", "sequence"):
+            raise RestoreError(f"distill_scope must be completion or sequence, got {self.distill_scope!r}")
 
     def losses(self) -> tuple[list[str], list[float] | None]:
         if self.mode == "sft":
@@ -650,10 +659,11 @@ class RestoreConfig:
 
 
 def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair], config: RestoreConfig,
-                  out_dir: str | os.PathLike) -> dict[str, Any]:
+                  out_dir: str | os.PathLike, *, distill_from: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train a LoRA adapter with trl's DPOTrainer on ``model_path`` (the dense quantized copy: the
     frozen base is the quantized function, the reference is the adapter disabled) and write it
-    atomically to ``out_dir`` with ``qmr_card.json``. Returns the card."""
+    atomically to ``out_dir`` with ``qmr_card.json``. Returns the card. ``distill_from`` is the
+    full-precision model, the teacher of ``config.distill_weight``."""
     import shutil
 
     import torch
@@ -666,9 +676,16 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
 
     if not pairs:
         raise RestoreError("nothing to restore: no preference pairs")
+    if config.distill_weight > 0 and distill_from is None:
+        raise RestoreError("distill_weight > 0 needs the full-precision model (distill_from / --distill-from)")
     model_path = Path(model_path)
     torch.manual_seed(config.seed)
     model, tokenizer = load(model_path)
+    distill = {}
+    if config.distill_weight > 0:
+        fp_model, _ = load(Path(distill_from))
+        distill = {"fp_model": fp_model.eval().requires_grad_(False), "distill_weight": config.distill_weight,
+                   "distill_scope": config.distill_scope}
     rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
     loss_type, loss_weights = config.losses()
     started = time.monotonic()
@@ -684,9 +701,10 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
         )
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                  target_modules=config.target_modules, task_type="CAUSAL_LM")
-        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[_stop_after(config.max_minutes)])
+        trainer_class = _distilling(DPOTrainer) if distill else DPOTrainer
+        trainer = trainer_class(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
+                                processing_class=tokenizer, peft_config=peft_config,
+                                callbacks=[_stop_after(config.max_minutes)], **distill)
         cut_eos = 0
         if not config.eos_on_cut_rejected:
             trainer.train_dataset, cut_eos = drop_cut_eos(trainer.train_dataset, pairs, tokenizer.eos_token_id)
@@ -700,6 +718,7 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
             "pairs": len(pairs),
             "pairs_sha256": sha256_text(json.dumps(rows, sort_keys=True))[:16],
             "teachers": dict(Counter(p.teacher for p in pairs)),
+            "distill_from": str(distill_from) if distill else None,
             "variants": dict(Counter(p.variant for p in pairs)),
             "cut_rejected_eos_dropped": cut_eos,
             "steps": trainer.state.global_step,
@@ -707,12 +726,60 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
             "losses": [round(h["loss"], 5) for h in history],
             "reward_accuracies": [round(h["rewards/accuracies"], 4) for h in history if "rewards/accuracies" in h],
             "reward_margins": [round(h["rewards/margins"], 5) for h in history if "rewards/margins" in h],
+            "distill_kl": [round(h["distill_kl"], 5) for h in history if "distill_kl" in h],
             "save_check_max_abs_diff": save_diff,
         }
         atomic_write_json(scratch / "qmr_card.json", card)
         shutil.rmtree(scratch / "trainer", ignore_errors=True)
     card["adapter_path"] = str(out_dir)
     return card
+
+
+def _distilling(dpo_trainer_class):
+    """A DPOTrainer subclass whose loss adds ``distill_weight`` × the mean token KL(FP ‖ policy) over
+    the chosen rows (``distill_scope``: their continuation tokens, or every attended position). The
+    policy's last hidden states come from trl's own forward pass (a hook on the backbone) and both
+    LM heads project only the distilled positions, so distillation costs one no-grad FP backbone
+    pass per step, not a second policy pass."""
+    import torch
+    import torch.nn.functional as F
+
+    class DistillingDPOTrainer(dpo_trainer_class):
+        def __init__(self, *args, fp_model, distill_weight: float, distill_scope: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.fp_model, self.distill_weight, self.distill_scope = fp_model, distill_weight, distill_scope
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            causal_lm = self.accelerator.unwrap_model(model).get_base_model()
+            hidden: list = []
+
+            def keep_policy_pass(module, args, output):  # the reference pass runs under no_grad
+                if torch.is_grad_enabled():
+                    hidden.append(output.last_hidden_state)
+
+            handle = causal_lm.base_model.register_forward_hook(keep_policy_pass)
+            try:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                handle.remove()
+            if not hidden:  # evaluation (no_grad): the DPO loss alone
+                return result
+            n_chosen = inputs["input_ids"].shape[0] // 2  # trl's batch is [chosen..., rejected...]
+            ids, mask = inputs["input_ids"][:n_chosen], inputs["attention_mask"][:n_chosen]
+            scope = inputs["completion_mask"] if self.distill_scope == "completion" else mask
+            predicts = scope[:n_chosen, 1:].bool()  # positions whose next token is distilled
+            student = causal_lm.get_output_embeddings()(hidden[0][:n_chosen, :-1][predicts])
+            with torch.no_grad():
+                fp_hidden = self.fp_model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+                teacher = self.fp_model.get_output_embeddings()(fp_hidden[:, :-1][predicts])
+            kl = F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1),
+                          log_target=True, reduction="batchmean")
+            self._metrics["train"]["distill_kl"].append(kl.item())
+            if return_outputs:
+                return result[0] + self.distill_weight * kl, result[1]
+            return result + self.distill_weight * kl
+
+    return DistillingDPOTrainer
 
 
 def stopped_by_itself(continuation: str) -> bool:
@@ -838,7 +905,7 @@ def ablate(config: AblationConfig, restore: RestoreConfig, work_dir: str | os.Pa
             budget = len(pairs)
         pairs = pairs[:budget]
         write_pairs(work / f"pairs-{variant}.jsonl", pairs)
-        card = train_adapter(qm.path, pairs, restore, work / f"adapter-{variant}")
+        card = train_adapter(qm.path, pairs, restore, work / f"adapter-{variant}", distill_from=base.path)
         restored = _accuracy(*load_restored(qm.path, work / f"adapter-{variant}"), config.n_test, config)
         result = RestoreResult(len(pairs), "gold", variant, card["steps"], card["minutes"], card["adapter_path"],
                                rows[0]["acc"], rows[1]["acc"], sum(restored) / len(restored),
@@ -924,7 +991,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     for item in args.set or []:
         config.set(item)
     pairs = read_pairs(args.pairs)
-    card = train_adapter(resolve(args.model).path, pairs, config, args.out)
+    distill_from = resolve(args.distill_from).path if args.distill_from else None
+    card = train_adapter(resolve(args.model).path, pairs, config, args.out, distill_from=distill_from)
     if args.merge:
         merge_to_dir(resolve(args.model).path, args.out, args.merge)
     print(json.dumps({k: card[k] for k in ("pairs", "steps", "minutes", "adapter_path")}, indent=2))
@@ -968,6 +1036,8 @@ def add_cli(subparsers) -> None:
     r.add_argument("--pairs", required=True)
     r.add_argument("--out", required=True, help="adapter directory")
     r.add_argument("--merge", default=None, help="also write the merged model here")
+    r.add_argument("--distill-from", default=None,
+                   help="the full-precision model, teacher of --set distill_weight=W (KL on the chosen rows)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a RestoreConfig field")
     r.set_defaults(func=_cmd_restore)
 

@@ -304,7 +304,8 @@ class QmrSession:
         if spec.max_pairs is not None:  # build_pairs raises "nothing to restore" itself when none are left
             pairs = pairs[:spec.max_pairs]
         rs.write_pairs(cell_dir / "pairs.jsonl", pairs)
-        card = rs.train_adapter(quant_path, pairs, rs.RestoreConfig(**spec.train), cell_dir / "adapter")
+        card = rs.train_adapter(quant_path, pairs, rs.RestoreConfig(**spec.train), cell_dir / "adapter",
+                               distill_from=fp.path)
 
         restored_model, restored_tokenizer = rs.load_restored(quant_path, cell_dir / "adapter")
         evaluator = Evaluator(restored_model, restored_tokenizer, gen, self._data_dir(cell))

@@ -382,6 +382,39 @@ def test_adapter_round_trip_and_frozen_base_is_the_quantized_checkpoint(tiny, tr
     torch.testing.assert_close(_logits(plain, text, tokenizer), adapted, atol=1e-4, rtol=1e-4)
 
 
+def _kl_to(teacher, student, text: str, tok) -> float:
+    """Mean token KL(teacher ‖ student) over ``text``."""
+    t, s = _logits(teacher, text, tok)[0], _logits(student, text, tok)[0]
+    return float(torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True,
+                                            reduction="batchmean"))
+
+
+def test_distillation_pulls_the_adapter_toward_the_fp_model(tiny, trained, tokenizer):
+    """distill_weight adds KL(FP ‖ policy) on the chosen rows: trained with it, and otherwise as
+    ``trained``, the restored model ends closer to the FP model on those texts; the card logs the KL."""
+    config = RestoreConfig(max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0,
+                           lora_r=4, lora_alpha=8, max_length=256, sft_weight=0.5, distill_weight=50.0)
+    out = tiny["work"] / "adapter-distilled"
+    card = restore.train_adapter(tiny["quant"], trained["pairs"], config, out, distill_from=tiny["fp"])
+    assert card["steps"] == 3 and len(card["distill_kl"]) == 3 and card["distill_from"] == str(tiny["fp"])
+    assert trained["card"]["distill_from"] is None and trained["card"]["distill_kl"] == []
+    fp_model = models.load(tiny["fp"])[0]
+    distilled = restore.load_restored(tiny["quant"], out)[0]
+    plain = restore.load_restored(tiny["quant"], trained["out"])[0]
+    for pair in trained["pairs"]:
+        text = pair.prompt + pair.chosen
+        assert _kl_to(fp_model, distilled, text, tokenizer) < 0.5 * _kl_to(fp_model, plain, text, tokenizer)
+
+
+def test_distillation_without_the_fp_model_is_one_line_error(tiny, trained):
+    with pytest.raises(RestoreError, match=r"^distill_weight > 0 needs the full-precision model"):
+        restore.train_adapter(tiny["quant"], trained["pairs"], RestoreConfig(distill_weight=1.0),
+                              tiny["work"] / "never")
+    assert not (tiny["work"] / "never").exists()
+    with pytest.raises(RestoreError, match=r"^distill_weight must be >= 0, got -1.0$"):
+        RestoreConfig(distill_weight=-1.0)
+
+
 def test_out_of_disk_during_save_leaves_no_adapter(tiny, trained, monkeypatch):
     import peft.peft_model
 
@@ -421,6 +454,11 @@ def test_cli_pairs_and_restore(tiny, tokenizer, tmp_path, capsys):
                  str(tmp_path / "ad"), "--set", "max_steps=1", "--set", "per_device_train_batch_size=2",
                  "--set", "lora_r=2"]) == 0
     assert json.loads((tmp_path / "ad" / "qmr_card.json").read_text())["steps"] == 1
+    assert main(["restore", "--model", str(tiny["quant"]), "--pairs", str(pairs_file), "--out",
+                 str(tmp_path / "ad-kd"), "--distill-from", str(tiny["fp"]), "--set", "distill_weight=1",
+                 "--set", "max_steps=1", "--set", "per_device_train_batch_size=2", "--set", "lora_r=2"]) == 0
+    card = json.loads((tmp_path / "ad-kd" / "qmr_card.json").read_text())
+    assert Path(card["distill_from"]) == Path(tiny["fp"]).resolve() and len(card["distill_kl"]) == 1
     capsys.readouterr()
 
     empty = tmp_path / "empty.jsonl"
