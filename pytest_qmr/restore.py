@@ -991,10 +991,11 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     for item in args.set or []:
         config.set(item)
     pairs = read_pairs(args.pairs)
+    model_path = resolve(args.model).path
     distill_from = resolve(args.distill_from).path if args.distill_from else None
-    card = train_adapter(resolve(args.model).path, pairs, config, args.out, distill_from=distill_from)
+    card = train_adapter(model_path, pairs, config, args.out, distill_from=distill_from)
     if args.merge:
-        merge_to_dir(resolve(args.model).path, args.out, args.merge)
+        merge_to_dir(model_path, args.out, args.merge)
     print(json.dumps({k: card[k] for k in ("pairs", "steps", "minutes", "adapter_path")}, indent=2))
     return 0
 
