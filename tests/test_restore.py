@@ -406,6 +406,40 @@ def test_distillation_pulls_the_adapter_toward_the_fp_model(tiny, trained, token
         assert _kl_to(fp_model, distilled, text, tokenizer) < 0.5 * _kl_to(fp_model, plain, text, tokenizer)
 
 
+def test_completion_only_scoring_gives_the_same_log_probs_from_fewer_rows(tiny, tokenizer, monkeypatch):
+    """On CPU trl's fused LM head projects every position; inside ``scoring_completions_only`` it
+    projects only the labelled ones (the DPO step's cost was mostly prompt positions) and the
+    per-token log-probs it returns are the same."""
+    from trl.trainer import utils as trl_utils
+
+    model = models.load(tiny["quant"])[0]
+    trl_utils.add_fused_lm_head(model)
+    pair = restore.build_pairs([_row(PROBLEMS[0], computational(PROBLEMS[0]))], GoldTeacher(),
+                               tokenizer=tokenizer)[0]
+    prompt_ids = tokenizer(pair.prompt, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + tokenizer(pair.chosen, add_special_tokens=False)["input_ids"]])
+    labels = ids.clone()
+    labels[:, :len(prompt_ids)] = -100
+    rows_scored: list[int] = []
+    real_apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def counting_apply(hidden, *args):
+        rows_scored.append(hidden.shape[0])
+        return real_apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting_apply)
+    with torch.no_grad():
+        every = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        with restore.scoring_completions_only():
+            compact = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        after = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    n_completion = int((labels[:, 1:] != -100).sum())
+    assert rows_scored == [ids.shape[1] - 1, n_completion, ids.shape[1] - 1]  # and restored on exit
+    assert n_completion < len(prompt_ids)
+    torch.testing.assert_close(compact, every, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after, every)
+
+
 def test_distillation_without_the_fp_model_is_one_line_error(tiny, trained):
     with pytest.raises(RestoreError, match=r"^distill_weight > 0 needs the full-precision model"):
         restore.train_adapter(tiny["quant"], trained["pairs"], RestoreConfig(distill_weight=1.0),
