@@ -57,7 +57,7 @@ class LabConfig:
     rejected_scope: str = "step"  # reject only the faulty step (restore.build_pairs); "rest": the paper's
     # the settings measured best in benchmarks/README.md (max_minutes is checked after each step)
     restore_set: list[str] = field(default_factory=lambda: [
-        "learning_rate=1e-4", "sft_weight=4.0", "beta=0.3", "epochs=1", "per_device_train_batch_size=4",
+        "learning_rate=1e-4", "sft_weight=4.0", "beta=0.3", "epochs=2", "per_device_train_batch_size=4",
         "max_minutes=9.6"])
     variants: list[str] = field(default_factory=lambda: ["all-step", "all-ns", "rand-ns"])
     ablation_n_test: int = 200
