@@ -6,6 +6,7 @@ before quantization damage, first faulty steps or restoration can be seen at all
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,28 @@ def _stop_after(minutes: float):
     return StopAfter()
 
 
+@contextlib.contextmanager
+def scoring_completions_only():
+    """Let trl's fused LM head project only the completion positions on CPU too.
+
+    trl scores only the labelled positions on Triton devices and every position elsewhere, so that
+    Neuron compiles one tile shape per batch. A CPU compiles nothing, and here the prompt is most of
+    each row: projecting its ~130 positions through the 49k-row head made a lab DPO step 38% slower
+    (11.5 s vs 7.1 s on 2 cores) for the same losses, and SFT on prompt-completion rows masks its
+    prompts alike. Restored on exit; a trl without the switch keeps its own behaviour."""
+    from trl.trainer import utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def align(model_path: Path, out: Path, config: AlignConfig, rows: list[dict] | None = None) -> dict:
     """Train a LoRA adapter on ``model_path`` and write it (atomically) to ``out``."""
     import torch
@@ -130,7 +153,8 @@ def align(model_path: Path, out: Path, config: AlignConfig, rows: list[dict] | N
             peft_config=None if previous is not None else peft_config,
             callbacks=[_stop_after(config.max_minutes)],
         )
-        trainer.train()
+        with scoring_completions_only():
+            trainer.train()
         trainer.model.save_pretrained(scratch, safe_serialization=True)
         minutes = (time.monotonic() - started) / 60
         history = [h for h in trainer.state.log_history if "loss" in h]

@@ -24,7 +24,6 @@ same number of random training problems (failed or not) as ``all-ns`` rows.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -672,7 +671,7 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from .align import _stop_after
+    from .align import _stop_after, scoring_completions_only
     from .models import load
 
     if not pairs:
@@ -735,28 +734,6 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
         shutil.rmtree(scratch / "trainer", ignore_errors=True)
     card["adapter_path"] = str(out_dir)
     return card
-
-
-@contextlib.contextmanager
-def scoring_completions_only():
-    """Let trl's fused LM head project only the completion positions on CPU too.
-
-    trl scores only the labelled positions on Triton devices and every position elsewhere, so that
-    Neuron compiles one tile shape per batch. A CPU compiles nothing, and here the prompt is most of
-    each row: projecting its ~130 positions through the 49k-row head made a lab DPO step 38% slower
-    (11.5 s vs 7.1 s on 2 cores) for the same losses. Restored on exit; a trl without the switch
-    keeps its own behaviour."""
-    from trl.trainer import utils as trl_utils
-
-    original = getattr(trl_utils, "_use_triton", None)
-    if original is None:
-        yield
-        return
-    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
 
 
 def _distilling(dpo_trainer_class):

@@ -412,6 +412,8 @@ def test_completion_only_scoring_gives_the_same_log_probs_from_fewer_rows(tiny, 
     per-token log-probs it returns are the same."""
     from trl.trainer import utils as trl_utils
 
+    from pytest_qmr.align import scoring_completions_only
+
     model = models.load(tiny["quant"])[0]
     trl_utils.add_fused_lm_head(model)
     pair = restore.build_pairs([_row(PROBLEMS[0], computational(PROBLEMS[0]))], GoldTeacher(),
@@ -430,7 +432,7 @@ def test_completion_only_scoring_gives_the_same_log_probs_from_fewer_rows(tiny, 
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting_apply)
     with torch.no_grad():
         every = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
-        with restore.scoring_completions_only():
+        with scoring_completions_only():
             compact = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
         after = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
     n_completion = int((labels[:, 1:] != -100).sum())
