@@ -110,7 +110,9 @@ def align(model_path: Path, out: Path, config: AlignConfig, rows: list[dict] | N
 
         init = Path(config.init_adapter)
         if not (init / "adapter_config.json").is_file():
-            raise ValueError(f"init_adapter {init}: no adapter_config.json there")
+            from .models import ModelError
+
+            raise ModelError(f"init_adapter {init}: no adapter_config.json there")
         model = PeftModel.from_pretrained(model, init, is_trainable=True)
         card_file = init / "qmr_card.json"
         previous = json.loads(card_file.read_text()) if card_file.is_file() else {}

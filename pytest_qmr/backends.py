@@ -16,11 +16,15 @@
     - ``QMR_OPENAI_BASE_URL``: a server you run (``vllm serve``, ``qmr serve``, ...), as
       ``http://host:port``, ``.../v1`` or ``.../v1/chat/completions``. A comma-separated list
       gives each pytest-xdist worker one URL, round-robin (``gw0`` the first, ``gw1`` the
-      second, ...). **It must serve the checkpoint of the cells you run** (nothing can check
-      that from here): select one quantizer's cells with ``-k`` per server.
-      ``QMR_OPENAI_API_KEY`` is sent as ``Authorization: Bearer``; it is never logged or
-      recorded. ``QMR_OPENAI_MODEL`` names the model in requests (default: the only model that
-      ``GET /v1/models`` lists).
+      second, ...). **It must show that it serves the cell's checkpoint**: a model that
+      ``GET /v1/models`` lists must be named after the checkpoint's weights fingerprint,
+      ``qmr-<fingerprint>`` (``vllm serve DIR --served-model-name qmr-<fp>``, ``qmr serve
+      --served-name qmr-<fp>``; ``qmr model DIR`` prints the fingerprint). A cell whose
+      checkpoint no listed model names fails with one line instead of being answered by
+      another model. ``QMR_OPENAI_API_KEY`` is sent as ``Authorization: Bearer``; it is
+      redacted from every log, record and report (:mod:`pytest_qmr.redact`).
+      ``QMR_OPENAI_MODEL`` picks the model among several listed (it must name the fingerprint too).
+      The endpoint and the served model id are recorded in the cell's ``served``.
 
     Record prompts are the task's messages rendered with the checkpoint's own chat template, the
     same text the ``hf`` backend records, so prompts still match the committed baseline.
@@ -49,6 +53,7 @@ from pathlib import Path
 from typing import Any, Mapping, MutableMapping, Sequence, TypeVar
 
 from .models import CHAT_END, ModelError
+from .redact import register_value
 
 BACKENDS = ("hf", "openai", "vllm")
 BASE_URL_ENV = "QMR_OPENAI_BASE_URL"
@@ -162,6 +167,7 @@ class ServedCheckpoint:
         self.path, self.served_name, self.ready_seconds = Path(path), served_name, ready_seconds
         self.threads = threads
         self.api_key = secrets.token_urlsafe(24)
+        register_value(self.api_key)
         self.url: str | None = None  # http://127.0.0.1:PORT/v1/chat/completions once started
         self.proc: subprocess.Popen | None = None
         self.startup_seconds = 0.0
@@ -243,13 +249,14 @@ class ServerPool:
         if server is not None:
             server.close()
 
-    def server_for(self, path: Path) -> ServedCheckpoint:
+    def server_for(self, path: Path, name: str = "qmr-cell") -> ServedCheckpoint:
         path = Path(path).resolve()
         current = self.current
-        if current is not None and current.path == path and current.proc is not None and current.proc.poll() is None:
+        if (current is not None and current.path == path and current.served_name == name
+                and current.proc is not None and current.proc.poll() is None):
             return current
         self.close()
-        self.current = ServedCheckpoint(path, threads=self.threads).start()
+        self.current = ServedCheckpoint(path, threads=self.threads, served_name=name).start()
         self.started += 1
         return self.current
 
@@ -293,25 +300,44 @@ def chat_prompt_renderer(tokenizer):
     return render
 
 
-def remote_model_name(endpoint: str, api_key: str | None, env: Mapping[str, str] | None = None) -> str:
-    """``QMR_OPENAI_MODEL``, else the single model the endpoint lists."""
-    env = os.environ if env is None else env
-    if env.get(MODEL_ENV):
-        return env[MODEL_ENV]
+def served_name(fingerprint: str) -> str:
+    """The model name that shows a server serves the checkpoint with this weights fingerprint."""
+    return f"qmr-{fingerprint}"
+
+
+def listed_models(endpoint: str, api_key: str | None) -> list[str]:
+    """The model ids ``GET /v1/models`` lists (ModelError, one line, when it cannot be asked)."""
     import requests
 
     url = _models_url(endpoint)
     try:
         response = requests.get(url, headers=_auth(api_key), timeout=30)
         response.raise_for_status()
-        ids = [m["id"] for m in response.json().get("data", [])]
+        return [str(m["id"]) for m in response.json().get("data", [])]
     except Exception as exc:  # noqa: BLE001 - down, 401, not OpenAI-shaped ...
         raise ModelError(f"backend openai: cannot list models at {url} ({type(exc).__name__}); "
-                         f"is the server up, or set {MODEL_ENV}") from None
-    if len(ids) != 1:
-        raise ModelError(f"backend openai: {url} serves {len(ids)} models ({', '.join(ids[:5])}); "
-                         f"set {MODEL_ENV} to the one of this cell")
-    return ids[0]
+                         f"is the server up, and {API_KEY_ENV} right?") from None
+
+
+def remote_model_name(endpoint: str, api_key: str | None, fingerprint: str, checkpoint: Path | str = "",
+                      env: Mapping[str, str] | None = None) -> str:
+    """The listed model that names ``fingerprint`` (``QMR_OPENAI_MODEL`` picks among several);
+    ModelError, one line, when none does: another model must never answer the cell."""
+    env = os.environ if env is None else env
+    ids = listed_models(endpoint, api_key)
+    wanted = env.get(MODEL_ENV) or None
+    matching = [i for i in ids if fingerprint in i and (wanted is None or i == wanted)]
+    if len(matching) == 1:
+        return matching[0]
+    shown = ", ".join(repr(i) for i in ids[:5]) or "nothing"
+    if not matching:
+        picked = f" ({MODEL_ENV}={wanted!r})" if wanted else ""
+        raise ModelError(f"backend openai: {_models_url(endpoint)} lists {shown}{picked}, none named after this cell's "
+                         f"checkpoint {checkpoint} (weights fingerprint {fingerprint}); serve it as "
+                         f"{served_name(fingerprint)!r} (vllm serve --served-model-name / qmr serve --served-name), "
+                         f"or unset {BASE_URL_ENV}")
+    raise ModelError(f"backend openai: {_models_url(endpoint)} lists {len(matching)} models for fingerprint "
+                     f"{fingerprint} ({shown}); set {MODEL_ENV} to one")
 
 
 def openai_lm(endpoint: str, model_name: str, api_key: str | None, eos: str | None, concurrent: int,
@@ -342,24 +368,30 @@ def vllm_lm(path: Path, max_new_tokens: int, batch_size: int, seed: int = 0, tru
 
 def backend_lm(backend: str, path: Path, max_new_tokens: int, batch_size: int, seed: int = 0,
                trust_remote_code: bool = False, servers: ServerPool | None = None):
-    """``(lm, render_prompt)`` for a non-hf backend on checkpoint ``path`` (hf stays in the session,
-    which holds the loaded model). ``servers`` runs ``qmr serve`` when no URL is configured."""
+    """``(lm, render_prompt, served)`` for a non-hf backend on checkpoint ``path`` (hf stays in
+    the session, which holds the loaded model). ``servers`` runs ``qmr serve`` when no URL is
+    configured. ``served`` is ``{"endpoint", "model", "fingerprint"}`` of an API backend (None
+    for vllm): the model was shown to be named after ``path``'s weights fingerprint."""
     if backend == "vllm":
-        return vllm_lm(path, max_new_tokens, batch_size, seed, trust_remote_code), None
+        return vllm_lm(path, max_new_tokens, batch_size, seed, trust_remote_code), None, None
     if backend != "openai":
         raise ModelError(f"unknown generation backend {backend!r} (known: {', '.join(BACKENDS)})")
+    from .models import weights_fingerprint
+
     tokenizer = load_tokenizer(path, trust_remote_code)
+    fingerprint = weights_fingerprint(Path(path))
     endpoint = configured_base_url()
     if endpoint is not None:  # the user's server: as many requests in flight as a batch holds
         key = os.environ.get(API_KEY_ENV) or None
-        name, concurrent = remote_model_name(endpoint, key), batch_size
+        concurrent = batch_size
     else:  # our own qmr serve generates one request at a time anyway
         servers = servers if servers is not None else ServerPool()
-        server = servers.server_for(path)
-        endpoint, name, key, concurrent = server.url, server.served_name, server.api_key, 1
+        server = servers.server_for(path, served_name(fingerprint))
+        endpoint, key, concurrent = server.url, server.api_key, 1
+    name = remote_model_name(endpoint, key, fingerprint, path)  # ours is checked like any other server
     lm = openai_lm(endpoint, name, key, tokenizer.eos_token, concurrent, max_new_tokens, seed)
     lm.qmr_servers = servers  # a pool made here lives (and its server runs) as long as the lm
-    return lm, chat_prompt_renderer(tokenizer)
+    return lm, chat_prompt_renderer(tokenizer), {"endpoint": endpoint, "model": name, "fingerprint": fingerprint}
 
 
 def _serve_child(argv: list[str]) -> int:

@@ -10,7 +10,8 @@ File format (``schema`` 1)::
 
     {"schema": 1, "model": str, "benchmark": str, "task": str, "accuracy": float, "n": int,
      "items": {item_id: {"correct": bool, "extracted": str | null, "response": str,
-                         "doc_index": int (optional), "prompt_sha256": str (optional)}},
+                         "doc_index": int (optional), "prompt_sha256": str (optional),
+                         "gold": str (optional)}},
      "provenance": {"model_fingerprint": str, "data_sha256": str, "prompt_sha256": str,
                     "generation": {...}, "limit": int | null, "seed": int,
                     "libraries": {name: version}, "created": iso-time}}
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+from .errors import QmrError
 
 from .fsutil import atomic_write_json, locked, sha256_text
 
@@ -37,6 +39,7 @@ __all__ = [
     "write_baseline",
     "read_baseline",
     "check_provenance",
+    "check_items",
     "library_drift",
     "paired_vectors",
     "regenerate_hint",
@@ -54,7 +57,7 @@ _CAUSES = {
 }
 
 
-class BaselineError(ValueError):
+class BaselineError(QmrError, ValueError):
     """A missing, unreadable or incomparable baseline; ``str(err)`` is one line."""
 
 
@@ -101,6 +104,7 @@ class Baseline:
                 "response": rec.response,
                 "doc_index": int(rec.doc_index),
                 "prompt_sha256": sha256_text(rec.prompt),
+                "gold": str(rec.gold),
             }
         n = len(items)
         prov = dict(provenance)
@@ -252,9 +256,10 @@ def _validate(data: Any, source: str, model: str | None, benchmark: str | None, 
             ("response", lambda v: isinstance(v, str), "must be a string"),
             ("doc_index", lambda v: v is _MISSING or (_is_int(v) and v >= 0), "must be a non-negative integer"),
             ("prompt_sha256", lambda v: v is _MISSING or isinstance(v, str), "must be a string"),
+            ("gold", lambda v: v is _MISSING or isinstance(v, str), "must be a string"),
         ):
             value = item.get(name, _MISSING)
-            if value is _MISSING and name not in ("doc_index", "prompt_sha256"):
+            if value is _MISSING and name not in ("doc_index", "prompt_sha256", "gold"):
                 fail(f"{key}.{name}", "missing required field")
             if not ok(value):
                 fail(f"{key}.{name}", problem, value)
@@ -311,6 +316,48 @@ def check_provenance(baseline: Baseline, expected: Mapping[str, Any]) -> list[st
                     )
         elif have != want:
             lines.append(f"{name}: baseline {_short(have)}, current run {_short(want)} ({_CAUSES[name]})")
+    return lines
+
+
+def check_items(baseline: Baseline, task: str, expected: Iterable[Any]) -> list[str]:
+    """What no longer matches between a baseline and the items its cell will ask for, before
+    any generation. ``expected`` are :class:`~pytest_qmr.measure.ExpectedItem` (``item_id``,
+    ``doc_index``, ``prompt``, ``gold``) for the baseline's doc indices. Checked: the task, each
+    item's id at its doc index, its prompt hash and gold (where the baseline has them), and the
+    provenance's whole-set ``data_sha256`` / ``prompt_sha256``. Empty: the baseline describes
+    the cell. Each line names the field, the baseline's value and the current one."""
+    if baseline.task != task:
+        return [f"task: baseline {baseline.task!r}, current run {task!r} (the benchmark's task changed)"]
+    lines: list[str] = []
+    by_index = {int(item.get("doc_index", -1)): item_id for item_id, item in baseline.items.items()}
+    expected = list(expected)
+    for exp in expected:
+        have_id = by_index.get(exp.doc_index)
+        if have_id is not None and have_id != exp.item_id:
+            lines.append(f"items[{have_id!r}]: doc {exp.doc_index} is now item {exp.item_id!r} "
+                         f"({_CAUSES['data_sha256']})")
+            continue
+        item = baseline.items.get(exp.item_id)
+        if item is None:
+            continue
+        if "prompt_sha256" in item and item["prompt_sha256"] != sha256_text(exp.prompt):
+            lines.append(f"items[{exp.item_id!r}].prompt_sha256: baseline {_short(item['prompt_sha256'])}, "
+                         f"current run {_short(sha256_text(exp.prompt))} ({_CAUSES['prompt_sha256']})")
+        if "gold" in item and item["gold"] != exp.gold:
+            lines.append(f"items[{exp.item_id!r}].gold: baseline {_show(item['gold'])}, current run "
+                         f"{_show(exp.gold)} ({_CAUSES['data_sha256']})")
+    found = {exp.item_id for exp in expected}
+    missing = sorted(set(baseline.items) - found)
+    if missing:
+        lines.append(f"items[{missing[0]!r}]: not in task {task} any more ({len(missing)} items; "
+                     f"{_CAUSES['data_sha256']})")
+    if not lines and len(found) == len(baseline.items):
+        from .measure import items_fingerprint
+
+        for name, value in items_fingerprint(expected).items():
+            if baseline.provenance.get(name) != value:
+                lines.append(f"provenance.{name}: baseline {_short(baseline.provenance.get(name))}, current run "
+                             f"{_short(value)} ({_CAUSES[name]})")
     return lines
 
 

@@ -26,6 +26,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from .errors import QmrError
 
 DATASETS = ("gsm8k", "qmr_arith")
 DEFAULT_DATASET = "gsm8k"
@@ -33,7 +34,7 @@ GSM8K_TRAIN = Path("gsm8k") / "train.jsonl"
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(QmrError, ValueError):
     """Calibration data that cannot be produced; the message is one line for the user."""
 
 

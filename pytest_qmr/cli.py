@@ -65,13 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .models import ModelError
-    from .quantize import QuantizeError
+    from .errors import QmrError
+    from .redact import install
 
+    install()
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelError, QuantizeError, ValueError) as exc:
+    except QmrError as exc:  # on purpose: one line; anything else is a bug and keeps its traceback
         print(f"qmr {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -125,8 +125,75 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def file_manifest(directory: str | os.PathLike, exclude: Iterable[str] = ()) -> dict[str, dict]:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``directory``."""
+    directory, exclude = Path(directory), set(exclude)
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if path.is_file() and name not in exclude:
+            files[name] = {"size": path.stat().st_size, "sha256": sha256_file_cached(path)}
+    return files
+
+
+def manifest_problem(directory: str | os.PathLike, files: Any) -> str | None:
+    """Why ``directory`` does not hold exactly the recorded ``files`` (None: every file is there
+    with its size and sha256)."""
+    if not isinstance(files, dict) or not files or not all(isinstance(v, dict) for v in files.values()):
+        return "no file manifest"
+    for name, expected in files.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != expected.get("size"):
+            return f"{name} size {path.stat().st_size} != recorded {expected.get('size')}"
+        if sha256_file_cached(path) != expected.get("sha256"):
+            return f"{name} sha256 mismatch"
+    return None
+
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+
+
+def sha256_file_cached(path: Path) -> str:
+    """sha256 of a file, hashed once per process while its size and mtime stay the same."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = sha256_file(path)
+    return _VERIFIED[key]
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hash of a JSON-like value, independent of key order."""
+    return sha256_text(json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")))
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: obj}
+
+
+def changed_keys(old: Any, new: Any, limit: int = 40) -> list[str]:
+    """``"quantizer.bits 4 -> 8"`` for every dotted key whose value differs between two JSON-like values."""
+    def show(value: Any) -> str:
+        text = "unset" if value is _UNSET else json.dumps(value, default=str)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
+    a, b = _flatten(old), _flatten(new)
+    return [f"{key} {show(a.get(key, _UNSET))} -> {show(b.get(key, _UNSET))}"
+            for key in sorted(set(a) | set(b)) if a.get(key, _UNSET) != b.get(key, _UNSET)]
+
+
+_UNSET = object()
 
 
 def cache_root() -> Path:

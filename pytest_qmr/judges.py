@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
+from .errors import QmrError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -390,7 +391,7 @@ class JudgeConfig(BaseModel):
         return base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
 
 
-class JudgeFileError(ValueError):
+class JudgeFileError(QmrError, ValueError):
     """A judge config file that cannot be used (one line, the key never in it)."""
 
 
@@ -447,6 +448,8 @@ def load_judge_settings(path: str | os.PathLike) -> JudgeSettings:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise JudgeFileError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise JudgeFileError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -644,6 +647,9 @@ class OpenAIJudge(_LLMJudge):
         super().__init__(config, sleep)
         import httpx
 
+        from .redact import register_name
+
+        register_name(config.api_key_env)  # its value is masked in every log line from now on
         self._httpx = httpx
         self._client = httpx.Client(timeout=config.timeout,
                                     limits=httpx.Limits(max_connections=config.concurrency))

@@ -43,6 +43,7 @@ from concurrent.futures import as_completed
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from .errors import QmrError
 
 from . import taxonomy
 from .fsutil import atomic_write_jsonl, read_jsonl_strict
@@ -55,7 +56,7 @@ FINAL_STATUSES = ("accepted", "human")
 ROW_FIELDS = ("id", "problem", "response", "gold_answer")
 
 
-class LocateError(ValueError):
+class LocateError(QmrError, ValueError):
     """Bad input or configuration for the Locate stage (one line for the user)."""
 
 

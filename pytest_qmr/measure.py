@@ -6,7 +6,8 @@ the full generation and the extracted answer, so later stages read records, not 
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -38,10 +39,84 @@ def task_manager(data_dir: Path | None, extra_metadata: dict | None = None):
     return TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=metadata)
 
 
+def known_tasks() -> list[str]:
+    """Names of the tasks a cell can use (what :func:`task_manager` indexes)."""
+    return list(task_manager(None).all_tasks)
+
+
+def check_task(name: str, where: str) -> None:
+    """``TaskError`` naming ``where`` (``file: key``) unless ``name`` is a known task."""
+    import difflib
+
+    from .errors import TaskError
+
+    known = known_tasks()
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+    raise TaskError(f"{where}: unknown lm-eval task, {hint} (got {name!r})")
+
+
+@dataclass(frozen=True)
+class ExpectedItem:
+    """What a task will ask for one doc, known before any generation: the item id, the exact
+    prompt text a record will carry (chat template applied) and the gold answer."""
+
+    item_id: str
+    doc_index: int
+    prompt: str
+    gold: str
+
+
+def expected_items(task: str, indices: list[int], tokenizer, data_dir: Path | None,
+                   seed: int = 0) -> list[ExpectedItem]:
+    """The prompts and golds lm-eval will build for ``indices`` of ``task`` (no model runs):
+    the same ``build_all_requests`` path as :meth:`Evaluator.run`, with the tokenizer's chat
+    template applied as lm-eval's HFLM applies it."""
+    from lm_eval.tasks import get_task_dict
+
+    def chat_template(history, add_generation_prompt: bool = True) -> str:
+        return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=not add_generation_prompt)
+
+    task_obj = get_task_dict([task], task_manager(data_dir))[task]
+    if task_obj.get_config("num_fewshot") is None:
+        task_obj.set_config(key="num_fewshot", value=0)
+    task_obj.set_fewshot_seed(seed=seed)
+    task_obj.build_all_requests(samples=sorted(set(indices)), rank=0, world_size=1, apply_chat_template=True,
+                                chat_template=chat_template, tokenizer_name="")
+    items = [ExpectedItem(item_id=inst.doc["qmr_id"], doc_index=int(inst.doc_id), prompt=inst.arguments[0],
+                          gold=str(inst.doc["qmr_gold"])) for inst in task_obj.instances]
+    return sorted(items, key=lambda item: item.doc_index)
+
+
 def _to_record(sample: dict) -> SampleRecord:
     from .tasks.utils import read_sample
 
     return SampleRecord(**read_sample(sample))
+
+
+@contextmanager
+def _remote_failures_as_one_line(endpoint: str | None) -> Iterator[None]:
+    """A request to an API backend that failed for good (refused, 4xx/5xx after lm-eval's
+    retries, timed out) is a :class:`ModelError` line naming the endpoint, not a traceback."""
+    if endpoint is None:
+        yield
+        return
+    import asyncio
+
+    import aiohttp
+    import requests
+    from tenacity import RetryError
+
+    from .models import ModelError
+
+    try:
+        yield
+    except (aiohttp.ClientError, asyncio.TimeoutError, RetryError, requests.RequestException, ConnectionError) as exc:
+        detail = " ".join(str(exc).split())[:200] or "no detail"
+        raise ModelError(f"backend openai: generation at {endpoint} failed ({type(exc).__name__}: {detail})") from None
 
 
 class Evaluator:
@@ -71,7 +146,16 @@ class Evaluator:
         from lm_eval import simple_evaluate
 
         kwargs: dict[str, Any] = {"samples": {task: list(indices)}} if indices is not None else {"limit": limit}
-        output = simple_evaluate(
+        with _remote_failures_as_one_line(getattr(self.lm, "base_url", None)):
+            output = self._simple_evaluate(simple_evaluate, task, seed, kwargs)
+        records = [_to_record(s) for s in output["samples"][task]]
+        if self.render_prompt is not None:
+            for record in records:
+                record.prompt = self.render_prompt(record.prompt)
+        return sorted(records, key=lambda r: r.doc_index)
+
+    def _simple_evaluate(self, simple_evaluate, task: str, seed: int, kwargs: dict[str, Any]) -> dict:
+        return simple_evaluate(
             model=self.lm,
             tasks=[task],
             task_manager=self.manager,
@@ -86,11 +170,6 @@ class Evaluator:
             verbosity="WARNING",
             **kwargs,
         )
-        records = [_to_record(s) for s in output["samples"][task]]
-        if self.render_prompt is not None:
-            for record in records:
-                record.prompt = self.render_prompt(record.prompt)
-        return sorted(records, key=lambda r: r.doc_index)
 
     def run_sequential(self, task: str, indices: list[int], chunk: int, seed: int,
                        should_stop: Callable[[list[SampleRecord]], bool]) -> list[SampleRecord]:
@@ -103,7 +182,7 @@ class Evaluator:
         return records
 
 
-def items_fingerprint(records: Iterable[SampleRecord]) -> dict[str, str]:
+def items_fingerprint(records: Iterable[SampleRecord | ExpectedItem]) -> dict[str, str]:
     """Hashes of what was asked (prompts) and what counts as right (gold), per item id."""
     rows = sorted(records, key=lambda r: r.item_id)
     return {
@@ -111,8 +190,3 @@ def items_fingerprint(records: Iterable[SampleRecord]) -> dict[str, str]:
         "prompt_sha256": sha256_text("\n".join(f"{r.item_id}\t{r.prompt}" for r in rows)),
     }
 
-
-def timed(fn, *args, **kwargs):
-    started = time.monotonic()
-    result = fn(*args, **kwargs)
-    return result, time.monotonic() - started

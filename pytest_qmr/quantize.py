@@ -57,9 +57,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any, Iterator
+from .errors import QmrError
 
 from .calibration import CalibrationError, CalibrationSpec
-from .fsutil import atomic_directory, atomic_write_json, cache_root, locked, sha256_file, sha256_text
+from .fsutil import (atomic_directory, atomic_write_json, cache_root, file_manifest, locked, manifest_problem,
+                     sha256_text)
 
 METHODS = ("fp", "checkpoint", "rtn", "gptq", "awq", "smoothquant")
 WEIGHT_ONLY = ("rtn", "gptq", "awq")
@@ -89,7 +91,7 @@ def method_settings(method: str, options: Mapping[str, Any] | Sequence[tuple[str
     return merged
 
 
-class QuantizeError(ValueError):
+class QuantizeError(QmrError, ValueError):
     """A quantizer request that cannot be carried out; one line for the user."""
 
 
@@ -439,22 +441,7 @@ def _sizes(source: Path, entry: Path, n_params: int) -> dict[str, Any]:
 
 
 def _manifest(directory: Path) -> dict[str, dict]:
-    files = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != INFO_FILE:
-            files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    return files
-
-
-_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
-
-
-def _file_sha(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _VERIFIED:
-        _VERIFIED[key] = sha256_file(path)
-    return _VERIFIED[key]
+    return file_manifest(directory, exclude=(INFO_FILE,))
 
 
 def verify_entry(entry: Path) -> tuple[dict | None, str | None]:
@@ -475,15 +462,8 @@ def verify_entry(entry: Path) -> tuple[dict | None, str | None]:
         name.startswith(f"{COMPRESSED_DIR}/") and name.endswith(".safetensors") for name in files
     ):
         return None, "no dense or no compressed weights recorded"
-    for name, expected in files.items():
-        path = entry / name
-        if not path.is_file():
-            return None, f"{name} missing"
-        if path.stat().st_size != expected.get("size"):
-            return None, f"{name} size {path.stat().st_size} != recorded {expected.get('size')}"
-        if _file_sha(path) != expected.get("sha256"):
-            return None, f"{name} sha256 mismatch"
-    return info, None
+    problem = manifest_problem(entry, files)
+    return (None, problem) if problem else (info, None)
 
 
 # ----------------------------------------------------------------------------- resources

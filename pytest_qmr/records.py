@@ -91,6 +91,11 @@ class CellResult:
     profile_violations: list[str] = field(default_factory=list)
     restore: dict[str, Any] | None = None
     outcome: str = ""
+    served: dict[str, Any] | None = None  # API backends: {"endpoint", "model"} that answered the cell
+    inputs: dict[str, Any] | None = None  # what the records depend on (spec, weights, baseline, ...)
+    inputs_sha256: str | None = None  # --qmr-resume reuses the records only when this matches
+    recomputed: str | None = None  # why --qmr-resume did not reuse an earlier result
+    reused: bool = False  # this result came from --qmr-resume unchanged
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

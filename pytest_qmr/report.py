@@ -56,6 +56,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from .errors import QmrError
 
 from . import taxonomy
 from .fsutil import atomic_write_json, atomic_write_text, read_jsonl
@@ -83,7 +84,7 @@ VERDICTS = ("pass", "fail", "inconclusive")
 _PROVENANCE_COMPARED = ("model_fingerprint", "generation", "seed", "limit", "data_sha256", "prompt_sha256")
 
 
-class ReportError(ValueError):
+class ReportError(QmrError, ValueError):
     """The run directory cannot be reported on; ``str(err)`` is one line."""
 
 

@@ -37,6 +37,7 @@ from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
+from .errors import QmrError
 
 from . import answers, arith, taxonomy
 from .fsutil import (atomic_directory, atomic_write_json, atomic_write_jsonl, read_jsonl_strict,
@@ -58,7 +59,7 @@ _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _INSTRUCTIONS = (arith.INSTRUCTION, "Answer with the letter")
 
 
-class RestoreError(ValueError):
+class RestoreError(QmrError, ValueError):
     """A Restore request that cannot be carried out; the message is one line for the user."""
 
 

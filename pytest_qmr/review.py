@@ -28,6 +28,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from .errors import QmrError
 
 from jinja2 import DictLoader, Environment
 
@@ -41,7 +42,7 @@ MANIFEST = "queue.json"
 VERDICT_FIELDS = ("primary_error_type", "error_step", "explanation", "confidence_score")
 
 
-class ReviewError(ValueError):
+class ReviewError(QmrError, ValueError):
     """A review queue or verdict file that cannot be used (one line per problem)."""
 
 

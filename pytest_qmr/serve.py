@@ -299,9 +299,14 @@ def make_server(chat_model: ChatModel, host: str = "127.0.0.1", port: int = 0, s
 def _cmd_serve(args: argparse.Namespace) -> int:
     api_key = None
     if args.api_key_env:
+        from .redact import register_name
+
+        register_name(args.api_key_env)
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
-            raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+            from .errors import QmrError
+
+            raise QmrError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
     if args.threads:
         import torch
 

@@ -14,11 +14,12 @@ from typing import Any
 
 from . import baselines as bl
 from . import models
-from .fsutil import atomic_write_json, atomic_write_jsonl, sha256_text
+from .fsutil import atomic_write_json, atomic_write_jsonl, sha256_json, sha256_text
 from .measure import Evaluator, GenerationSettings, items_fingerprint
 from .calibration import CalibrationSpec
 from .quantize import QuantSpec, quantize
 from .records import CellResult, GateResult, SampleRecord
+from .redact import redact_obj
 
 
 def library_versions() -> dict[str, str]:
@@ -41,6 +42,8 @@ class QmrSession:
     _loaded: dict = field(default_factory=dict)
     _restore_inputs: dict = field(default_factory=dict)  # cell id -> (FP model, baseline, quantized path)
     _fp_records: dict = field(default_factory=dict)
+    _expected_cache: dict = field(default_factory=dict)
+    _served: dict = field(default_factory=dict)  # checkpoint path -> {endpoint, model} of the last API evaluation
     _servers: Any = None  # backends.ServerPool of the openai backend, created on first use
 
     # ---- models -------------------------------------------------------------------------
@@ -69,8 +72,10 @@ class QmrSession:
             return Evaluator(model, tokenizer, gen, data_dir)
         if self._servers is None:
             self._servers = ServerPool()  # one qmr serve, reused across consecutive cells of a checkpoint
-        lm, render_prompt = backend_lm(cell.generation.backend, path, gen.max_new_tokens, gen.batch_size,
-                                       cell.benchmark.seed, cell.model.trust_remote_code, self._servers)
+        lm, render_prompt, served = backend_lm(cell.generation.backend, path, gen.max_new_tokens, gen.batch_size,
+                                               cell.benchmark.seed, cell.model.trust_remote_code, self._servers)
+        if served is not None:
+            self._served[str(path)] = served
         return Evaluator(None, None, gen, data_dir, lm=lm, render_prompt=render_prompt)
 
     def _evaluate(self, path: Path, cell, indices: list[int] | None, fp_correct: list[bool] | None):
@@ -101,49 +106,96 @@ class QmrSession:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
+    def _expected(self, cell, fp: models.ResolvedModel, indices: list[int]):
+        """The prompts and golds the cell's task builds for ``indices`` (no generation; cached)."""
+        from .backends import load_tokenizer
+        from .measure import expected_items
+
+        key = (cell.benchmark.task, str(self._data_dir(cell)), cell.benchmark.seed, fp.fingerprint, tuple(indices))
+        if key not in self._expected_cache:
+            tokenizer = load_tokenizer(fp.path, cell.model.trust_remote_code)
+            self._expected_cache[key] = expected_items(cell.benchmark.task, indices, tokenizer, self._data_dir(cell),
+                                                       seed=cell.benchmark.seed)
+        return self._expected_cache[key]
+
     def fp_baseline(self, cell, fp: models.ResolvedModel) -> bl.Baseline:
-        """The committed baseline, or (with --qmr-update-baselines) a fresh FP run written atomically."""
+        """The committed baseline, checked against the cell before any generation (fingerprint,
+        generation, seed, task, and each item's id, prompt and gold), or (with
+        --qmr-update-baselines) a fresh FP run written atomically."""
         path = bl.baseline_path(self.baselines_dir, cell.model.name, cell.benchmark.name)
+        hint = bl.regenerate_hint(cell.model.name, cell.benchmark.name, cell.suite_file or None, cell.id)
         if not self.update_baselines:
-            baseline = bl.read_baseline(path)
+            baseline = bl.read_baseline(path, suite=cell.suite_file or None, cell=cell.id)
             mismatches = bl.check_provenance(baseline, {
                 "model_fingerprint": fp.fingerprint,
                 "generation": self._generation(cell).to_dict(),
                 "seed": cell.benchmark.seed,
             })
+            if not mismatches:
+                indices = [int(v.get("doc_index", i)) for i, v in enumerate(baseline.items.values())]
+                mismatches = bl.check_items(baseline, cell.benchmark.task, self._expected(cell, fp, indices))
             if mismatches:
-                raise bl.BaselineError(
-                    f"{path}: baseline no longer matches ({'; '.join(mismatches)}); regenerate with "
-                    f"pytest <suite> --qmr-update-baselines -k {cell.model.name}"
-                )
+                more = f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
+                raise bl.BaselineError(f"{path}: baseline no longer describes the cell "
+                                       f"({'; '.join(mismatches[:3])}{more}); regenerate it with: {hint}")
             return baseline
         key = (cell.model.name, cell.benchmark.name)
         if key not in self._fp_records:
             self._fp_records[key] = self._evaluate(fp.path, cell, None, None)
         records = self._fp_records[key]
-        baseline = bl.Baseline(
-            model=cell.model.name,
-            benchmark=cell.benchmark.name,
-            task=cell.benchmark.task,
-            accuracy=sum(r.correct for r in records) / max(len(records), 1),
-            n=len(records),
-            items={r.item_id: {"correct": r.correct, "extracted": r.extracted, "response": r.response,
-                               "doc_index": r.doc_index, "prompt_sha256": sha256_text(r.prompt)}
-                   for r in records},
-            provenance=self._provenance(fp, cell, records),
-        )
+        limit = cell.benchmark.limit
+        if limit is not None and len(records) < limit:
+            raise bl.BaselineError(self._too_few_items(cell, len(records)))
+        baseline = bl.Baseline.from_records(cell.model.name, cell.benchmark.name, cell.benchmark.task, records,
+                                            self._provenance(fp, cell, records))
         bl.write_baseline(path, baseline)
+        baseline.source = str(path)
         return baseline
+
+    @staticmethod
+    def _too_few_items(cell, n: int) -> str:
+        return (f"{cell.suite_file or cell.suite}: benchmarks[{cell.benchmark.name!r}].limit: more than the {n} items "
+                f"task {cell.benchmark.task} has; set it to {n} or less, or null for all (got {cell.benchmark.limit})")
+
+    def _inputs(self, cell, fp: models.ResolvedModel, baseline: bl.Baseline) -> dict:
+        """Everything a cell's records depend on: its spec, the FP weights, the baseline file,
+        the judge config and the library versions (what --qmr-resume must find unchanged)."""
+        from .fsutil import sha256_file
+
+        judge = cell.judge_config
+        return {
+            "spec": cell.reuse_spec(),
+            "model_fingerprint": fp.fingerprint,
+            "baseline_sha256": sha256_file(baseline.source) if baseline.source else None,
+            "judge_config_sha256": sha256_file(judge) if judge is not None and judge.is_file() else None,
+            "libraries": library_versions(),
+        }
+
+    @staticmethod
+    def _reusable(cell_dir: Path, inputs: dict) -> tuple[CellResult | None, str | None]:
+        """(the finished result, None) when ``inputs`` are those it recorded, else (None, why not)."""
+        from .fsutil import changed_keys
+
+        path = cell_dir / "result.json"
+        if not path.is_file():
+            return None, None
+        try:
+            result = CellResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as exc:
+            return None, f"{path} unreadable ({type(exc).__name__})"
+        if result.inputs_sha256 != sha256_json(inputs):
+            changes = changed_keys(result.inputs or {}, inputs)
+            if not changes:
+                return None, "the record has no inputs hash"
+            more = f" (+{len(changes) - 4} more)" if len(changes) > 4 else ""
+            return None, "inputs changed: " + "; ".join(changes[:4]) + more
+        return result, None
 
     def run_cell(self, cell, restore: Callable[..., Any] | None = None) -> CellResult:
         """Measure (and locate, and restore when the suite asks) one cell; ``restore`` overrides
-        ``restore_hook`` for this cell (the ``qmr_restore`` fixture)."""
+        ``restore_hook`` for this cell (the ``qmr_restore`` fixture). With ``resume``, a result
+        already in the run dir is reused only when its recorded inputs hash is this cell's."""
         cell_dir = self.run_dir / "cells" / cell.id
-        if self.resume and (cell_dir / "result.json").is_file():
-            # the records are reused; the verdict follows the suite's current thresholds
-            result = CellResult.from_dict(json.loads((cell_dir / "result.json").read_text()))
-            self._settle(cell, result)
-            return result
         seconds: dict[str, float] = {}
         started = time.monotonic()
         fp = models.resolve(cell.model.ref, self.cache_dir)
@@ -152,13 +204,23 @@ class QmrSession:
         started = time.monotonic()
         baseline = self.fp_baseline(cell, fp)
         seconds["baseline"] = time.monotonic() - started
+        inputs = self._inputs(cell, fp, baseline)
+        recomputed = None
+        if self.resume and not self.update_baselines:
+            reused, recomputed = self._reusable(cell_dir, inputs)
+            if reused is not None:  # the verdict follows the suite's current thresholds
+                reused.reused = True
+                self._settle(cell, reused)
+                return reused
         ordered = sorted(baseline.items.items(), key=lambda kv: kv[1].get("doc_index", 0))
         limit = cell.benchmark.limit
         if limit is not None and limit > len(ordered):
-            raise bl.BaselineError(
-                f"baseline {cell.model.name}/{cell.benchmark.name} covers {len(ordered)} items, the cell asks for "
-                f"{limit or 'all'}; regenerate with pytest <suite> --qmr-update-baselines -k {cell.id}"
-            )
+            provenance_limit = baseline.provenance.get("limit")
+            if provenance_limit is None or provenance_limit >= limit:  # the baseline took every item there is
+                raise bl.BaselineError(self._too_few_items(cell, len(ordered)))
+            hint = bl.regenerate_hint(cell.model.name, cell.benchmark.name, cell.suite_file or None, cell.id)
+            raise bl.BaselineError(f"{baseline.source}: baseline covers {len(ordered)} items, the cell asks for "
+                                   f"{limit}; regenerate it with: {hint}")
         ordered = ordered[:limit] if limit is not None else ordered
         indices = [int(v.get("doc_index", i)) for i, (_, v) in enumerate(ordered)]
         fp_correct_all = [bool(v["correct"]) for _, v in ordered]
@@ -180,6 +242,7 @@ class QmrSession:
         else:
             records = self._evaluate(quantized.path, cell, indices, fp_correct_all)
         seconds["evaluate"] = time.monotonic() - started
+        atomic_write_jsonl(cell_dir / "samples.jsonl", (redact_obj(r.to_dict()) for r in records))  # before locate
 
         gate = self._gate(cell, baseline, records, fp_correct_all)
         profile = None
@@ -201,6 +264,10 @@ class QmrSession:
             quantization=quantized.info,
             error_profile=profile,
             backend=cell.generation.backend,
+            served=self._served.pop(str(quantized.path), None),
+            inputs=inputs,
+            inputs_sha256=sha256_json(inputs),
+            recomputed=recomputed,
         )
         self._settle(cell, result)
         restore = restore or self.restore_hook
@@ -219,10 +286,9 @@ class QmrSession:
         changed = [r.item_id for r in records
                    if baseline.items.get(r.item_id, {}).get("prompt_sha256") not in (None, sha256_text(r.prompt))]
         if changed:
-            raise bl.BaselineError(
-                f"prompts of {len(changed)} items (e.g. {changed[0]}) differ from baseline "
-                f"{cell.model.name}/{cell.benchmark.name}; regenerate with pytest <suite> --qmr-update-baselines"
-            )
+            hint = bl.regenerate_hint(cell.model.name, cell.benchmark.name, cell.suite_file or None, cell.id)
+            raise bl.BaselineError(f"{baseline.source}: items[{changed[0]!r}].prompt_sha256: the prompts of "
+                                   f"{len(changed)} generated items differ from the baseline's; regenerate it with: {hint}")
         quant = {r.item_id: r.correct for r in records}
         fp_vec, q_vec = bl.paired_vectors(baseline, list(quant), quant)
         if cell.thresholds.sequential and len(records) < len(fp_correct_all):
@@ -354,13 +420,17 @@ class QmrSession:
         return cell.thresholds.inconclusive
 
     def _write_cell(self, cell_dir: Path, records: list[SampleRecord], result: CellResult) -> None:
-        atomic_write_jsonl(cell_dir / "samples.jsonl", (r.to_dict() for r in records))
-        atomic_write_json(cell_dir / "result.json", result.to_dict())
+        atomic_write_jsonl(cell_dir / "samples.jsonl", (redact_obj(r.to_dict()) for r in records))
+        atomic_write_json(cell_dir / "result.json", redact_obj(result.to_dict()))
 
     def report_sections(self, result: CellResult) -> list[tuple[str, str]]:
         from .locate import profile_summary
 
         lines = [result.gate.summary()] if result.gate else []
+        if result.reused:
+            lines.append("reused from --qmr-resume (inputs unchanged)")
+        elif result.recomputed:
+            lines.append(f"recomputed despite --qmr-resume: {result.recomputed}")
         if result.error_profile is not None:
             lines.append("error profile: " + profile_summary(result.error_profile))
         lines += [f"error profile threshold violated: {v}" for v in result.profile_violations]
@@ -383,12 +453,20 @@ class QmrSession:
             self._servers.close()
             self._servers = None
 
-    def write_results(self) -> None:
+    def write_results(self) -> list[str]:
+        """``results.json`` of every readable cell; returns one warning line per unreadable one."""
         cells_dir = self.run_dir / "cells"
         if not cells_dir.is_dir():
-            return
-        cells = [json.loads(f.read_text()) for f in sorted(cells_dir.glob("*/result.json"))]
+            return []
+        cells, warnings = [], []
+        for f in sorted(cells_dir.glob("*/result.json")):
+            try:
+                cells.append(json.loads(f.read_text(encoding="utf-8")))
+            except (OSError, ValueError) as exc:
+                warnings.append(f"qmr: WARNING: {f}: unreadable cell record left out of results.json "
+                                f"({type(exc).__name__})")
         atomic_write_json(self.run_dir / "results.json", {"run_dir": str(self.run_dir), "cells": cells})
+        return warnings
 
 
 def restore_shortfall(restore: dict, min_gain: float) -> str | None:

@@ -20,6 +20,7 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from .errors import QmrError
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -50,7 +51,7 @@ NEEDS_BITS = ("rtn", "gptq", "awq")
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9.\-]*")
 
 
-class SuiteError(ValueError):
+class SuiteError(QmrError, ValueError):
     """A suite file that cannot be used; ``str(err)`` is one line for the user."""
 
 
@@ -107,7 +108,7 @@ class QuantizerSpec(_Spec):
     name: Name
     method: Literal["fp", "rtn", "gptq", "awq", "smoothquant", "checkpoint"]
     bits: int | None = None  # weight bits; smoothquant is W8A8 (8, the default)
-    group_size: PositiveInt | None = 128  # None: per-channel
+    group_size: Annotated[int, Field(ge=2)] | None = 128  # None: per-channel; a group of 1 is not quantization
     symmetric: bool | None = None  # None: the method's default (awq asymmetric, others symmetric)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     calibration: Calibration | None = None
@@ -239,6 +240,26 @@ class Cell:
     restore: RestoreSpec
     locate: LocateSpec = LocateSpec()
     judge_config: Path | None = None  # absolute path of locate.judge_config
+    suite_file: str = ""  # how the suite file is named in messages
+
+    def reuse_spec(self) -> dict[str, Any]:
+        """The settings the cell's records depend on (a change means they must be recomputed).
+        Left out: what is settled again on reused records — the verdict thresholds (unless the
+        sequential gate used them to choose the items), ``expect_fail_on``, ``restore.min_gain``
+        and ``restore.may_pass``."""
+        thresholds = (self.thresholds.model_dump(exclude={"error_profile", "inconclusive"})
+                      if self.thresholds.sequential else {"sequential": False})
+        return {
+            "model": self.model.model_dump(),
+            "quantizer": self.quantizer.model_dump(exclude={"expect_fail_on"}),
+            "benchmark": self.benchmark.model_dump(exclude={"thresholds", "quantizers"}),
+            "thresholds": thresholds,
+            "generation": self.generation.model_dump(),
+            "data_dir": None if self.data_dir is None else str(self.data_dir),
+            "locate": self.locate.model_dump(),
+            "restore": {**self.restore.model_dump(exclude={"min_gain", "may_pass", "quantizers", "benchmarks"}),
+                        "runs": self.restores(failed=True)},
+        }
 
     def __hash__(self) -> int:
         return hash(self.id)
@@ -333,6 +354,7 @@ class Suite:
                             restore=self.spec.restore,
                             locate=self.spec.locate,
                             judge_config=self.judge_config(),
+                            suite_file=self.source,
                         )
                     )
         return cells
@@ -687,3 +709,26 @@ def _yaml_message(source: str, exc: yaml.YAMLError, text: str) -> str:
         f"{source}: line {mark.line + 1}, column {mark.column + 1}: invalid YAML: {problem} "
         f"(got {_show(line)})"
     )
+
+
+# --------------------------------------------------------------------------- references
+
+
+def check_references(suite: Suite) -> None:
+    """What the schema cannot see but collection must: every benchmark's ``task`` is a known
+    lm-eval task (did-you-mean), and ``locate.judge_config`` is a readable, valid judge file.
+    Found here, a typo costs one line at collection instead of a traceback after evaluation."""
+    from .judges import load_judge_settings
+    from .measure import check_task
+
+    for i, benchmark in enumerate(suite.benchmarks):
+        check_task(benchmark.task, f"{suite.source}: benchmarks[{i}].task")
+    judge_config = suite.judge_config()
+    if judge_config is not None:
+        given = suite.spec.locate.judge_config
+        if not judge_config.is_file():
+            _fail(suite.source, "locate.judge_config", f"no such file ({judge_config})", given)
+        try:
+            load_judge_settings(judge_config)
+        except QmrError as exc:
+            _fail(suite.source, "locate.judge_config", str(exc), given)

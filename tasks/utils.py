@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from pytest_qmr.errors import QmrError
 
 import datasets
 
@@ -44,7 +45,7 @@ CHOICE_INSTRUCTION = "Answer with the letter of the correct choice. Finish with 
 logger = logging.getLogger(__name__)
 
 
-class DataError(RuntimeError):
+class DataError(QmrError, RuntimeError):
     """A benchmark file is missing or unreadable; the message is one line naming the file."""
 
 

@@ -147,7 +147,11 @@ CASES = {
     ),
     "negative group size": (
         lambda d: d["quantizers"][1].update(group_size=-1),
-        "quantizers[1].group_size: must be greater than 0 (got -1)",
+        "quantizers[1].group_size: must be at least 2 (got -1)",
+    ),
+    "group size of one": (
+        lambda d: d["quantizers"][1].update(group_size=1),
+        "quantizers[1].group_size: must be at least 2 (got 1)",
     ),
     "smoothquant bits": (
         lambda d: d["quantizers"].append(
