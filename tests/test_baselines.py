@@ -71,7 +71,7 @@ def test_round_trip(tmp_path):
     assert loaded.accuracy == 0.5 and loaded.n == 4
     assert loaded.items["arith-0000"] == {
         "correct": True, "extracted": None, "response": "answer 0 from writer 0\nline two",
-        "doc_index": 0, "prompt_sha256": sha256_text("q0")}
+        "doc_index": 0, "prompt_sha256": sha256_text("q0"), "gold": "0"}
     assert loaded.correct == {"arith-0000": True, "arith-0001": False, "arith-0002": True, "arith-0003": False}
     data = json.loads(path.read_text())
     assert data["schema"] == 1 and set(data) == {
