@@ -167,6 +167,7 @@ def resolve(reference: str, root: Path | None = None) -> ResolvedModel:
 def load(path: Path, trust_remote_code: bool = False):
     """Load model and tokenizer from a safetensors checkpoint, fp32 on CPU, chat tokens fixed."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -174,7 +175,7 @@ def load(path: Path, trust_remote_code: bool = False):
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # a truncated or foreign checkpoint
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:  # truncated or foreign
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise ModelError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: {first})") from None
     if tokenizer.convert_tokens_to_ids(CHAT_END) not in (None, tokenizer.unk_token_id):
