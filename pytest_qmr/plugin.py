@@ -291,6 +291,8 @@ def _summary_row(result: CellResult) -> dict:
         "verdict": gate.verdict if gate else result.outcome,
         "outcome": result.outcome,
         "restored_acc": (result.restore or {}).get("restored_acc"),
+        "reused": result.reused,
+        "recomputed": result.recomputed,
     }
 
 
@@ -345,6 +347,11 @@ class QmrReporter:
             line = f"{row['cell']:<48} {fp:>6} {row['acc']:>6.3f} {delta:>7} {row['n']:>5} {p:>9}  {row['verdict']}"
             if row.get("restored_acc") is not None:
                 line += f" (restored {row['restored_acc']:.3f})"
+            if row.get("reused"):
+                line += " (reused)"
             tr.write_line(line)
+        for row in sorted(self.rows, key=lambda r: r["cell"]):
+            if row.get("recomputed"):
+                tr.write_line(f"recomputed {row['cell']}: {row['recomputed']}")
         tr.write_line(f"records: {self.session.run_dir}")
 

@@ -9,6 +9,18 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (``CI`` set, as ``.ci/run`` runs) a skip is a failure: a missing data file, browser
+    or package must not quietly turn a test into a skip that counts as nothing."""
+    report = yield
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, which must run every test: {reason}"
+    return report
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -564,3 +564,23 @@ def test_sequential_gate_gives_the_full_runs_verdict_with_fewer_items(repo_root,
     assert sequential.gate.verdict == full.gate.verdict
     assert sequential.n <= full.n == 40
     assert sequential.gate.n_planned == 40
+
+
+def test_ci_turns_an_unexpected_skip_into_a_failure(pytester, monkeypatch):
+    pytester.makeconftest(Path(__file__).with_name("conftest.py").read_text())
+    pytester.makepyfile(test_x="""
+import pytest
+
+def test_needs_data():
+    pytest.skip("benchmark data not found")
+
+@pytest.mark.xfail(strict=True)
+def test_known_bug():
+    assert False
+""")
+    monkeypatch.setenv("CI", "true")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, xfailed=1)
+    result.stdout.fnmatch_lines(["*skipped in CI, which must run every test: *benchmark data not found*"])
+    monkeypatch.delenv("CI")
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(skipped=1, xfailed=1)
