@@ -288,7 +288,8 @@ class QmrSession:
         if changed:
             hint = bl.regenerate_hint(cell.model.name, cell.benchmark.name, cell.suite_file or None, cell.id)
             raise bl.BaselineError(f"{baseline.source}: items[{changed[0]!r}].prompt_sha256: the prompts of "
-                                   f"{len(changed)} generated items differ from the baseline's; regenerate it with: {hint}")
+                                   f"{len(changed)} generated items differ from the baseline's; "
+                                   f"regenerate it with: {hint}")
         quant = {r.item_id: r.correct for r in records}
         fp_vec, q_vec = bl.paired_vectors(baseline, list(quant), quant)
         if cell.thresholds.sequential and len(records) < len(fp_correct_all):

@@ -8,6 +8,7 @@ replays the committed FP baseline's answers, so a cell it answers is the FP mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -291,7 +292,8 @@ def test_unknown_task_fails_collection_in_one_line(pytester, data_dir):
     (b"judges:\n  - {name: gr\xe4der, kind: openai}\n", "locate.judge_config: *judges.yaml: not UTF-8 text (byte 0xe4"),
 ], ids=["missing", "broken yaml", "not utf-8"])
 def test_judge_config_is_checked_at_collection(pytester, data_dir, content, needle):
-    text = suite_text(data_dir).replace("locate: {enabled: false}", "locate: {judges: [rule], judge_config: judges.yaml}")
+    text = suite_text(data_dir).replace("locate: {enabled: false}",
+                                        "locate: {judges: [rule], judge_config: judges.yaml}")
     suite = pytester.makefile(".yaml", faults=text)
     if content is not None:
         (pytester.path / "judges.yaml").write_bytes(content)
@@ -401,7 +403,8 @@ class _Replay(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802
         if self.path.rstrip("/").endswith("/v1/models"):
-            return self._send(200, {"object": "list", "data": [{"id": n, "object": "model"} for n in self.server.names]})
+            listed = [{"id": name, "object": "model"} for name in self.server.names]
+            return self._send(200, {"object": "list", "data": listed})
         return self._send(404, {"error": "not found"})
 
     def do_POST(self):  # noqa: N802
@@ -489,8 +492,8 @@ def test_the_api_key_reaches_no_log_record_report_or_output(pytester, replay_ser
         f"--qmr-cache-dir={cache_dir}", f"--qmr-report={report_dir}", f"--junitxml={junit}", "-p", "no:cacheprovider",
         "-o", "log_level=INFO", "-rA")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([f"*{MODEL}-fp-arith: backend openai: generation at {replay_server.url}/v1/chat/"
-                                 "completions failed (*"])
+    result.stdout.fnmatch_lines([f"*{MODEL}-fp-arith: backend openai: generation at "
+                                 f"{replay_server.url}/v1/chat/completions failed (*"])
     output = result.stdout.str() + result.stderr.str()
     assert redact.MASK in output  # lm-eval did log the failed request (headers and all), masked
     assert SECRET not in output
@@ -584,3 +587,38 @@ def test_known_bug():
     result.stdout.fnmatch_lines(["*skipped in CI, which must run every test: *benchmark data not found*"])
     monkeypatch.delenv("CI")
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(skipped=1, xfailed=1)
+
+
+def test_samples_are_on_disk_before_locate_runs(repo_root, data_dir, cache_dir, lab_model, tmp_path, monkeypatch):
+    """A Locate that fails (a judge endpoint gone, a bug) loses none of the generations."""
+    from pytest_qmr.locate import LocateError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(lab_model.path, copy)
+    quantizers = f"  - {{name: copy, method: checkpoint, path: {copy}}}"
+    cell = _cell(tmp_path, data_dir, quantizers=quantizers)
+    cell = dataclasses.replace(cell, locate=cell.locate.model_copy(update={"enabled": True}))
+    session = _session(tmp_path, repo_root / "baselines", data_dir, cache_dir)
+
+    def locate_fails(*args, **kwargs):
+        raise LocateError("judge 'grader': endpoint gone")
+
+    monkeypatch.setattr(session, "_locate", locate_fails)
+    with pytest.raises(LocateError):
+        session.run_cell(cell)
+    samples = (tmp_path / "run" / "cells" / cell.id / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 4 and all(json.loads(line)["response"] for line in samples)
+
+
+def test_unreadable_benchmark_data_is_one_line_in_a_cell(pytester, repo_root, data_dir, cache_dir, tmp_path):
+    broken = tmp_path / "data"
+    (broken / "gsm8k").mkdir(parents=True)
+    lines = (Path(data_dir) / "gsm8k" / "test.jsonl").read_text().splitlines()[:3]
+    (broken / "gsm8k" / "test.jsonl").write_text("\n".join(lines) + '\n{"question": "torn\n')
+    text = suite_text(broken, task="qmr_gsm8k", limit=5).replace("name: arith,", "name: gsm8k,")
+    suite = pytester.makefile(".yaml", faults=text)
+    result = pytester.runpytest_subprocess(str(suite), f"--qmr-baselines={repo_root / 'baselines'}",
+                                           f"--qmr-cache-dir={cache_dir}", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([f"*{MODEL}-fp-gsm8k: {broken / 'gsm8k' / 'test.jsonl'}: line 4: not valid JSON (*"])
+    assert "Traceback" not in result.stdout.str()
