@@ -250,24 +250,26 @@ def test_a_baseline_that_no_longer_describes_the_cell_fails_before_generation(
 def test_the_committed_baselines_describe_their_cells(repo_root, data_dir, cache_dir, lab_model, tmp_path):
     """The identity check accepts the real baselines (the same prompts lm-eval will build)."""
     session = _session(tmp_path, repo_root / "baselines", data_dir, cache_dir)
-    assert session.fp_baseline(_cell(tmp_path, data_dir), lab_model).n == 40
+    committed = json.loads((repo_root / "baselines" / MODEL / "arith.json").read_text())["n"]
+    assert session.fp_baseline(_cell(tmp_path, data_dir), lab_model).n == committed
 
 
 def test_limit_above_the_dataset_names_its_size(committed_baselines, data_dir, cache_dir, lab_model, tmp_path):
     path = committed_baselines / MODEL / "arith.json"
     data = json.loads(path.read_text())
-    data["provenance"]["limit"] = 50  # what --qmr-update-baselines leaves when the task had only 40 items
+    n, over = data["n"], data["n"] + 10
+    data["provenance"]["limit"] = over  # what --qmr-update-baselines left when the task ran out of items
     path.write_text(json.dumps(data))
     session = _session(tmp_path, committed_baselines, data_dir, cache_dir)
     with pytest.raises(bl.BaselineError) as excinfo:
-        session.run_cell(_cell(tmp_path, data_dir, limit=50))
+        session.run_cell(_cell(tmp_path, data_dir, limit=over))
     assert one_line(str(excinfo.value)) == (
-        f"{tmp_path / 'faults.yaml'}: benchmarks['arith'].limit: more than the 40 items task qmr_arith has; "
-        "set it to 40 or less, or null for all (got 50)")
-    data["provenance"]["limit"] = 40  # a baseline made with a smaller limit: regenerating it helps
+        f"{tmp_path / 'faults.yaml'}: benchmarks['arith'].limit: more than the {n} items task qmr_arith has; "
+        f"set it to {n} or less, or null for all (got {over})")
+    data["provenance"]["limit"] = n  # a baseline made with a smaller limit: regenerating it helps
     path.write_text(json.dumps(data))
-    with pytest.raises(bl.BaselineError, match=r"covers 40 items, the cell asks for 50; regenerate it with: "):
-        session.run_cell(_cell(tmp_path, data_dir, limit=50))
+    with pytest.raises(bl.BaselineError, match=rf"covers {n} items, the cell asks for {over}; regenerate it with: "):
+        session.run_cell(_cell(tmp_path, data_dir, limit=over))
 
 
 # ------------------------------------------------------------------ collection: found before any model loads
@@ -618,7 +620,8 @@ def test_unreadable_benchmark_data_is_one_line_in_a_cell(pytester, repo_root, da
     text = suite_text(broken, task="qmr_gsm8k", limit=5).replace("name: arith,", "name: gsm8k,")
     suite = pytester.makefile(".yaml", faults=text)
     result = pytester.runpytest_subprocess(str(suite), f"--qmr-baselines={repo_root / 'baselines'}",
-                                           f"--qmr-cache-dir={cache_dir}", "-p", "no:cacheprovider")
+                                           f"--qmr-cache-dir={cache_dir}", f"--qmr-data-dir={broken}",
+                                           "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([f"*{MODEL}-fp-gsm8k: {broken / 'gsm8k' / 'test.jsonl'}: line 4: not valid JSON (*"])
     assert "Traceback" not in result.stdout.str()
