@@ -5,7 +5,13 @@ items carry information -- ``fp_only`` (FP right, quantized wrong; McNemar's b) 
 ``quant_only`` (quantized right, FP wrong; McNemar's c).  The exact McNemar test is a
 two-sided binomial test of b against b + c trials with p = 1/2.
 
-Verdict rule (see :func:`evaluate_gate`)::
+Every cell also gets the ``1 - alpha`` confidence interval of the paired difference
+``delta = quant_acc - fp_acc`` (:func:`paired_delta_ci`: Newcombe's hybrid score interval for
+paired proportions, his method 10 — Wilson intervals of the two marginal accuracies combined
+with the paired correlation, as in Fagerland, Lydersen & Laake's *Statistical Analysis of
+Contingency Tables*, chapter 8).
+
+Verdict rule, ``thresholds.mode: difference`` (default; see :func:`evaluate_gate`)::
 
     drop     = fp_acc - quant_acc                (= (b - c) / n)
     rel_drop = drop / fp_acc                     (0 when fp_acc is 0)
@@ -15,6 +21,14 @@ Verdict rule (see :func:`evaluate_gate`)::
     exceeds and p >= alpha -> inconclusive  (a loss larger than allowed, but not significant)
     otherwise              -> pass          (the drop is within the allowed margin)
 
+``thresholds.mode: noninferiority`` judges the interval instead of the point estimate, with
+the allowed drop ``margin = min(max_abs_drop, max_rel_drop * fp_acc)``::
+
+    n < min_items                          -> inconclusive
+    worst end of the interval within margin -> pass   (-delta_ci[0] <= margin)
+    whole interval beyond the margin        -> fail   (-delta_ci[1] >  margin)
+    otherwise                               -> inconclusive (more items are needed)
+
 A drop exactly at the margin is within it (comparisons allow 1e-9 for float noise).
 """
 
@@ -23,11 +37,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from scipy.stats import binom
+from scipy.stats import binom, norm
 
 from .records import GateResult
 
-__all__ = ["mcnemar_exact", "evaluate_gate", "final_verdict_if_known", "TOLERANCE"]
+__all__ = ["mcnemar_exact", "paired_delta_ci", "evaluate_gate", "final_verdict_if_known", "TOLERANCE", "MODES"]
+
+MODES = ("difference", "noninferiority")
 
 TOLERANCE = 1e-9  # a drop within this of the margin counts as at the margin (within it)
 
@@ -53,13 +69,63 @@ def mcnemar_exact(fp_only: int, quant_only: int) -> float:
     return float(_mcnemar_p(fp_only, quant_only))
 
 
-def _thresholds(thresholds: Any) -> tuple[float, float, float, int]:
-    def get(name: str):
-        if isinstance(thresholds, dict):
-            return thresholds[name]
-        return getattr(thresholds, name)
+def _get(thresholds: Any, name: str, default: Any = None) -> Any:
+    if isinstance(thresholds, dict):
+        return thresholds.get(name, default)
+    return getattr(thresholds, name, default)
 
-    return float(get("max_abs_drop")), float(get("max_rel_drop")), float(get("alpha")), int(get("min_items"))
+
+def _thresholds(thresholds: Any) -> tuple[float, float, float, int]:
+    return (float(_get(thresholds, "max_abs_drop")), float(_get(thresholds, "max_rel_drop")),
+            float(_get(thresholds, "alpha")), int(_get(thresholds, "min_items")))
+
+
+def _mode(thresholds: Any) -> str:
+    return _get(thresholds, "mode", "difference") or "difference"
+
+
+def _wilson(successes: np.ndarray, n: int, z: float) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a proportion (vectorized over ``successes``)."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def _drop_ci(b: Any, c: Any, n: int, fp_correct: int, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Newcombe's method-10 interval for ``drop = fp_acc - quant_acc`` from the final counts:
+    ``a = fp_correct - b`` both right, ``b`` FP only, ``c`` quantized only, ``d`` both wrong."""
+    b = np.asarray(b, dtype=float)
+    c = np.asarray(c, dtype=float)
+    if n <= 0:
+        return np.zeros_like(b) - 1.0, np.zeros_like(b) + 1.0
+    a = fp_correct - b
+    d = n - a - b - c
+    z = float(norm.ppf(0.5 + level / 2))
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = _wilson(a + b, n, z)
+    l2, u2 = _wilson(a + c, n, z)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    cross = a * d - b * c
+    corrected = np.where(cross > n / 2, cross - n / 2, np.where(cross < 0, cross, 0.0))
+    phi = np.divide(corrected, np.sqrt(margins), out=np.zeros_like(b), where=margins > 0)
+    low = (p1 - p2) - np.sqrt(np.maximum((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0))
+    high = (p1 - p2) + np.sqrt(np.maximum((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2, 0))
+    return low, high
+
+
+def paired_delta_ci(fp_only: int, quant_only: int, n: int, fp_correct: int, level: float = 0.95) -> tuple[float, float]:
+    """``level`` confidence interval of ``delta = quant_acc - fp_acc`` over ``n`` paired items,
+    ``fp_correct`` of which FP solved (Newcombe 1998, method 10; see the module doc)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1) (got {level})")
+    low, high = _drop_ci(fp_only, quant_only, n, fp_correct, level)
+    return -float(high), -float(low)
+
+
+def _margin_abs(thresholds: Any, fp_acc: float) -> float:
+    max_abs, max_rel, _, _ = _thresholds(thresholds)
+    return min(max_abs, max_rel * fp_acc) if fp_acc > 0 else max_abs
 
 
 def _verdicts(b, c, n: int, fp_correct: int, thresholds: Any):
@@ -73,6 +139,14 @@ def _verdicts(b, c, n: int, fp_correct: int, thresholds: Any):
     diff = (b - c).astype(float)
     drop = diff / n if n else np.zeros_like(diff)
     rel_drop = diff / fp_correct if fp_correct else np.zeros_like(diff)
+    if _mode(thresholds) == "noninferiority":
+        low, high = _drop_ci(b, c, n, fp_correct, 1 - alpha)
+        margin = _margin_abs(thresholds, fp_correct / n if n else 0.0)
+        codes = np.where(high <= margin + TOLERANCE, 0, np.where(low > margin + TOLERANCE, 1, 2))
+        p = _mcnemar_p(b, c)
+        if n < min_items:
+            codes = np.full_like(codes, 2)
+        return codes, drop, rel_drop, p
     exceeds = (drop > max_abs + TOLERANCE) | (rel_drop > max_rel + TOLERANCE)
     p = np.ones(b.shape, dtype=float)
     if np.any(exceeds):  # p only matters (and is only paid for) where the drop exceeds
@@ -93,14 +167,19 @@ def _as_bools(values: Sequence[bool], what: str) -> np.ndarray:
     return arr.astype(bool)
 
 
-def _stats(fp: np.ndarray, quant: np.ndarray) -> dict:
+def _stats(fp: np.ndarray, quant: np.ndarray, thresholds: Any) -> dict:
     n = int(fp.size)
     b = int(np.count_nonzero(fp & ~quant))
     c = int(np.count_nonzero(~fp & quant))
     fp_acc = float(fp.mean()) if n else 0.0
     quant_acc = float(quant.mean()) if n else 0.0
     diff = b - c
+    _, _, alpha, _ = _thresholds(thresholds)
+    low, high = paired_delta_ci(b, c, n, int(fp.sum()), 1 - alpha) if n else (-1.0, 1.0)
     return {
+        "delta_ci": [round(low, 6), round(high, 6)],
+        "ci_level": round(1 - alpha, 6),
+        "mode": _mode(thresholds),
         "n": n,
         "fp_only": b,
         "quant_only": c,
@@ -117,10 +196,20 @@ def _margin(thresholds: Any) -> str:
     return f"abs {max_abs:.3f}, rel {max_rel:.0%}"
 
 
-def _reason(code: int, n: int, drop: float, p: float, thresholds: Any) -> str:
+def _reason(code: int, n: int, drop: float, p: float, thresholds: Any, s: dict | None = None) -> str:
     max_abs, max_rel, alpha, min_items = _thresholds(thresholds)
     if n < min_items:
         return f"only {n} paired items, fewer than min_items {min_items}; no verdict"
+    if _mode(thresholds) == "noninferiority" and s is not None:
+        worst, best = -s["delta_ci"][0], -s["delta_ci"][1]
+        margin = _margin_abs(thresholds, s["fp_acc"])
+        level = f"{s['ci_level']:.0%} interval"
+        if code == 0:
+            return f"non-inferior: even the worst end of the {level} loses {worst:.3f}, within the margin {margin:.3f}"
+        if code == 1:
+            return f"inferior: even the best end of the {level} loses {best:.3f}, beyond the margin {margin:.3f}"
+        return (f"the {level} (a loss of {best:.3f} to {worst:.3f}) straddles the margin {margin:.3f}; "
+                "more items are needed")
     if code == 0:
         if drop <= 0:
             return "the quantized model is not less accurate than FP"
@@ -156,14 +245,14 @@ def evaluate_gate(
     quant = _as_bools(quant_correct, "quant_correct")
     if fp.size != quant.size:
         raise ValueError(f"paired vectors differ in length: FP {fp.size}, quantized {quant.size}")
-    s = _stats(fp, quant)
+    s = _stats(fp, quant, thresholds)
     codes, _, _, _ = _verdicts(s["fp_only"], s["quant_only"], s["n"], int(fp.sum()), thresholds)
     code = int(codes)
     _, _, alpha, _ = _thresholds(thresholds)
     return GateResult(
         verdict=_NAMES[code],  # type: ignore[arg-type]
         alpha=alpha,
-        reason=_reason(code, s["n"], -s["delta"], s["p_value"], thresholds),
+        reason=_reason(code, s["n"], -s["delta"], s["p_value"], thresholds, s),
         n_planned=s["n"],
         stopped_early=False,
         **s,
@@ -192,7 +281,7 @@ def final_verdict_if_known(
     if k > n_all:
         raise ValueError(f"more quantized results ({k}) than planned items ({n_all})")
     fp_seen, fp_rest = fp_all[:k], fp_all[k:]
-    s = _stats(fp_seen, quant)
+    s = _stats(fp_seen, quant, thresholds)
     fp_total = int(fp_all.sum())
     r1 = int(fp_rest.sum())  # remaining FP-correct items: each may become fp_only
     r0 = int(fp_rest.size - r1)  # remaining FP-wrong items: each may become quant_only
@@ -225,7 +314,11 @@ def final_verdict_if_known(
 
     rest = n_all - k
     where = f"settled after {k}/{n_all} items: every outcome of the remaining {rest} gives {_NAMES[code].upper()}"
-    if code == 0:
+    if _mode(thresholds) == "noninferiority":
+        why = {0: "the final interval's worst end stays within the margin",
+               1: "the final interval lies wholly beyond the margin",
+               2: "the final interval straddles the margin"}[code]
+    elif code == 0:
         why = f"the final drop is at most {float(drop.max()):.3f}, within the allowed margin ({_margin(thresholds)})"
     elif code == 1:
         why = (
@@ -245,3 +338,4 @@ def final_verdict_if_known(
         stopped_early=k < n_all,
         **s,
     )
+

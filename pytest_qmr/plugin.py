@@ -287,6 +287,7 @@ def _summary_row(result: CellResult) -> dict:
         "n": result.n,
         "fp_acc": gate.fp_acc if gate else None,
         "delta": gate.delta if gate else None,
+        "delta_ci": gate.delta_ci if gate else None,
         "p": gate.p_value if gate else None,
         "verdict": gate.verdict if gate else result.outcome,
         "outcome": result.outcome,
@@ -339,12 +340,14 @@ class QmrReporter:
             return
         tr = terminalreporter
         tr.section("qmr cells")
-        tr.write_line(f"{'cell':<48} {'FP':>6} {'quant':>6} {'Δ':>7} {'n':>5} {'p':>9}  verdict")
+        tr.write_line(f"{'cell':<48} {'FP':>6} {'quant':>6} {'Δ':>7} {'Δ CI':>16} {'n':>5} {'p':>9}  verdict")
         for row in sorted(self.rows, key=lambda r: r["cell"]):
             fp = "" if row["fp_acc"] is None else f"{row['fp_acc']:.3f}"
             delta = "" if row["delta"] is None else f"{row['delta']:+.3f}"
             p = "" if row["p"] is None else f"{row['p']:.3g}"
-            line = f"{row['cell']:<48} {fp:>6} {row['acc']:>6.3f} {delta:>7} {row['n']:>5} {p:>9}  {row['verdict']}"
+            ci = "" if not row.get("delta_ci") else f"[{row['delta_ci'][0]:+.3f}, {row['delta_ci'][1]:+.3f}]"
+            line = (f"{row['cell']:<48} {fp:>6} {row['acc']:>6.3f} {delta:>7} {ci:>16} {row['n']:>5} {p:>9}  "
+                    f"{row['verdict']}")
             if row.get("restored_acc") is not None:
                 line += f" (restored {row['restored_acc']:.3f})"
             if row.get("reused"):

@@ -53,12 +53,17 @@ class GateResult:
     reason: str
     n_planned: int = 0  # items the cell would have used without early stopping
     stopped_early: bool = False
+    delta_ci: list[float] | None = None  # [low, high] of quant_acc - fp_acc at ci_level (Newcombe, paired)
+    ci_level: float | None = None
+    mode: str = "difference"  # thresholds.mode that decided the verdict
 
     def summary(self) -> str:
         stop = f" (stopped early at {self.n}/{self.n_planned})" if self.stopped_early else ""
+        ci = (f" [{self.ci_level:.0%} CI {self.delta_ci[0]:+.3f}, {self.delta_ci[1]:+.3f}]"
+              if self.delta_ci is not None and self.ci_level is not None else "")
         return (
             f"{self.verdict.upper()}: FP acc {self.fp_acc:.3f}, quantized acc {self.quant_acc:.3f}, "
-            f"Δ {self.delta:+.3f} (rel drop {self.rel_drop:.1%}), n={self.n}{stop}, "
+            f"Δ {self.delta:+.3f}{ci} (rel drop {self.rel_drop:.1%}), n={self.n}{stop}, "
             f"FP-only {self.fp_only} / quant-only {self.quant_only}, McNemar exact p={self.p_value:.3g} "
             f"(alpha {self.alpha}) — {self.reason}"
         )

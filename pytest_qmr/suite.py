@@ -136,6 +136,8 @@ class Thresholds(_Spec):
     min_items: PositiveInt = 20
     inconclusive: Literal["fail", "pass"] = "fail"  # how a cell with too little evidence ends
     error_profile: dict[str, Any] = Field(default_factory=dict)
+    # difference: the point estimate against the margins; noninferiority: the interval (pytest_qmr.gate)
+    mode: Literal["difference", "noninferiority"] = "difference"
 
 
 class ThresholdsOverride(_Spec):
@@ -148,6 +150,7 @@ class ThresholdsOverride(_Spec):
     min_items: PositiveInt = None  # type: ignore[assignment]
     inconclusive: Literal["fail", "pass"] = None  # type: ignore[assignment]
     error_profile: dict[str, Any] = None  # type: ignore[assignment]
+    mode: Literal["difference", "noninferiority"] = None  # type: ignore[assignment]
 
     def merged_on(self, base: Thresholds) -> Thresholds:
         data = base.model_dump()
