@@ -29,6 +29,12 @@ the allowed drop ``margin = min(max_abs_drop, max_rel_drop * fp_acc)``::
     whole interval beyond the margin        -> fail   (-delta_ci[1] >  margin)
     otherwise                               -> inconclusive (more items are needed)
 
+Many cells at once, ``thresholds.family: holm | bh`` (difference mode): a session gating ``m``
+cells of the family judges each at ``alpha / m`` — Bonferroni, Holm's first step, which controls
+the family-wise error and so the false discovery rate as well — and at the session's end
+:func:`adjust_family` gives every cell its Holm or Benjamini–Hochberg adjusted p-value
+(``gate.p_adjusted``, with the verdict that p gives, ``gate.family_verdict``).
+
 A drop exactly at the margin is within it (comparisons allow 1e-9 for float noise).
 """
 
@@ -41,9 +47,11 @@ from scipy.stats import binom, norm
 
 from .records import GateResult
 
-__all__ = ["mcnemar_exact", "paired_delta_ci", "evaluate_gate", "final_verdict_if_known", "TOLERANCE", "MODES"]
+__all__ = ["mcnemar_exact", "paired_delta_ci", "evaluate_gate", "final_verdict_if_known", "adjust_family",
+           "family_verdict", "TOLERANCE", "MODES", "FAMILIES"]
 
 MODES = ("difference", "noninferiority")
+FAMILIES = ("none", "holm", "bh")
 
 TOLERANCE = 1e-9  # a drop within this of the margin counts as at the margin (within it)
 
@@ -76,8 +84,12 @@ def _get(thresholds: Any, name: str, default: Any = None) -> Any:
 
 
 def _thresholds(thresholds: Any) -> tuple[float, float, float, int]:
+    """(max_abs_drop, max_rel_drop, the cell's alpha, min_items). Under ``family: holm | bh`` the
+    cell's alpha is ``alpha / family_size`` (Bonferroni, see the module doc)."""
+    family = _get(thresholds, "family", "none") or "none"
+    size = max(int(_get(thresholds, "family_size", 1) or 1), 1) if family != "none" else 1
     return (float(_get(thresholds, "max_abs_drop")), float(_get(thresholds, "max_rel_drop")),
-            float(_get(thresholds, "alpha")), int(_get(thresholds, "min_items")))
+            float(_get(thresholds, "alpha")) / size, int(_get(thresholds, "min_items")))
 
 
 def _mode(thresholds: Any) -> str:
@@ -178,6 +190,10 @@ def _stats(fp: np.ndarray, quant: np.ndarray, thresholds: Any) -> dict:
     low, high = paired_delta_ci(b, c, n, int(fp.sum()), 1 - alpha) if n else (-1.0, 1.0)
     return {
         "delta_ci": [round(low, 6), round(high, 6)],
+        "family": _get(thresholds, "family", "none") or "none",
+        "family_size": max(int(_get(thresholds, "family_size", 1) or 1), 1),
+        "exceeds": bool(n) and bool(diff / n > _thresholds(thresholds)[0] + TOLERANCE
+                                    or (fp.sum() and diff / int(fp.sum()) > _thresholds(thresholds)[1] + TOLERANCE)),
         "ci_level": round(1 - alpha, 6),
         "mode": _mode(thresholds),
         "n": n,
@@ -339,3 +355,32 @@ def final_verdict_if_known(
         **s,
     )
 
+
+
+# --------------------------------------------------------------------------- many cells
+
+
+def adjust_family(p_values: Sequence[float], family: str) -> list[float]:
+    """Holm (family-wise error) or Benjamini–Hochberg (false discovery rate) adjusted p-values,
+    by statsmodels' ``multipletests``; ``none`` returns them unchanged."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)} (got {family!r})")
+    if family == "none" or not p_values:
+        return [float(p) for p in p_values]
+    from statsmodels.stats.multitest import multipletests
+
+    method = {"holm": "holm", "bh": "fdr_bh"}[family]
+    return [float(p) for p in multipletests(list(p_values), alpha=0.05, method=method)[1]]
+
+
+def family_verdict(gate: GateResult, p_adjusted: float, alpha: float) -> str:
+    """The verdict with the family's adjusted p against the family's ``alpha``. Since adjusted p
+    never exceeds ``m * p``, a cell that failed at ``alpha / m`` still fails; what Holm's
+    step-down (or BH) adds is a FAIL for a cell left inconclusive only by Bonferroni: a
+    difference-mode drop beyond the margin, judged on all its planned items."""
+    if (gate.verdict == "inconclusive" and gate.mode == "difference" and gate.exceeds and not gate.stopped_early
+            and p_adjusted < alpha):
+        return "fail"
+    if gate.verdict == "fail" and gate.mode == "difference" and p_adjusted >= alpha:
+        return "inconclusive"
+    return gate.verdict

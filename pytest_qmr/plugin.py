@@ -144,6 +144,17 @@ def pytest_configure_node(node) -> None:
     node.workerinput["qmr_run_dir"] = str(node.config.stash[SESSION_KEY].run_dir)
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: the family is the cells that will run
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items) -> None:
+    """Count the selected cells of each ``thresholds.family``; each is gated at ``alpha / m``.
+    (Every xdist worker collects the same selection, so each counts the same ``m``.)"""
+    sizes: dict[str, int] = {}
+    for item in items:
+        if isinstance(item, CellItem) and item.cell.thresholds.family != "none":
+            sizes[item.cell.thresholds.family] = sizes.get(item.cell.thresholds.family, 0) + 1
+    config.stash[SESSION_KEY].family_sizes = sizes
+
+
 def _is_suite_file(file_path: Path, parent: pytest.Collector) -> bool:
     if file_path.suffix not in (".yaml", ".yml"):
         return False
@@ -316,7 +327,7 @@ class QmrReporter:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
         if getattr(session.config, "workerinput", None) is not None:
             return  # only the controller aggregates
-        self.warnings = self.session.write_results()
+        self.warnings = self.session.apply_family() + self.session.write_results()
         report_dir = session.config.getoption("--qmr-report")
         if report_dir:
             self.report_line = self._write_report(session.config.invocation_params.dir / report_dir)

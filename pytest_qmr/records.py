@@ -56,6 +56,11 @@ class GateResult:
     delta_ci: list[float] | None = None  # [low, high] of quant_acc - fp_acc at ci_level (Newcombe, paired)
     ci_level: float | None = None
     mode: str = "difference"  # thresholds.mode that decided the verdict
+    family: str = "none"  # thresholds.family; alpha is then alpha / family_size
+    family_size: int = 1
+    p_adjusted: float | None = None  # Holm / BH adjusted over the session's cells (set at its end)
+    family_verdict: str | None = None  # the verdict that adjusted p gives
+    exceeds: bool = False  # the drop is beyond a margin (difference mode)
 
     def summary(self) -> str:
         stop = f" (stopped early at {self.n}/{self.n_planned})" if self.stopped_early else ""

@@ -44,6 +44,7 @@ class QmrSession:
     _fp_records: dict = field(default_factory=dict)
     _expected_cache: dict = field(default_factory=dict)
     _served: dict = field(default_factory=dict)  # checkpoint path -> {endpoint, model} of the last API evaluation
+    family_sizes: dict = field(default_factory=dict)  # thresholds.family -> cells of it in this session
     _servers: Any = None  # backends.ServerPool of the openai backend, created on first use
 
     # ---- models -------------------------------------------------------------------------
@@ -56,6 +57,46 @@ class QmrSession:
         return self._loaded[key]
 
     # ---- cells --------------------------------------------------------------------------
+    def thresholds(self, cell) -> Any:
+        """The cell's thresholds for the gate; under a multiplicity family, with the number of
+        this session's cells in it (``family_sizes``, counted by the plugin at collection)."""
+        family = cell.thresholds.family
+        if family == "none":
+            return cell.thresholds
+        return {**cell.thresholds.model_dump(), "family_size": self.family_sizes.get(family, 1)}
+
+    def apply_family(self) -> list[str]:
+        """At the session's end: Holm / BH adjusted p over the gated cells of each family that
+        ran, written into their result.json (``gate.p_adjusted``, ``gate.family_verdict``);
+        one line per family for the terminal."""
+        from .gate import adjust_family, family_verdict
+
+        cells_dir = self.run_dir / "cells"
+        members: dict[str, list[tuple[Path, dict]]] = {}
+        for path in sorted(cells_dir.glob("*/result.json")) if cells_dir.is_dir() else []:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # write_results reports it
+            gate = data.get("gate") or {}
+            if gate.get("family", "none") != "none":
+                members.setdefault(gate["family"], []).append((path, data))
+        lines = []
+        for family, cells in sorted(members.items()):
+            adjusted = adjust_family([data["gate"]["p_value"] for _, data in cells], family)
+            changed = []
+            for (path, data), p in zip(cells, adjusted, strict=True):
+                gate = data["gate"]
+                alpha = gate["alpha"] * gate.get("family_size", 1)  # the family's alpha
+                gate["p_adjusted"] = p
+                gate["family_verdict"] = family_verdict(GateResult.from_dict(gate), p, alpha)
+                if gate["family_verdict"] != gate["verdict"]:
+                    changed.append(f"{data['cell_id']} {gate['verdict']} -> {gate['family_verdict']}")
+                atomic_write_json(path, data)
+            lines.append(f"qmr family {family} over {len(cells)} cells (each gated at alpha/{len(cells)}): "
+                         + ("; ".join(changed) if changed else "adjusted p changes no verdict"))
+        return lines
+
     def _generation(self, cell) -> GenerationSettings:
         return GenerationSettings(max_new_tokens=cell.generation.max_new_tokens, batch_size=cell.generation.batch_size)
 
@@ -88,7 +129,7 @@ class QmrSession:
 
             def settled(records: list[SampleRecord]) -> bool:
                 quant = [r.correct for r in records]
-                return final_verdict_if_known(fp_correct, quant, cell.thresholds) is not None
+                return final_verdict_if_known(fp_correct, quant, self.thresholds(cell)) is not None
 
             return evaluator.run_sequential(task, indices, chunk, seed, settled)
         if indices is not None:
@@ -293,10 +334,10 @@ class QmrSession:
         quant = {r.item_id: r.correct for r in records}
         fp_vec, q_vec = bl.paired_vectors(baseline, list(quant), quant)
         if cell.thresholds.sequential and len(records) < len(fp_correct_all):
-            early = final_verdict_if_known(fp_correct_all, [r.correct for r in records], cell.thresholds)
+            early = final_verdict_if_known(fp_correct_all, [r.correct for r in records], self.thresholds(cell))
             if early is not None:
                 return early
-        gate = evaluate_gate(fp_vec, q_vec, cell.thresholds)
+        gate = evaluate_gate(fp_vec, q_vec, self.thresholds(cell))
         gate.n_planned = len(fp_correct_all)
         return gate
 

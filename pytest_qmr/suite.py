@@ -138,6 +138,8 @@ class Thresholds(_Spec):
     error_profile: dict[str, Any] = Field(default_factory=dict)
     # difference: the point estimate against the margins; noninferiority: the interval (pytest_qmr.gate)
     mode: Literal["difference", "noninferiority"] = "difference"
+    # many cells at once: each gated at alpha / m, Holm or Benjamini-Hochberg p reported at the end
+    family: Literal["none", "holm", "bh"] = "none"
 
 
 class ThresholdsOverride(_Spec):
@@ -151,6 +153,7 @@ class ThresholdsOverride(_Spec):
     inconclusive: Literal["fail", "pass"] = None  # type: ignore[assignment]
     error_profile: dict[str, Any] = None  # type: ignore[assignment]
     mode: Literal["difference", "noninferiority"] = None  # type: ignore[assignment]
+    family: Literal["none", "holm", "bh"] = None  # type: ignore[assignment]
 
     def merged_on(self, base: Thresholds) -> Thresholds:
         data = base.model_dump()
@@ -494,6 +497,7 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
                       f"not a quantizer of this suite ({', '.join(quantizer_names)})", name)
     _check_locate(source, spec)
     _check_restore(source, spec)
+    _check_family(source, spec)
 
     seen_ids: dict[str, str] = {}
     for mi, m in enumerate(spec.models):
@@ -505,6 +509,17 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
                     _fail(source, f"models[{mi}].name",
                           f"cell id {cell_id!r} of {where} collides with {seen_ids[cell_id]}; rename one", m.name)
                 seen_ids[cell_id] = where
+
+
+def _check_family(source: str, spec: SuiteSpec) -> None:
+    """A multiplicity family adjusts p-values, which only the difference mode decides on."""
+    sections = [("thresholds", spec.thresholds)]
+    sections += [(f"benchmarks[{i}].thresholds", b.thresholds.merged_on(spec.thresholds))
+                 for i, b in enumerate(spec.benchmarks) if b.thresholds is not None]
+    for key, thresholds in sections:
+        if thresholds.family != "none" and thresholds.mode == "noninferiority":
+            _fail(source, f"{key}.family", "adjusts p-values, so it needs mode: difference (noninferiority judges "
+                  "each cell's interval)", thresholds.family)
 
 
 def _check_restore(source: str, spec: SuiteSpec) -> None:

@@ -4,6 +4,7 @@ non-inferiority mode that judges it (pytest_qmr.gate's module doc has the rules)
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -111,8 +112,8 @@ def test_sequential_keeps_its_guarantee_in_noninferiority_mode():
     rng = np.random.default_rng(11)
     thresholds = Thresholds(max_abs_drop=0.25, max_rel_drop=1.0, alpha=0.2, min_items=4, mode="noninferiority")
     settled = set()
-    for _ in range(120):
-        n = int(rng.integers(4, 11))
+    for _ in range(60):
+        n = int(rng.integers(4, 10))
         fp_all = [bool(v) for v in rng.random(n) < rng.uniform(0.3, 0.9)]
         broken = rng.uniform(0, 1)
         quant_all = [bool(f and rng.random() > broken) or bool(not f and rng.random() < 0.1) for f in fp_all]
@@ -127,3 +128,84 @@ def test_sequential_keeps_its_guarantee_in_noninferiority_mode():
                 assert outcomes == {result.verdict}
                 settled.add(result.verdict)
     assert settled == {"pass", "fail", "inconclusive"}
+
+
+# ------------------------------------------------------------------ many cells at once
+
+
+def _null_session_verdicts(rng, cells: int, n: int, fp_right: int, flip: float, family: str):
+    """One session of ``cells`` null checkpoints (they lost nothing: as many items lost as won in
+    expectation) against a fixed FP baseline; returns the cells' final (family) verdict codes."""
+    from pytest_qmr.gate import _verdicts, adjust_family
+
+    lost = rng.binomial(fp_right, flip, size=cells)  # FP right, quantized wrong
+    won = rng.binomial(n - fp_right, flip * fp_right / (n - fp_right), size=cells)  # the reverse, same mean
+    thresholds = {"max_abs_drop": 0.05, "max_rel_drop": 0.10, "alpha": 0.05, "min_items": 20,
+                  "family": family, "family_size": cells}
+    codes, drop, rel, p = _verdicts(lost, won, n, fp_right, thresholds)
+    if family == "none":
+        return codes
+    from pytest_qmr.gate import _mcnemar_p
+
+    adjusted = np.array(adjust_family(list(_mcnemar_p(lost, won)), family))
+    exceeds = (drop > 0.05 + 1e-9) | (rel > 0.10 + 1e-9)
+    return np.where(exceeds & (adjusted < 0.05), 1, codes)  # Holm's step-down on top of alpha / m
+
+
+def test_holm_keeps_the_family_wise_false_alarm_rate_of_84_null_cells_at_alpha():
+    """suites/paper.yaml's 84 cells on checkpoints that lost nothing: gated one by one at alpha
+    0.05, most sessions raise a false alarm somewhere; under ``family: holm`` (alpha / 84 per cell,
+    then Holm's adjusted p at the end) at most 5% of sessions do."""
+    rng = np.random.default_rng(2026)
+    sessions = {"none": 2000, "holm": 400}  # statsmodels' Holm costs ~25 ms a session
+    alarms = {family: np.mean([np.any(_null_session_verdicts(rng, 84, 80, 55, 0.15, family) == 1)
+                               for _ in range(count)]) for family, count in sessions.items()}
+    assert alarms["holm"] <= 0.05, alarms
+    assert alarms["none"] > 0.2, alarms  # what the family is for
+
+
+def test_family_at_the_session_end_adjusts_each_cell(tmp_path):
+    """apply_family over a run directory: every cell of the family gets its Holm p and the
+    verdict it gives; a cell Bonferroni left inconclusive fails where Holm's step-down rejects."""
+    from pytest_qmr.records import CellResult
+    from pytest_qmr.session import QmrSession
+
+    thresholds = {"max_abs_drop": 0.05, "max_rel_drop": 0.10, "alpha": 0.05, "min_items": 20,
+                  "family": "holm", "family_size": 3}
+    cells = {"broken": paired(10, 30, 0, 0), "lossy": paired(28, 9, 1, 2), "copy": paired(30, 0, 0, 10)}
+    for name, (fp, quant) in cells.items():
+        gate = evaluate_gate(fp, quant, thresholds)
+        result = CellResult(cell_id=name, model="m", quantizer=name, benchmark="b", task="t",
+                            accuracy=gate.quant_acc, n=gate.n, gate=gate, samples_path="")
+        (tmp_path / "cells" / name).mkdir(parents=True)
+        (tmp_path / "cells" / name / "result.json").write_text(json.dumps(result.to_dict()))
+    before = {name: evaluate_gate(*cells[name], thresholds) for name in cells}
+    assert before["lossy"].verdict == "inconclusive" and before["lossy"].p_value < 0.05 / 2
+    lines = QmrSession(rootdir=tmp_path, run_dir=tmp_path, baselines_dir=tmp_path).apply_family()
+    assert lines == ["qmr family holm over 3 cells (each gated at alpha/3): lossy inconclusive -> fail"]
+    after = {name: json.loads((tmp_path / "cells" / name / "result.json").read_text())["gate"]
+             for name in cells}
+    assert after["broken"]["family_verdict"] == "fail" and after["copy"]["family_verdict"] == "pass"
+    assert after["lossy"]["p_adjusted"] == pytest.approx(2 * before["lossy"].p_value)  # Holm's second step
+    assert after["copy"]["p_adjusted"] == 1.0
+
+
+def test_the_family_is_the_cells_selected_to_run(pytester, data_dir):
+    from pytest_qmr.plugin import SESSION_KEY
+
+    suite = pytester.makefile(".yaml", fam=f"""
+name: fam
+data_dir: {data_dir}
+models: [{{name: m, ref: embedded:smollm2-135m-arith}}]
+quantizers:
+  - {{name: fp, method: fp}}
+  - {{name: rtn-w4, method: rtn, bits: 4, group_size: 64}}
+  - {{name: rtn-w8, method: rtn, bits: 8, group_size: 64}}
+benchmarks: [{{name: arith, task: qmr_arith, limit: 8}}]
+thresholds: {{family: holm}}
+""")
+    items, _ = pytester.inline_genitems(str(suite), "-k", "rtn")  # all collected; fp is then deselected
+    session = items[0].config.stash[SESSION_KEY]
+    assert session.family_sizes == {"holm": 2}
+    gate_thresholds = session.thresholds(items[1].cell)
+    assert evaluate_gate([True] * 20, [True] * 20, gate_thresholds).alpha == 0.025

@@ -153,6 +153,15 @@ CASES = {
         lambda d: d["quantizers"][1].update(group_size=1),
         "quantizers[1].group_size: must be at least 2 (got 1)",
     ),
+    "family with noninferiority": (
+        lambda d: d["thresholds"].update(mode="noninferiority", family="holm"),
+        "thresholds.family: adjusts p-values, so it needs mode: difference (noninferiority judges each cell's "
+        "interval) (got 'holm')",
+    ),
+    "unknown gate mode": (
+        lambda d: d["thresholds"].update(mode="superiority"),
+        "thresholds.mode: must be one of difference, noninferiority (got 'superiority')",
+    ),
     "smoothquant bits": (
         lambda d: d["quantizers"].append(
             {"name": "sq", "method": "smoothquant", "bits": 4, "calibration": {"dataset": "gsm8k"}}
