@@ -54,13 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.set_defaults(func=_cmd_model)
 
-    from . import locate, quantize, report, restore, serve
+    from . import compare, locate, quantize, report, restore, serve
 
     quantize.add_cli(sub)
     locate.add_cli(sub)
     serve.add_cli(sub)
     restore.add_cli(sub)
     report.add_cli(sub)
+    compare.add_cli(sub)
     return parser
 
 

@@ -625,3 +625,34 @@ def test_unreadable_benchmark_data_is_one_line_in_a_cell(pytester, repo_root, da
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([f"*{MODEL}-fp-gsm8k: {broken / 'gsm8k' / 'test.jsonl'}: line 4: not valid JSON (*"])
     assert "Traceback" not in result.stdout.str()
+
+
+def test_qmr_compare_two_real_runs(repo_root, data_dir, cache_dir, lab_model, tmp_path, capsys):
+    """Two run directories made by sessions (FP, and another checkpoint of it), compared item by
+    item: the statistics are the gate's on the shared items, and a mistyped cell is one line."""
+    from pytest_qmr.cli import main
+
+    other = _scrambled_copy(lab_model, tmp_path / "other")
+    quantizers = FP_ONLY + f"\n  - {{name: other, method: checkpoint, path: {other}}}"
+    fp_cell, other_cell = _cells(tmp_path, data_dir, quantizers=quantizers, limit=6)
+    first = _session(tmp_path / "a", repo_root / "baselines", data_dir, cache_dir).run_cell(fp_cell)
+    second = _session(tmp_path / "b", repo_root / "baselines", data_dir, cache_dir).run_cell(
+        _cells(tmp_path, data_dir, quantizers=quantizers, limit=8)[1])
+    run_a, run_b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert main(["compare", str(run_a), str(run_b), "--cell-a", fp_cell.id, "--cell-b", other_cell.id, "--json",
+                 "--min-items", "4"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["cells"]  # run B covered two more items than A
+    samples_a, samples_b = ({row["item_id"]: row["correct"] for row in map(json.loads, lines)}
+                            for lines in (Path(r.samples_path).read_text().splitlines() for r in (first, second)))
+    shared = sorted(set(samples_a) & set(samples_b))
+    assert row["items_a"] == 6 and row["items_b"] == 8 and row["gate"]["n"] == len(shared) == 6
+    assert row["gate"]["fp_only"] == sum(samples_a[i] and not samples_b[i] for i in shared)
+    assert row["gate"]["quant_only"] == sum(samples_b[i] and not samples_a[i] for i in shared)
+    assert main(["compare", str(run_a), str(run_b), "--cell-a", fp_cell.id, "--cell-b", other_cell.id,
+                 "--min-items", "4"]) == 0
+    markdown = capsys.readouterr().out
+    assert f"| {fp_cell.id} → {other_cell.id} | 6 |" in markdown and "Δ CI" in markdown
+    assert main(["compare", str(run_a), str(run_b)]) == 2  # no shared cell id
+    assert one_line(capsys.readouterr().err).endswith("share no cell id; name two with --cell-a and --cell-b")
+    assert main(["compare", str(run_a), str(run_b), "--cell-a", "fp", "--cell-b", other_cell.id]) == 2
+    assert f"{run_a}: no cell 'fp' (cells: {fp_cell.id})" in one_line(capsys.readouterr().err)
