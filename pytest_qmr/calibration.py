@@ -102,15 +102,19 @@ def _gsm8k_rows(data_dir: Path | None) -> tuple[list[dict], str]:
         if not path.is_file():
             raise CalibrationError(f"calibration data {path} not found (data dir {data_dir} has no {GSM8K_TRAIN})")
         rows = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    rows.append({"question": row["question"], "answer": row["answer"]})
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise CalibrationError(f"{path}:{number}: not a GSM8K row with question and answer") from None
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise CalibrationError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                                   f"{exc.start})") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows.append({"question": row["question"], "answer": row["answer"]})
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CalibrationError(f"{path}:{number}: not a GSM8K row with question and answer") from None
         return rows, str(path)
     try:
         from datasets import load_dataset

@@ -238,6 +238,9 @@ def import_reviews(queue_dir: str | Path, judged_rows: Sequence[Mapping[str, Any
         cases = manifest["cases"]
     except OSError:
         raise ReviewError(f"{manifest_path}: missing (is {queue} a review queue?)") from None
+    except UnicodeDecodeError as exc:
+        raise ReviewError(f"{manifest_path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start})") from None
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ReviewError(f"{manifest_path}: not a review queue manifest") from None
     rows = [dict(r) for r in judged_rows]

@@ -656,3 +656,21 @@ def test_qmr_compare_two_real_runs(repo_root, data_dir, cache_dir, lab_model, tm
     assert one_line(capsys.readouterr().err).endswith("share no cell id; name two with --cell-a and --cell-b")
     assert main(["compare", str(run_a), str(run_b), "--cell-a", "fp", "--cell-b", other_cell.id]) == 2
     assert f"{run_a}: no cell 'fp' (cells: {fp_cell.id})" in one_line(capsys.readouterr().err)
+
+
+def test_non_utf8_calibration_data_and_review_manifest_name_their_file(tmp_path):
+    from pytest_qmr.calibration import CalibrationError, _gsm8k_rows
+    from pytest_qmr.review import MANIFEST, ReviewError, import_reviews
+
+    (tmp_path / "gsm8k").mkdir()
+    train = tmp_path / "gsm8k" / "train.jsonl"
+    train.write_bytes(b'{"question": "caf\xe9", "answer": "#### 1"}\n')
+    with pytest.raises(CalibrationError) as excinfo:
+        _gsm8k_rows(tmp_path)
+    assert one_line(str(excinfo.value)) == f"{train}: not UTF-8 text (byte 0xe9 at offset 17)"
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    (queue / MANIFEST).write_bytes(b'{"cases": ["\xff"]}')
+    with pytest.raises(ReviewError) as excinfo:
+        import_reviews(queue, [])
+    assert one_line(str(excinfo.value)) == f"{queue / MANIFEST}: not UTF-8 text (byte 0xff at offset 12)"
