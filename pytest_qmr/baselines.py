@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
-from .errors import QmrError
 
+from .errors import QmrError
 from .fsutil import atomic_write_json, locked, sha256_text
 
 __all__ = [

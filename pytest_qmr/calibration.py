@@ -26,6 +26,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
 from .errors import QmrError
 
 DATASETS = ("gsm8k", "qmr_arith")

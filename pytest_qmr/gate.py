@@ -83,13 +83,23 @@ def _get(thresholds: Any, name: str, default: Any = None) -> Any:
     return getattr(thresholds, name, default)
 
 
+def _family(thresholds: Any) -> tuple[str, int]:
+    """(family, number of cells in it); outside a family the size is 1."""
+    family = _get(thresholds, "family", "none") or "none"
+    return family, (max(int(_get(thresholds, "family_size", 1) or 1), 1) if family != "none" else 1)
+
+
 def _thresholds(thresholds: Any) -> tuple[float, float, float, int]:
     """(max_abs_drop, max_rel_drop, the cell's alpha, min_items). Under ``family: holm | bh`` the
     cell's alpha is ``alpha / family_size`` (Bonferroni, see the module doc)."""
-    family = _get(thresholds, "family", "none") or "none"
-    size = max(int(_get(thresholds, "family_size", 1) or 1), 1) if family != "none" else 1
     return (float(_get(thresholds, "max_abs_drop")), float(_get(thresholds, "max_rel_drop")),
-            float(_get(thresholds, "alpha")) / size, int(_get(thresholds, "min_items")))
+            float(_get(thresholds, "alpha")) / _family(thresholds)[1], int(_get(thresholds, "min_items")))
+
+
+def _exceeds(drop: Any, rel_drop: Any, thresholds: Any) -> Any:
+    """Whether a drop is beyond a margin (vectorized); a drop at the margin is within it."""
+    max_abs, max_rel, _, _ = _thresholds(thresholds)
+    return (drop > max_abs + TOLERANCE) | (rel_drop > max_rel + TOLERANCE)
 
 
 def _mode(thresholds: Any) -> str:
@@ -159,7 +169,7 @@ def _verdicts(b, c, n: int, fp_correct: int, thresholds: Any):
         if n < min_items:
             codes = np.full_like(codes, 2)
         return codes, drop, rel_drop, p
-    exceeds = (drop > max_abs + TOLERANCE) | (rel_drop > max_rel + TOLERANCE)
+    exceeds = _exceeds(drop, rel_drop, thresholds)
     p = np.ones(b.shape, dtype=float)
     if np.any(exceeds):  # p only matters (and is only paid for) where the drop exceeds
         p[exceeds] = _mcnemar_p(b[exceeds], c[exceeds])
@@ -187,13 +197,13 @@ def _stats(fp: np.ndarray, quant: np.ndarray, thresholds: Any) -> dict:
     quant_acc = float(quant.mean()) if n else 0.0
     diff = b - c
     _, _, alpha, _ = _thresholds(thresholds)
-    low, high = paired_delta_ci(b, c, n, int(fp.sum()), 1 - alpha) if n else (-1.0, 1.0)
+    low, high = paired_delta_ci(b, c, n, int(fp.sum()), 1 - alpha)  # (-1, 1) without items
+    family, family_size = _family(thresholds)
     return {
         "delta_ci": [round(low, 6), round(high, 6)],
-        "family": _get(thresholds, "family", "none") or "none",
-        "family_size": max(int(_get(thresholds, "family_size", 1) or 1), 1),
-        "exceeds": bool(n) and bool(diff / n > _thresholds(thresholds)[0] + TOLERANCE
-                                    or (fp.sum() and diff / int(fp.sum()) > _thresholds(thresholds)[1] + TOLERANCE)),
+        "family": family,
+        "family_size": family_size,
+        "exceeds": bool(n) and bool(_exceeds(diff / n, diff / int(fp.sum()) if fp.sum() else 0.0, thresholds)),
         "ci_level": round(1 - alpha, 6),
         "mode": _mode(thresholds),
         "n": n,
@@ -356,7 +366,6 @@ def final_verdict_if_known(
     )
 
 
-
 # --------------------------------------------------------------------------- many cells
 
 
@@ -375,12 +384,11 @@ def adjust_family(p_values: Sequence[float], family: str) -> list[float]:
 
 def family_verdict(gate: GateResult, p_adjusted: float, alpha: float) -> str:
     """The verdict with the family's adjusted p against the family's ``alpha``. Since adjusted p
-    never exceeds ``m * p``, a cell that failed at ``alpha / m`` still fails; what Holm's
-    step-down (or BH) adds is a FAIL for a cell left inconclusive only by Bonferroni: a
+    never exceeds ``m * p``, a cell that failed at ``alpha / m`` still fails (a sequential FAIL,
+    proven for every completion, is kept even though its p is that of the items seen); what
+    Holm's step-down (or BH) adds is a FAIL for a cell left inconclusive only by Bonferroni: a
     difference-mode drop beyond the margin, judged on all its planned items."""
     if (gate.verdict == "inconclusive" and gate.mode == "difference" and gate.exceeds and not gate.stopped_early
             and p_adjusted < alpha):
         return "fail"
-    if gate.verdict == "fail" and gate.mode == "difference" and p_adjusted >= alpha:
-        return "inconclusive"
     return gate.verdict

@@ -42,10 +42,10 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
-from .errors import QmrError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from .errors import QmrError
 from . import rule_judge, taxonomy
 from .steps import Step, segment
 

@@ -43,8 +43,8 @@ from concurrent.futures import as_completed
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from .errors import QmrError
 
+from .errors import QmrError
 from . import taxonomy
 from .fsutil import atomic_write_jsonl, read_jsonl_strict
 from .judges import NO_ERROR, RULE, Case, Vote, build_judges, load_judge_settings

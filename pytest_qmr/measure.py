@@ -44,13 +44,14 @@ def known_tasks() -> list[str]:
     return list(task_manager(None).all_tasks)
 
 
-def check_task(name: str, where: str) -> None:
-    """``TaskError`` naming ``where`` (``file: key``) unless ``name`` is a known task."""
+def check_task(name: str, where: str, known: list[str] | None = None) -> None:
+    """``TaskError`` naming ``where`` (``file: key``) unless ``name`` is one of ``known`` (default:
+    :func:`known_tasks`; pass it when checking many names, indexing the tasks costs ~1 s)."""
     import difflib
 
     from .errors import TaskError
 
-    known = known_tasks()
+    known = known_tasks() if known is None else known
     if name in known:
         return
     close = difflib.get_close_matches(name, known, n=1)
@@ -147,29 +148,26 @@ class Evaluator:
 
         kwargs: dict[str, Any] = {"samples": {task: list(indices)}} if indices is not None else {"limit": limit}
         with _remote_failures_as_one_line(getattr(self.lm, "base_url", None)):
-            output = self._simple_evaluate(simple_evaluate, task, seed, kwargs)
+            output = simple_evaluate(
+                model=self.lm,
+                tasks=[task],
+                task_manager=self.manager,
+                apply_chat_template=True,
+                gen_kwargs={"max_gen_toks": self.generation.max_new_tokens, "do_sample": False},
+                log_samples=True,
+                bootstrap_iters=0,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+                verbosity="WARNING",
+                **kwargs,
+            )
         records = [_to_record(s) for s in output["samples"][task]]
         if self.render_prompt is not None:
             for record in records:
                 record.prompt = self.render_prompt(record.prompt)
         return sorted(records, key=lambda r: r.doc_index)
-
-    def _simple_evaluate(self, simple_evaluate, task: str, seed: int, kwargs: dict[str, Any]) -> dict:
-        return simple_evaluate(
-            model=self.lm,
-            tasks=[task],
-            task_manager=self.manager,
-            apply_chat_template=True,
-            gen_kwargs={"max_gen_toks": self.generation.max_new_tokens, "do_sample": False},
-            log_samples=True,
-            bootstrap_iters=0,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            verbosity="WARNING",
-            **kwargs,
-        )
 
     def run_sequential(self, task: str, indices: list[int], chunk: int, seed: int,
                        should_stop: Callable[[list[SampleRecord]], bool]) -> list[SampleRecord]:

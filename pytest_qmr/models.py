@@ -13,8 +13,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from .errors import QmrError
 
+from .errors import QmrError
 from .fsutil import (atomic_directory, atomic_write_json, cache_root, file_manifest, locked, manifest_problem,
                      sha256_file, sha256_file_cached, sha256_text)
 

@@ -57,8 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any, Iterator
-from .errors import QmrError
 
+from .errors import QmrError
 from .calibration import CalibrationError, CalibrationSpec
 from .fsutil import (atomic_directory, atomic_write_json, cache_root, file_manifest, locked, manifest_problem,
                      sha256_text)

@@ -56,8 +56,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from .errors import QmrError
 
+from .errors import QmrError
 from . import taxonomy
 from .fsutil import atomic_write_json, atomic_write_text, read_jsonl
 from .records import CellResult, SampleRecord

@@ -37,8 +37,8 @@ from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
-from .errors import QmrError
 
+from .errors import QmrError
 from . import answers, arith, taxonomy
 from .fsutil import (atomic_directory, atomic_write_json, atomic_write_jsonl, read_jsonl_strict,
                      sha256_text)

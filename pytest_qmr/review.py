@@ -28,10 +28,10 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from .errors import QmrError
 
 from jinja2 import DictLoader, Environment
 
+from .errors import QmrError
 from . import taxonomy
 from .fsutil import atomic_write_json, atomic_write_text
 from .judges import NO_ERROR, TYPE_DEFINITIONS, JudgeOutput

@@ -20,10 +20,11 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
-from .errors import QmrError
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from .errors import QmrError
 
 __all__ = [
     "SuiteError",
@@ -737,10 +738,11 @@ def check_references(suite: Suite) -> None:
     lm-eval task (did-you-mean), and ``locate.judge_config`` is a readable, valid judge file.
     Found here, a typo costs one line at collection instead of a traceback after evaluation."""
     from .judges import load_judge_settings
-    from .measure import check_task
+    from .measure import check_task, known_tasks
 
+    known = known_tasks()
     for i, benchmark in enumerate(suite.benchmarks):
-        check_task(benchmark.task, f"{suite.source}: benchmarks[{i}].task")
+        check_task(benchmark.task, f"{suite.source}: benchmarks[{i}].task", known)
     judge_config = suite.judge_config()
     if judge_config is not None:
         given = suite.spec.locate.judge_config

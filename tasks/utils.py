@@ -26,10 +26,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from pytest_qmr.errors import QmrError
 
 import datasets
 
+from pytest_qmr.errors import QmrError
 from pytest_qmr import answers, arith
 
 DATA_DIR_ENV = "QMR_DATA_DIR"
