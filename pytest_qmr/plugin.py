@@ -192,6 +192,10 @@ class SuiteFile(pytest.File):
             if cell.benchmark.name in cell.quantizer.expect_fail_on:
                 item.add_marker(pytest.mark.xfail(
                     reason=f"suite expects quantizer {cell.quantizer.name} to regress", raises=GateFailed, strict=True))
+            elif cell.benchmark.name in cell.quantizer.expect_inconclusive_on:
+                item.add_marker(pytest.mark.xfail(
+                    reason=f"suite expects {cell.benchmark.name}'s items too few to settle {cell.quantizer.name}",
+                    raises=CellInconclusive, strict=True))
             yield item
 
     class CollectError(Exception):
@@ -200,12 +204,13 @@ class SuiteFile(pytest.File):
     def repr_failure(self, excinfo, style=None):
         if excinfo.errisinstance(self.CollectError):
             return str(excinfo.value)
-        return super().repr_failure(excinfo, style)
+        return super().repr_failure(excinfo)
 
 
 class CellFailed(QmrError):
     """A cell ended failed; raised as one of the three kinds below, so a strict xfail can demand
-    that the gate itself said FAIL (``expect_fail_on`` uses ``raises=GateFailed``)."""
+    that the gate itself said FAIL (``expect_fail_on`` uses ``raises=GateFailed``; ``expect_inconclusive_on``
+    ``raises=CellInconclusive``)."""
 
 
 class GateFailed(CellFailed):

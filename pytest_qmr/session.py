@@ -69,8 +69,6 @@ class QmrSession:
         """At the session's end: Holm / BH adjusted p over the gated cells of each family that
         ran, written into their result.json (``gate.p_adjusted``, ``gate.family_verdict``);
         one line per family for the terminal."""
-        from .gate import adjust_family, family_verdict
-
         cells_dir = self.run_dir / "cells"
         members: dict[str, list[tuple[Path, dict]]] = {}
         for path in sorted(cells_dir.glob("*/result.json")) if cells_dir.is_dir() else []:
@@ -81,6 +79,10 @@ class QmrSession:
             gate = data.get("gate") or {}
             if gate.get("family", "none") != "none":
                 members.setdefault(gate["family"], []).append((path, data))
+        if not members:
+            return []
+        from .gate import adjust_family, family_verdict  # numpy/scipy: only once a family has cells
+
         lines = []
         for family, cells in sorted(members.items()):
             adjusted = adjust_family([data["gate"]["p_value"] for _, data in cells], family)

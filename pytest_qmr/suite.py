@@ -117,6 +117,9 @@ class QuantizerSpec(_Spec):
     options: dict[str, Any] = Field(default_factory=dict)  # modifier settings, e.g. {n_grid: 10} for awq
     # benchmarks on which this quantizer is a known regression: those cells are strict xfails
     expect_fail_on: list[NonEmptyStr] = Field(default_factory=list)
+    # benchmarks whose item count is known to be too small to settle this quantizer's verdict
+    # (a strict xfail that demands the gate's INCONCLUSIVE: neither a pass nor a fail satisfies it)
+    expect_inconclusive_on: list[NonEmptyStr] = Field(default_factory=list)
 
     @property
     def is_fp(self) -> bool:
@@ -258,7 +261,7 @@ class Cell:
                       if self.thresholds.sequential else {"sequential": False})
         return {
             "model": self.model.model_dump(),
-            "quantizer": self.quantizer.model_dump(exclude={"expect_fail_on"}),
+            "quantizer": self.quantizer.model_dump(exclude={"expect_fail_on", "expect_inconclusive_on"}),
             "benchmark": self.benchmark.model_dump(exclude={"thresholds", "quantizers"}),
             "thresholds": thresholds,
             "generation": self.generation.model_dump(),
@@ -449,10 +452,14 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
     benchmark_names = [b.name for b in spec.benchmarks]
     for i, q in enumerate(spec.quantizers):
         key = f"quantizers[{i}]"
-        for j, name in enumerate(q.expect_fail_on):
-            if name not in benchmark_names:
-                _fail(source, f"{key}.expect_fail_on[{j}]",
-                      f"not a benchmark of this suite ({', '.join(benchmark_names)})", name)
+        for field in ("expect_fail_on", "expect_inconclusive_on"):
+            for j, name in enumerate(getattr(q, field)):
+                if name not in benchmark_names:
+                    _fail(source, f"{key}.{field}[{j}]",
+                          f"not a benchmark of this suite ({', '.join(benchmark_names)})", name)
+        for j, name in enumerate(q.expect_inconclusive_on):
+            if name in q.expect_fail_on:
+                _fail(source, f"{key}.expect_inconclusive_on[{j}]", "also in expect_fail_on: a cell expects one verdict", name)
         if q.method == "fp":
             for field in ("bits", "group_size", "symmetric", "ignore", "calibration", "path"):
                 if field in q.model_fields_set:

@@ -117,6 +117,24 @@ def test_strict_xfail_demands_that_the_gate_said_fail(pytester, data_dir):
         "reason": "suite expects quantizer rtn-w4g64 to regress", "raises": GateFailed, "strict": True}
 
 
+def test_expect_inconclusive_on_is_a_strict_xfail_that_only_an_inconclusive_gate_satisfies(pytester, data_dir):
+    """A cell known to be too small to settle (the smoke suite's GPTQ-W4 under non-inferiority):
+    a PASS or a FAIL there is news, so both break the strict xfail; only CellInconclusive is expected."""
+    from pytest_qmr.plugin import CellInconclusive
+
+    quantizers = FP_ONLY + "\n  - {name: q, method: rtn, bits: 4, group_size: 64, expect_inconclusive_on: [arith]}"
+    suite = pytester.makefile(".yaml", faults=suite_text(data_dir, quantizers))
+    items, _ = pytester.inline_genitems(str(suite))
+    mark = {item.name: item.get_closest_marker("xfail") for item in items}[f"{MODEL}-q-arith"]
+    assert mark.kwargs == {"reason": "suite expects arith's items too few to settle q", "raises": CellInconclusive,
+                           "strict": True}
+    both = quantizers.replace("expect_inconclusive_on", "expect_fail_on: [arith], expect_inconclusive_on")
+    (pytester.path / "faults.yaml").write_text(suite_text(data_dir, both))
+    result = _collect(pytester, str(pytester.path / "faults.yaml"))
+    result.stdout.fnmatch_lines(["*faults.yaml: quantizers[[]1].expect_inconclusive_on[[]0]: also in expect_fail_on: "
+                                 "a cell expects one verdict (got 'arith')*"])
+
+
 def test_cli_prints_our_errors_as_one_line_and_bugs_as_tracebacks(tmp_path, capsys):
     from pytest_qmr.cli import main
 
