@@ -47,13 +47,14 @@ __all__ = [
 
 SCHEMA = 1
 # Fields whose mismatch makes a baseline incomparable (errors); library versions only warn.
-PROVENANCE_CHECKED = ("model_fingerprint", "data_sha256", "prompt_sha256", "generation", "seed")
+PROVENANCE_CHECKED = ("model_fingerprint", "data_sha256", "prompt_sha256", "generation", "seed", "scoring")
 _CAUSES = {
     "model_fingerprint": "the FP model weights changed",
     "data_sha256": "the benchmark data changed",
     "prompt_sha256": "the prompt changed",
     "generation": "the generation settings changed",
     "seed": "the seed changed",
+    "scoring": "the benchmark's metric or filter changed",
 }
 
 

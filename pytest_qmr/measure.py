@@ -2,19 +2,28 @@
 
 lm-eval's own per-sample metric is the authority for correctness; we add a stable item id,
 the full generation and the extracted answer, so later stages read records, not models.
+
+Any lm-eval task can be measured, not only ours (:class:`TaskSource`: our ``tasks/``, a suite's
+task folders, lm-eval's stock tasks). Our ``qmr_*`` docs carry ``qmr_id`` / ``qmr_gold``; for any
+other task an item is identified by the hash of its doc (lm-eval's own ``doc_hash``), its gold is
+the task's ``doc_to_target`` (for a multiple-choice task, the text of the target choice), and its
+correctness is the task's own per-item 0/1 metric (:class:`Scoring`: ``exact_match`` or ``acc``
+unless a benchmark names one, of the task's first filter unless it names one).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .fsutil import sha256_text
 from .records import SampleRecord
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -30,33 +39,83 @@ def tasks_dir() -> Path:
     return Path(str(resources.files("pytest_qmr.tasks")))
 
 
-def task_manager(data_dir: Path | None, extra_metadata: dict | None = None):
+@dataclass(frozen=True)
+class TaskSource:
+    """Where a cell's lm-eval tasks are found: our ``tasks/`` always, then the suite's task
+    folders (``tasks:`` and ``--qmr-tasks``; absolute paths), then, with ``include_defaults``,
+    lm-eval's stock tasks (a user folder's task of the same name wins, as in lm-eval)."""
+
+    paths: tuple[Path, ...] = ()
+    include_defaults: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"paths": [str(p) for p in self.paths], "include_defaults": self.include_defaults}
+
+
+def task_manager(data_dir: Path | None, extra_metadata: dict | None = None, source: TaskSource = TaskSource()):
     from lm_eval.tasks import TaskManager
 
     metadata = dict(extra_metadata or {})
     if data_dir is not None:
         metadata["data_dir"] = str(data_dir)
-    return TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=metadata)
+    return TaskManager(include_path=[str(tasks_dir()), *map(str, source.paths)],
+                       include_defaults=source.include_defaults, metadata=metadata)
 
 
-def known_tasks() -> list[str]:
-    """Names of the tasks a cell can use (what :func:`task_manager` indexes)."""
-    return list(task_manager(None).all_tasks)
+@lru_cache(maxsize=8)
+def known_tasks(source: TaskSource = TaskSource()) -> tuple[str, ...]:
+    """Names of the tasks a cell can use (what :func:`task_manager` indexes; indexing lm-eval's
+    stock tasks costs seconds, so each source is indexed once per process)."""
+    return tuple(task_manager(None, source=source).all_tasks)
 
 
-def check_task(name: str, where: str, known: list[str] | None = None) -> None:
+def check_task(name: str, where: str, known: Iterable[str] | None = None) -> None:
     """``TaskError`` naming ``where`` (``file: key``) unless ``name`` is one of ``known`` (default:
-    :func:`known_tasks`; pass it when checking many names, indexing the tasks costs ~1 s)."""
+    :func:`known_tasks` of our own folder)."""
     import difflib
 
     from .errors import TaskError
 
-    known = known_tasks() if known is None else known
+    known = list(known_tasks() if known is None else known)
     if name in known:
         return
     close = difflib.get_close_matches(name, known, n=1)
-    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known[:20])}"
     raise TaskError(f"{where}: unknown lm-eval task, {hint} (got {name!r})")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How one benchmark's samples become 0/1 items: the task's per-item ``metric`` (None:
+    ``exact_match``, else ``acc``, else the task's first metric), the ``filter`` whose output it
+    scored (None: the task's first), and an ``answer_kind`` (number | latex | choice) under which
+    our answer extractor reads the response for Locate (None: the filter's output is the
+    extracted answer). ``where`` names the benchmark in messages (``suite.yaml: benchmarks[0]``)."""
+
+    metric: str | None = None
+    filter: str | None = None
+    answer_kind: str | None = None
+    where: str = "benchmark"
+
+
+def doc_item_id(doc: Any) -> str:
+    """A stable item id: our ``qmr_id``, else the hash of the doc as lm-eval logs it (``doc_hash``)."""
+    import json
+
+    if isinstance(doc, dict) and "qmr_id" in doc:
+        return str(doc["qmr_id"])
+    from lm_eval.utils import handle_non_serializable, hash_string
+
+    return "doc-" + hash_string(json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False))[:16]
+
+
+def gold_text(target: Any, choices: list[str] | None) -> str:
+    """The gold as text: a multiple-choice target index becomes the text of that choice."""
+    if choices and isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(choices):
+        return str(choices[target]).strip()
+    if isinstance(target, list) and len(target) == 1:
+        target = target[0]
+    return str(target).strip()
 
 
 @dataclass(frozen=True)
@@ -71,7 +130,7 @@ class ExpectedItem:
 
 
 def expected_items(task: str, indices: list[int], tokenizer, data_dir: Path | None,
-                   seed: int = 0) -> list[ExpectedItem]:
+                   seed: int = 0, source: TaskSource = TaskSource()) -> list[ExpectedItem]:
     """The prompts and golds lm-eval will build for ``indices`` of ``task`` (no model runs):
     the same ``build_all_requests`` path as :meth:`Evaluator.run`, with the tokenizer's chat
     template applied as lm-eval's HFLM applies it."""
@@ -81,21 +140,77 @@ def expected_items(task: str, indices: list[int], tokenizer, data_dir: Path | No
         return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              continue_final_message=not add_generation_prompt)
 
-    task_obj = get_task_dict([task], task_manager(data_dir))[task]
+    task_obj = get_task_dict([task], task_manager(data_dir, source=source))[task]
     if task_obj.get_config("num_fewshot") is None:
         task_obj.set_config(key="num_fewshot", value=0)
     task_obj.set_fewshot_seed(seed=seed)
     task_obj.build_all_requests(samples=sorted(set(indices)), rank=0, world_size=1, apply_chat_template=True,
                                 chat_template=chat_template, tokenizer_name="")
-    items = [ExpectedItem(item_id=inst.doc["qmr_id"], doc_index=int(inst.doc_id), prompt=inst.arguments[0],
-                          gold=str(inst.doc["qmr_gold"])) for inst in task_obj.instances]
-    return sorted(items, key=lambda item: item.doc_index)
+    multiple_choice = task_obj.get_config("output_type") == "multiple_choice"
+    items: dict[int, ExpectedItem] = {}
+    for inst in task_obj.instances:  # a multiple-choice doc has one instance per choice, one context
+        doc, index = inst.doc, int(inst.doc_id)
+        if index in items:
+            continue
+        if isinstance(doc, dict) and "qmr_gold" in doc:
+            gold = str(doc["qmr_gold"])
+        else:
+            gold = gold_text(task_obj.doc_to_target(doc), task_obj.doc_to_choice(doc) if multiple_choice else None)
+        items[index] = ExpectedItem(item_id=doc_item_id(doc), doc_index=index, prompt=inst.arguments[0], gold=gold)
+    return [items[i] for i in sorted(items)]
 
 
-def _to_record(sample: dict) -> SampleRecord:
-    from .tasks.utils import read_sample
+def record_from_sample(sample: dict, output_type: str, scoring: Scoring = Scoring(), task: str = "") -> SampleRecord:
+    """One logged sample of ``simple_evaluate(..., log_samples=True)`` as a record. Our tasks'
+    samples go through ``tasks.utils.read_sample``; any other task's through its own metric."""
+    from .errors import TaskError
 
-    return SampleRecord(**read_sample(sample))
+    doc = sample["doc"]
+    if isinstance(doc, dict) and "qmr_id" in doc and scoring.metric in (None, "exact_match"):
+        from .tasks.utils import read_sample
+
+        return SampleRecord(**read_sample(sample))
+    metrics = [m for m in sample.get("metrics", []) if m in sample]
+    metric = scoring.metric or next((m for m in ("exact_match", "acc") if m in metrics), metrics[0] if metrics else None)
+    if metric not in sample:
+        raise TaskError(f"{scoring.where}.metric: task {task} has no per-item metric {metric!r} "
+                        f"(it has: {', '.join(metrics) or 'none'})")
+    value = sample[metric]
+    if isinstance(value, bool) or value in (0, 1):
+        correct = bool(value)
+    else:
+        raise TaskError(f"{scoring.where}.metric: task {task}'s {metric!r} is not a per-item 0/1 score, the gate "
+                        f"pairs items by correctness (got {value!r})")
+    arguments, resps = sample["arguments"], sample["resps"]
+    prompt = arguments[0][0] if isinstance(arguments, list) else arguments["gen_args_0"]["arg_0"]
+    if output_type == "multiple_choice":
+        choices = [str(args[1]) for args in arguments]
+        chosen = max(range(len(resps)), key=lambda i: float(resps[i][0][0]))
+        response = choices[chosen].strip()
+        extracted = response
+        gold = gold_text(sample["target"], [c.strip() for c in choices])
+    else:
+        response = resps[0][0] if resps and resps[0] else ""
+        filtered = sample.get("filtered_resps") or [""]
+        extracted = str(filtered[0]) if filtered[0] is not None else None
+        gold = gold_text(sample["target"], None)
+    if scoring.answer_kind is not None:
+        from .answers import extract_answer
+
+        extracted = extract_answer(response, scoring.answer_kind)
+    return SampleRecord(item_id=doc_item_id(doc), doc_index=int(sample["doc_id"]), prompt=prompt, response=response,
+                        extracted=extracted, gold=gold, correct=correct)
+
+
+def select_filter(samples: list[dict], scoring: Scoring, task: str) -> list[dict]:
+    """The samples of one filter (a task logs each doc once per filter in its ``filter_list``)."""
+    from .errors import TaskError
+
+    filters = list(dict.fromkeys(s.get("filter", "none") for s in samples))
+    chosen = scoring.filter or (filters[0] if filters else None)
+    if filters and chosen not in filters:
+        raise TaskError(f"{scoring.where}.filter: task {task} has no filter {chosen!r} (it has: {', '.join(filters)})")
+    return [s for s in samples if s.get("filter", "none") == chosen]
 
 
 @contextmanager
@@ -130,8 +245,9 @@ class Evaluator:
 
     def __init__(self, model, tokenizer, generation: GenerationSettings, data_dir: Path | None,
                  task_metadata: dict | None = None, *, lm=None,
-                 render_prompt: Callable[[Any], str] | None = None) -> None:
+                 render_prompt: Callable[[Any], str] | None = None, source: TaskSource = TaskSource()) -> None:
         self.generation = generation
+        self.output_types: dict[str, str] = {}  # task -> lm-eval output_type, once it has run
         if lm is None:
             from lm_eval.models.huggingface import HFLM
 
@@ -139,12 +255,15 @@ class Evaluator:
                       dtype="float32")
         self.lm = lm
         self.render_prompt = render_prompt
-        self.manager = task_manager(data_dir, task_metadata)
+        self.manager = task_manager(data_dir, task_metadata, source)
 
     def run(self, task: str, indices: list[int] | None = None, limit: int | None = None,
-            seed: int = 0) -> list[SampleRecord]:
-        """Generate for the given doc indices (or the first ``limit`` docs), greedy, chat-formatted."""
+            seed: int = 0, scoring: Scoring = Scoring()) -> list[SampleRecord]:
+        """Generate for the given doc indices (or the first ``limit`` docs), greedy, chat-formatted
+        (a multiple-choice task: the log-likelihood of each choice)."""
         from lm_eval import simple_evaluate
+
+        from .errors import TaskError
 
         kwargs: dict[str, Any] = {"samples": {task: list(indices)}} if indices is not None else {"limit": limit}
         with _remote_failures_as_one_line(getattr(self.lm, "base_url", None)):
@@ -163,18 +282,26 @@ class Evaluator:
                 verbosity="WARNING",
                 **kwargs,
             )
-        records = [_to_record(s) for s in output["samples"][task]]
+        if task not in output["samples"]:
+            subtasks = ", ".join(sorted(output["samples"])[:5])
+            raise TaskError(f"{scoring.where}.task: {task!r} is a group of lm-eval tasks; a cell gates one task "
+                            f"(e.g. {subtasks})")
+        output_type = output["configs"][task].get("output_type", "generate_until")
+        self.output_types[task] = output_type
+        samples = select_filter(output["samples"][task], scoring, task)
+        records = [record_from_sample(s, output_type, scoring, task) for s in samples]
         if self.render_prompt is not None:
             for record in records:
                 record.prompt = self.render_prompt(record.prompt)
         return sorted(records, key=lambda r: r.doc_index)
 
     def run_sequential(self, task: str, indices: list[int], chunk: int, seed: int,
-                       should_stop: Callable[[list[SampleRecord]], bool]) -> list[SampleRecord]:
+                       should_stop: Callable[[list[SampleRecord]], bool],
+                       scoring: Scoring = Scoring()) -> list[SampleRecord]:
         """Evaluate in chunks, asking ``should_stop`` after each whether the verdict is settled."""
         records: list[SampleRecord] = []
         for start in range(0, len(indices), chunk):
-            records += self.run(task, indices[start:start + chunk], seed=seed)
+            records += self.run(task, indices[start:start + chunk], seed=seed, scoring=scoring)
             if should_stop(records):
                 break
         return records

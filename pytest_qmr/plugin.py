@@ -35,6 +35,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="where cell records go (default: <rootdir>/qmr-runs/<timestamp>)")
     group.addoption("--qmr-data-dir", metavar="DIR", default=None,
                     help="benchmark data directory (overrides the suite's data_dir and QMR_DATA_DIR)")
+    group.addoption("--qmr-tasks", action="append", default=[], metavar="DIR",
+                    help="an lm-eval task folder added to every suite's task search path (repeatable)")
     group.addoption("--qmr-cache-dir", metavar="DIR", default=None,
                     help="model / quantized-checkpoint cache (default: QMR_CACHE_DIR or ~/.cache/pytest-qmr)")
     group.addoption("--qmr-resume", action="store_true",
@@ -180,7 +182,7 @@ class SuiteFile(pytest.File):
         from .suite import check_references, load_suite
 
         try:
-            suite = load_suite(self.path)
+            suite = load_suite(self.path, extra_tasks=self.config.getoption("--qmr-tasks"))
             check_references(suite)
         except QmrError as exc:
             raise self.CollectError(str(exc)) from None

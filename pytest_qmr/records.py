@@ -106,6 +106,7 @@ class CellResult:
     inputs_sha256: str | None = None  # --qmr-resume reuses the records only when this matches
     recomputed: str | None = None  # why --qmr-resume did not reuse an earlier result
     reused: bool = False  # this result came from --qmr-resume unchanged
+    notes: list[str] = field(default_factory=list)  # a stage that could not run on this task, in one line each
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -444,7 +444,7 @@ def _cell_report(run_dir: Path, cell: CellResult, samples: list[SampleRecord], f
     from .locate import error_profile
 
     method = _method(cell)
-    notes: list[str] = []
+    notes: list[str] = list(cell.notes)  # what a stage recorded it could not do on this task
     located_path = run_dir / "cells" / cell.cell_id / "located.jsonl"
     located_rows = read_jsonl(located_path) if located_path.is_file() else None
     located = None if located_rows is None else {str(r.get("id")): r for r in located_rows if r.get("id") is not None}
@@ -459,7 +459,7 @@ def _cell_report(run_dir: Path, cell: CellResult, samples: list[SampleRecord], f
             notes.append("samples.jsonl not found: regressed items unknown")
         else:
             regressions = _regressions(samples, fp_items, located)
-        if located is None:
+        if located is None and not any(n.startswith("locate:") for n in cell.notes):
             notes.append("not located: no located.jsonl for this cell (first faulty steps unknown)")
     gate = cell.gate
     return CellReport(

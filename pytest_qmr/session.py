@@ -44,6 +44,7 @@ class QmrSession:
     _fp_records: dict = field(default_factory=dict)
     _expected_cache: dict = field(default_factory=dict)
     _served: dict = field(default_factory=dict)  # checkpoint path -> {endpoint, model} of the last API evaluation
+    _output_types: dict = field(default_factory=dict)  # lm-eval task -> output_type, once it has run
     family_sizes: dict = field(default_factory=dict)  # thresholds.family -> cells of it in this session
     _servers: Any = None  # backends.ServerPool of the openai backend, created on first use
 
@@ -112,18 +113,24 @@ class QmrSession:
         gen, data_dir = self._generation(cell), self._data_dir(cell)
         if cell.generation.backend == "hf":
             model, tokenizer = self._load(path, cell.model.trust_remote_code)
-            return Evaluator(model, tokenizer, gen, data_dir)
+            return Evaluator(model, tokenizer, gen, data_dir, source=cell.tasks)
         if self._servers is None:
             self._servers = ServerPool()  # one qmr serve, reused across consecutive cells of a checkpoint
         lm, render_prompt, served = backend_lm(cell.generation.backend, path, gen.max_new_tokens, gen.batch_size,
                                                cell.benchmark.seed, cell.model.trust_remote_code, self._servers)
         if served is not None:
             self._served[str(path)] = served
-        return Evaluator(None, None, gen, data_dir, lm=lm, render_prompt=render_prompt)
+        return Evaluator(None, None, gen, data_dir, lm=lm, render_prompt=render_prompt, source=cell.tasks)
 
     def _evaluate(self, path: Path, cell, indices: list[int] | None, fp_correct: list[bool] | None):
         evaluator = self._evaluator(path, cell)
-        task, seed = cell.benchmark.task, cell.benchmark.seed
+        try:
+            return self._run(evaluator, cell, indices, fp_correct)
+        finally:
+            self._output_types.update(evaluator.output_types)  # Locate asks whether there are steps
+
+    def _run(self, evaluator: Evaluator, cell, indices: list[int] | None, fp_correct: list[bool] | None):
+        task, seed, scoring = cell.benchmark.task, cell.benchmark.seed, cell.scoring
         if fp_correct is not None and cell.thresholds.sequential and indices is not None:
             from .gate import final_verdict_if_known
 
@@ -133,10 +140,16 @@ class QmrSession:
                 quant = [r.correct for r in records]
                 return final_verdict_if_known(fp_correct, quant, self.thresholds(cell)) is not None
 
-            return evaluator.run_sequential(task, indices, chunk, seed, settled)
+            return evaluator.run_sequential(task, indices, chunk, seed, settled, scoring)
         if indices is not None:
-            return evaluator.run(task, indices=indices, seed=seed)
-        return evaluator.run(task, limit=cell.benchmark.limit, seed=seed)
+            return evaluator.run(task, indices=indices, seed=seed, scoring=scoring)
+        return evaluator.run(task, limit=cell.benchmark.limit, seed=seed, scoring=scoring)
+
+    @staticmethod
+    def _scoring_provenance(cell) -> dict | None:
+        """The benchmark's metric and filter, when it names them (None: the task's defaults)."""
+        b = cell.benchmark
+        return {"metric": b.metric, "filter": b.filter} if (b.metric or b.filter) else None
 
     def _provenance(self, fp: models.ResolvedModel, cell, records: list[SampleRecord]) -> dict:
         return {
@@ -145,6 +158,7 @@ class QmrSession:
             "generation": self._generation(cell).to_dict(),
             "limit": cell.benchmark.limit,
             "seed": cell.benchmark.seed,
+            "scoring": self._scoring_provenance(cell),
             "libraries": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -154,11 +168,12 @@ class QmrSession:
         from .backends import load_tokenizer
         from .measure import expected_items
 
-        key = (cell.benchmark.task, str(self._data_dir(cell)), cell.benchmark.seed, fp.fingerprint, tuple(indices))
+        key = (cell.benchmark.task, str(self._data_dir(cell)), cell.benchmark.seed, fp.fingerprint, tuple(indices),
+               cell.tasks)
         if key not in self._expected_cache:
             tokenizer = load_tokenizer(fp.path, cell.model.trust_remote_code)
             self._expected_cache[key] = expected_items(cell.benchmark.task, indices, tokenizer, self._data_dir(cell),
-                                                       seed=cell.benchmark.seed)
+                                                       seed=cell.benchmark.seed, source=cell.tasks)
         return self._expected_cache[key]
 
     def fp_baseline(self, cell, fp: models.ResolvedModel) -> bl.Baseline:
@@ -173,6 +188,7 @@ class QmrSession:
                 "model_fingerprint": fp.fingerprint,
                 "generation": self._generation(cell).to_dict(),
                 "seed": cell.benchmark.seed,
+                "scoring": self._scoring_provenance(cell),
             })
             if not mismatches:
                 indices = [int(v.get("doc_index", i)) for i, v in enumerate(baseline.items.values())]
@@ -288,11 +304,15 @@ class QmrSession:
         atomic_write_jsonl(cell_dir / "samples.jsonl", (redact_obj(r.to_dict()) for r in records))  # before locate
 
         gate = self._gate(cell, baseline, records, fp_correct_all)
-        profile = None
+        profile, notes = None, []
         if not cell.is_fp and cell.locate.enabled:
-            started = time.monotonic()
-            profile = self._locate(cell, baseline, records, cell_dir)
-            seconds["locate"] = time.monotonic() - started
+            if self._output_types.get(cell.benchmark.task) == "multiple_choice":
+                notes.append(f"locate: not run, task {cell.benchmark.task} is scored by log-likelihood "
+                             "(no generated steps to judge); the gate's verdict stands")
+            else:
+                started = time.monotonic()
+                profile = self._locate(cell, baseline, records, cell_dir)
+                seconds["locate"] = time.monotonic() - started
         result = CellResult(
             cell_id=cell.id,
             model=cell.model.name,
@@ -311,6 +331,7 @@ class QmrSession:
             inputs=inputs,
             inputs_sha256=sha256_json(inputs),
             recomputed=recomputed,
+            notes=notes,
         )
         self._settle(cell, result)
         restore = restore or self.restore_hook
@@ -418,8 +439,9 @@ class QmrSession:
                                distill_from=fp.path)
 
         restored_model, restored_tokenizer = rs.load_restored(quant_path, cell_dir / "adapter")
-        evaluator = Evaluator(restored_model, restored_tokenizer, gen, self._data_dir(cell))
-        again = evaluator.run(cell.benchmark.task, indices=[r.doc_index for r in records], seed=seed)
+        evaluator = Evaluator(restored_model, restored_tokenizer, gen, self._data_dir(cell), source=cell.tasks)
+        again = evaluator.run(cell.benchmark.task, indices=[r.doc_index for r in records], seed=seed,
+                              scoring=cell.scoring)
         atomic_write_jsonl(cell_dir / "restored_samples.jsonl", (r.to_dict() for r in again))
         quant = {r.item_id: r.correct for r in records}
         paired = [(quant[r.item_id], r.correct) for r in again if r.item_id in quant]
@@ -471,6 +493,7 @@ class QmrSession:
         from .locate import profile_summary
 
         lines = [result.gate.summary()] if result.gate else []
+        lines += result.notes
         if result.reused:
             lines.append("reused from --qmr-resume (inputs unchanged)")
         elif result.recomputed:

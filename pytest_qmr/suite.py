@@ -13,18 +13,21 @@ carries the first problem found.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import QmrError
+from .measure import Scoring, TaskSource
 
 __all__ = [
     "SuiteError",
@@ -175,6 +178,11 @@ class BenchmarkSpec(_Spec):
     seed: Seed = 0
     thresholds: ThresholdsOverride | None = None
     quantizers: list[Name] | None = None  # only these quantizers' cells (None: every quantizer)
+    # any lm-eval task: its per-item 0/1 metric (None: exact_match, else acc), the filter whose
+    # output it scores (None: the task's first), and the answer kind our extractor reads for Locate
+    metric: NonEmptyStr | None = None
+    filter: NonEmptyStr | None = None
+    answer_kind: Literal["number", "latex", "choice"] | None = None
 
 
 class Generation(_Spec):
@@ -223,6 +231,8 @@ class SuiteSpec(_Spec):
     name: Name
     description: str | None = None
     data_dir: NonEmptyStr | None = None
+    tasks: list[NonEmptyStr] = Field(default_factory=list)  # lm-eval task folders (relative to the suite file)
+    include_defaults: bool = False  # also lm-eval's stock tasks (their datasets from the hub unless a user YAML points them at files)
     locate: LocateSpec = Field(default_factory=LocateSpec)
     restore: Annotated[RestoreSpec, BeforeValidator(_restore_shorthand)] = Field(default_factory=RestoreSpec)
     models: list[ModelSpec] = Field(min_length=1)
@@ -251,6 +261,14 @@ class Cell:
     locate: LocateSpec = LocateSpec()
     judge_config: Path | None = None  # absolute path of locate.judge_config
     suite_file: str = ""  # how the suite file is named in messages
+    tasks: TaskSource = field(default_factory=lambda: TaskSource())  # where the benchmark's task is found
+    benchmark_index: int = 0  # position in the suite's benchmarks (messages name benchmarks[i])
+
+    @property
+    def scoring(self) -> Scoring:
+        b = self.benchmark
+        return Scoring(metric=b.metric, filter=b.filter, answer_kind=b.answer_kind,
+                       where=f"{self.suite_file or self.suite}: benchmarks[{self.benchmark_index}]")
 
     def reuse_spec(self) -> dict[str, Any]:
         """The settings the cell's records depend on (a change means they must be recomputed).
@@ -266,6 +284,7 @@ class Cell:
             "thresholds": thresholds,
             "generation": self.generation.model_dump(),
             "data_dir": None if self.data_dir is None else str(self.data_dir),
+            "tasks": self.tasks.to_dict(),
             "locate": self.locate.model_dump(),
             "restore": {**self.restore.model_dump(exclude={"min_gain", "may_pass", "quantizers", "benchmarks"}),
                         "runs": self.restores(failed=True)},
@@ -294,6 +313,7 @@ class Suite:
     spec: SuiteSpec
     path: Path  # absolute path of the suite file (or a pseudo path for parsed data)
     source: str  # how the file is named in messages
+    extra_tasks: tuple[Path, ...] = ()  # task folders from --qmr-tasks (absolute)
 
     @property
     def name(self) -> str:
@@ -332,6 +352,12 @@ class Suite:
             return None
         return (self.path.parent / Path(self.spec.data_dir).expanduser()).resolve()
 
+    def task_source(self) -> TaskSource:
+        """The suite's ``tasks:`` folders (relative to the suite file), then ``--qmr-tasks``."""
+        paths = [(self.path.parent / Path(p).expanduser()).resolve() for p in self.spec.tasks]
+        return TaskSource(paths=tuple(dict.fromkeys([*paths, *self.extra_tasks])),
+                          include_defaults=self.spec.include_defaults)
+
     def judge_config(self) -> Path | None:
         if self.spec.locate.judge_config is None:
             return None
@@ -344,11 +370,11 @@ class Suite:
 
     def cells(self) -> list[Cell]:
         """Every model x quantizer x benchmark cell (model-major order, FP cells included)."""
-        data_dir = self.data_dir()
+        data_dir, tasks = self.data_dir(), self.task_source()
         cells = []
         for model in self.spec.models:
             for quantizer in self.spec.quantizers:
-                for benchmark in self.spec.benchmarks:
+                for index, benchmark in enumerate(self.spec.benchmarks):
                     if benchmark.quantizers is not None and quantizer.name not in benchmark.quantizers:
                         continue
                     cells.append(
@@ -365,6 +391,8 @@ class Suite:
                             locate=self.spec.locate,
                             judge_config=self.judge_config(),
                             suite_file=self.source,
+                            tasks=tasks,
+                            benchmark_index=index,
                         )
                     )
         return cells
@@ -404,8 +432,9 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def load_suite(path: str | os.PathLike) -> Suite:
-    """Read and validate a suite file; raise :class:`SuiteError` (one line) on any problem."""
+def load_suite(path: str | os.PathLike, extra_tasks: Sequence[str | os.PathLike] = ()) -> Suite:
+    """Read and validate a suite file; raise :class:`SuiteError` (one line) on any problem.
+    ``extra_tasks``: more lm-eval task folders (``--qmr-tasks``), relative to the working directory."""
     source = str(path)
     file = Path(path)
     try:
@@ -422,7 +451,8 @@ def load_suite(path: str | os.PathLike) -> Suite:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
         raise SuiteError(_yaml_message(source, exc, text)) from None
-    return parse_suite(data, source=source, path=file)
+    suite = parse_suite(data, source=source, path=file)
+    return dataclasses.replace(suite, extra_tasks=tuple(Path(p).expanduser().resolve() for p in extra_tasks))
 
 
 def parse_suite(data: Any, *, source: str = "<suite>", path: str | os.PathLike | None = None) -> Suite:
@@ -452,10 +482,10 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
     benchmark_names = [b.name for b in spec.benchmarks]
     for i, q in enumerate(spec.quantizers):
         key = f"quantizers[{i}]"
-        for field in ("expect_fail_on", "expect_inconclusive_on"):
-            for j, name in enumerate(getattr(q, field)):
+        for listed in ("expect_fail_on", "expect_inconclusive_on"):
+            for j, name in enumerate(getattr(q, listed)):
                 if name not in benchmark_names:
-                    _fail(source, f"{key}.{field}[{j}]",
+                    _fail(source, f"{key}.{listed}[{j}]",
                           f"not a benchmark of this suite ({', '.join(benchmark_names)})", name)
         for j, name in enumerate(q.expect_inconclusive_on):
             if name in q.expect_fail_on:
@@ -747,7 +777,13 @@ def check_references(suite: Suite) -> None:
     from .judges import load_judge_settings
     from .measure import check_task, known_tasks
 
-    known = known_tasks()
+    source = suite.task_source()
+    for i, folder in enumerate(source.paths):
+        if not folder.is_dir():
+            key = f"tasks[{i}]" if i < len(suite.spec.tasks) else "--qmr-tasks"
+            given = suite.spec.tasks[i] if i < len(suite.spec.tasks) else str(folder)
+            _fail(suite.source, key, f"no such lm-eval task folder ({folder})", given)
+    known = known_tasks(source)
     for i, benchmark in enumerate(suite.benchmarks):
         check_task(benchmark.task, f"{suite.source}: benchmarks[{i}].task", known)
     judge_config = suite.judge_config()

@@ -85,8 +85,8 @@ CASES = {
     ),
     "unknown top-level key without close match": (
         lambda d: d.update(zzz=1),
-        "zzz: unknown key (valid keys: benchmarks, data_dir, description, generation, locate, models, name, "
-        "quantizers, restore, thresholds) (got 1)",
+        "zzz: unknown key (valid keys: benchmarks, data_dir, description, generation, include_defaults, locate, "
+        "models, name, quantizers, restore, tasks, thresholds) (got 1)",
     ),
     "unknown key in benchmark thresholds": (
         lambda d: d["benchmarks"][0]["thresholds"].update(alpah=0.1),
@@ -157,6 +157,14 @@ CASES = {
         lambda d: d["thresholds"].update(mode="noninferiority", family="holm"),
         "thresholds.family: adjusts p-values, so it needs mode: difference (noninferiority judges each cell's "
         "interval) (got 'holm')",
+    ),
+    "unknown answer kind": (
+        lambda d: d["benchmarks"][1].update(answer_kind="integer"),
+        "benchmarks[1].answer_kind: must be one of number, latex, choice (got 'integer')",
+    ),
+    "task folders not a list": (
+        lambda d: d.update(tasks="my_tasks"),
+        "tasks: must be a list (got 'my_tasks')",
     ),
     "unknown gate mode": (
         lambda d: d["thresholds"].update(mode="superiority"),
