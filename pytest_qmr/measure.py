@@ -8,7 +8,8 @@ task folders, lm-eval's stock tasks). Our ``qmr_*`` docs carry ``qmr_id`` / ``qm
 other task an item is identified by the hash of its doc (lm-eval's own ``doc_hash``), its gold is
 the task's ``doc_to_target`` (for a multiple-choice task, the text of the target choice), and its
 correctness is the task's own per-item 0/1 metric (:class:`Scoring`: ``exact_match`` or ``acc``
-unless a benchmark names one, of the task's first filter unless it names one).
+unless a benchmark names one, of the task's first filter unless it names one), or with
+``metric: answer`` our own answer checker under the benchmark's ``answer_kind``.
 """
 
 from __future__ import annotations
@@ -84,10 +85,14 @@ def check_task(name: str, where: str, known: Iterable[str] | None = None) -> Non
     raise TaskError(f"{where}: unknown lm-eval task, {hint} (got {name!r})")
 
 
+ANSWER_METRIC = "answer"  # a benchmark's metric: judged by our answer checker under its answer_kind
+
+
 @dataclass(frozen=True)
 class Scoring:
     """How one benchmark's samples become 0/1 items: the task's per-item ``metric`` (None:
-    ``exact_match``, else ``acc``, else the task's first metric), the ``filter`` whose output it
+    ``exact_match``, else ``acc``, else the task's first metric; ``answer``: our answer checker,
+    :func:`pytest_qmr.answers.is_equivalent`, under ``answer_kind``), the ``filter`` whose output it
     scored (None: the task's first), and an ``answer_kind`` (number | latex | choice) under which
     our answer extractor reads the response for Locate (None: the filter's output is the
     extracted answer). ``where`` names the benchmark in messages (``suite.yaml: benchmarks[0]``)."""
@@ -162,32 +167,18 @@ def expected_items(task: str, indices: list[int], tokenizer, data_dir: Path | No
 
 def record_from_sample(sample: dict, output_type: str, scoring: Scoring = Scoring(), task: str = "") -> SampleRecord:
     """One logged sample of ``simple_evaluate(..., log_samples=True)`` as a record. Our tasks'
-    samples go through ``tasks.utils.read_sample``; any other task's through its own metric."""
-    from .errors import TaskError
-
+    samples go through ``tasks.utils.read_sample``; any other task's through :class:`Scoring`."""
     doc = sample["doc"]
     if isinstance(doc, dict) and "qmr_id" in doc and scoring.metric in (None, "exact_match"):
         from .tasks.utils import read_sample
 
         return SampleRecord(**read_sample(sample))
-    metrics = [m for m in sample.get("metrics", []) if m in sample]
-    metric = scoring.metric or next((m for m in ("exact_match", "acc") if m in metrics), metrics[0] if metrics else None)
-    if metric not in sample:
-        raise TaskError(f"{scoring.where}.metric: task {task} has no per-item metric {metric!r} "
-                        f"(it has: {', '.join(metrics) or 'none'})")
-    value = sample[metric]
-    if isinstance(value, bool) or value in (0, 1):
-        correct = bool(value)
-    else:
-        raise TaskError(f"{scoring.where}.metric: task {task}'s {metric!r} is not a per-item 0/1 score, the gate "
-                        f"pairs items by correctness (got {value!r})")
     arguments, resps = sample["arguments"], sample["resps"]
     prompt = arguments[0][0] if isinstance(arguments, list) else arguments["gen_args_0"]["arg_0"]
     if output_type == "multiple_choice":
         choices = [str(args[1]) for args in arguments]
         chosen = max(range(len(resps)), key=lambda i: float(resps[i][0][0]))
-        response = choices[chosen].strip()
-        extracted = response
+        response = extracted = choices[chosen].strip()
         gold = gold_text(sample["target"], [c.strip() for c in choices])
     else:
         response = resps[0][0] if resps and resps[0] else ""
@@ -199,7 +190,32 @@ def record_from_sample(sample: dict, output_type: str, scoring: Scoring = Scorin
 
         extracted = extract_answer(response, scoring.answer_kind)
     return SampleRecord(item_id=doc_item_id(doc), doc_index=int(sample["doc_id"]), prompt=prompt, response=response,
-                        extracted=extracted, gold=gold, correct=correct)
+                        extracted=extracted, gold=gold, correct=_correct(sample, output_type, scoring, task, extracted,
+                                                                         gold))
+
+
+def _correct(sample: dict, output_type: str, scoring: Scoring, task: str, extracted: str | None, gold: str) -> bool:
+    """The item's 0/1: the task's own per-item metric, or (``metric: answer``) our answer checker."""
+    from .errors import TaskError
+
+    if scoring.metric == ANSWER_METRIC:
+        if scoring.answer_kind is None or output_type == "multiple_choice":
+            raise TaskError(f"{scoring.where}.metric: 'answer' needs a generate_until task and the benchmark's "
+                            f"answer_kind (task {task}: {output_type}, answer_kind {scoring.answer_kind})")
+        from .answers import is_equivalent
+
+        return is_equivalent(extracted, gold, scoring.answer_kind)
+    metrics = [m for m in sample.get("metrics", []) if m in sample]
+    metric = scoring.metric or next((m for m in ("exact_match", "acc") if m in metrics),
+                                    metrics[0] if metrics else None)
+    if metric not in sample:
+        raise TaskError(f"{scoring.where}.metric: task {task} has no per-item metric {metric!r} "
+                        f"(it has: {', '.join(metrics) or 'none'})")
+    value = sample[metric]
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise TaskError(f"{scoring.where}.metric: task {task}'s {metric!r} is not a per-item 0/1 score, the gate "
+                    f"pairs items by correctness (got {value!r})")
 
 
 def select_filter(samples: list[dict], scoring: Scoring, task: str) -> list[dict]:

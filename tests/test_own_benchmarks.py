@@ -19,7 +19,8 @@ dataset_kwargs:
   data_files: {{test: {data}}}
 test_split: test
 output_type: generate_until
-doc_to_text: "Solve the problem step by step. Write each step as 'Step k: <calculation>' and finish with 'The answer is <number>.'\\n\\n{{{{question}}}}"
+doc_to_text: "Solve the problem step by step. Write each step as 'Step k: <calculation>' and finish with \
+'The answer is <number>.'\\n\\n{{{{question}}}}"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
   until: ["<|im_end|>"]
@@ -69,6 +70,7 @@ benchmarks:
 thresholds: {{max_abs_drop: 0.10, max_rel_drop: 0.15, alpha: 0.05, min_items: 3, sequential: false}}
 generation: {{max_new_tokens: 96, batch_size: 12}}
 locate: {{judges: [rule]}}
+restore: {{when: on-fail, quantizers: [rtn-w4g64], benchmarks: [plain]}}
 """
 
 
@@ -133,7 +135,8 @@ def test_user_task_folder_stock_task_and_loglikelihood_task_gate_as_cells(pytest
     assert json.loads((baselines / MODEL / "mc.json").read_text())["provenance"]["scoring"] == {
         "metric": "acc", "filter": None}
 
-    second = run(f"--qmr-report={tmp_path / 'report'}")  # gated against the baselines just written: FP reproduces them item for item
+    # gated against the baselines just written: FP reproduces them item for item
+    second = run(f"--qmr-report={tmp_path / 'report'}")
     second.assert_outcomes(passed=4, xfailed=1)  # RTN-W4 regresses on the plain task (8 of 12 lost here)
     results = {c["benchmark"] + "/" + c["quantizer"]: c
                for c in json.loads((run_dir / "results.json").read_text())["cells"]}
@@ -147,6 +150,8 @@ def test_user_task_folder_stock_task_and_loglikelihood_task_gate_as_cells(pytest
     rtn = results["plain/rtn-w4g64"]
     assert rtn["gate"]["n"] == 12 and rtn["gate"]["verdict"] == "fail" and rtn["gate"]["fp_only"] > 0
     assert rtn["error_profile"]["n"] == rtn["gate"]["fp_only"]  # Locate ran on the foreign task's regressions
+    # Restore needs a training split with step-aligned gold: it says why not, the verdict stands
+    assert rtn["restore"]["error"].startswith("restore: task plain_arith has no training split")
 
     # log-likelihood task: the chosen choice is the one of highest log-likelihood; acc gates it
     mc = _samples(run_dir, "fp-mc")
@@ -228,6 +233,7 @@ def test_a_metric_that_is_not_a_per_item_0_1_score_is_one_line():
 
 
 def test_answer_kind_lets_our_extractor_read_a_foreign_tasks_response():
+    from pytest_qmr.errors import TaskError
     from pytest_qmr.measure import Scoring, record_from_sample
 
     sample = {**_sample(exact_match=0.0), "resps": [["Step 1: 1 + 1 = 2\nThe answer is 2."]],
@@ -235,3 +241,8 @@ def test_answer_kind_lets_our_extractor_read_a_foreign_tasks_response():
     assert record_from_sample(sample, "generate_until", Scoring(), "t").extracted == "[invalid]"  # the task's filter
     record = record_from_sample(sample, "generate_until", Scoring(answer_kind="number"), "t")
     assert record.extracted == "2" and record.correct is False  # correctness stays the task's own metric
+    judged = record_from_sample(sample, "generate_until", Scoring(metric="answer", answer_kind="number"), "t")
+    assert judged.extracted == "2" and judged.correct is True  # metric: answer -> our answer checker
+    with pytest.raises(TaskError, match=r"metric: 'answer' needs a generate_until task and the benchmark's "
+                                        r"answer_kind \(task t: generate_until, answer_kind None\)$"):
+        record_from_sample(sample, "generate_until", Scoring(metric="answer"), "t")
