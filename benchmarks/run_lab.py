@@ -26,7 +26,7 @@ from typing import Any, Callable
 from pytest_qmr import arith, rule_judge, taxonomy
 from pytest_qmr.arith_labeller import label
 from pytest_qmr.fsutil import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, sha256_text
-from pytest_qmr.gate import mcnemar_exact
+from pytest_qmr.gate import compare
 from pytest_qmr.quantize import QuantSpec
 
 HERE = Path(__file__).resolve().parent
@@ -205,10 +205,12 @@ class Lab:
                      self.cached(f"pairs-{name}-{variant}", key, make_pairs, "pairs", jsonl=True)]
             adapter = self.work / f"adapter-{name}-{variant}-{key}"
             card = self.cached(f"dpo-{name}-{variant}", key,
-                               lambda: rs.train_adapter(qpath, pairs, config, adapter, distill_from=self.fp.path),
+                               lambda pairs=pairs, adapter=adapter: rs.train_adapter(
+                                   qpath, pairs, config, adapter, distill_from=self.fp.path),
                                "dpo")
             n = self.config.n_test if variant == "all-step" else self.config.ablation_n_test
-            rows = self.evaluate(f"restored-{name}-{variant}-{key}", lambda: rs.load_restored(qpath, adapter), n)
+            rows = self.evaluate(f"restored-{name}-{variant}-{key}",
+                                 lambda adapter=adapter: rs.load_restored(qpath, adapter), n)
             runs[variant] = {"card": card, "rows": rows, "pairs": len(pairs)}
         best = runs.get("all-step") or next(iter(runs.values()))
         restored = best["rows"]
@@ -263,9 +265,8 @@ def paired(a_name: str, a: list[dict], b_name: str, b: list[dict]) -> dict:
     """Accuracies of two runs on the same items and the exact McNemar p-value between them."""
     if [r["item_id"] for r in a] != [r["item_id"] for r in b]:
         raise ValueError(f"{a_name} and {b_name} were not measured on the same items")
-    a_only = sum(x["correct"] and not y["correct"] for x, y in zip(a, b))
-    b_only = sum(y["correct"] and not x["correct"] for x, y in zip(a, b))
-    p_value = mcnemar_exact(a_only, b_only)
+    result = compare([bool(x["correct"]) for x in a], [bool(y["correct"]) for y in b])
+    a_only, b_only, p_value = result.first_only, result.second_only, result.p_value
     return {f"{a_name}_acc": accuracy(a), f"{b_name}_acc": accuracy(b), "n": len(a),
             f"{a_name}_only": a_only, f"{b_name}_only": b_only, "p_value": float(f"{p_value:.4g}")}
 
@@ -306,7 +307,7 @@ def earlier_test(fp_rows: list[dict], rows: list[dict]) -> dict:
 
 def cell_summary(name: str, fp_rows: list[dict], rows: list[dict]) -> dict:
     stats = paired("fp", fp_rows, "quant", rows)
-    regressions = [q for f, q in zip(fp_rows, rows) if f["correct"] and not q["correct"]]
+    regressions = [q for f, q in zip(fp_rows, rows, strict=True) if f["correct"] and not q["correct"]]
     drop = stats["fp_acc"] - stats["quant_acc"]
     return {"quantizer": name, "acc": stats["quant_acc"], "n": stats["n"], "p_value": stats["p_value"],
             "drop": round(drop, 4), "relative_drop": round(drop / stats["fp_acc"], 4) if stats["fp_acc"] else None,

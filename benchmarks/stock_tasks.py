@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--data-dir", default=os.environ.get("QMR_DATA_DIR", str(HERE.parent.parent / "shared" / "data")))
+    parser.add_argument("--data-dir",
+                        default=os.environ.get("QMR_DATA_DIR", str(HERE.parent.parent / "shared" / "data")))
     parser.add_argument("--out", default=str(HERE / "results" / "stock_tasks.json"))
     args = parser.parse_args(argv)
 

@@ -111,7 +111,8 @@ def parse_step(text: str) -> tuple[str, list[Operation]]:
         return "ops", operations
     tokens = rule_judge.tokenize(rule_judge.normalise(text))
     has_math = any(t.kind == "eq" for t in tokens) or any(
-        a.kind == "num" and b.kind == "op" and c.kind == "num" for a, b, c in zip(tokens, tokens[1:], tokens[2:])
+        a.kind == "num" and b.kind == "op" and c.kind == "num"
+        for a, b, c in zip(tokens, tokens[1:], tokens[2:], strict=False)
     )
     return ("garbled", []) if has_math or other else ("prose", [])
 
@@ -128,7 +129,7 @@ def _miscopy(x: Fraction, c: Fraction) -> bool:
         diffs = [i for i in range(len(a)) if a[i] != b[i]]
         return len(diffs) == 2 and a[diffs[0]] == b[diffs[1]] and a[diffs[1]] == b[diffs[0]]
     if len(a) == len(b):
-        return sum(p != q for p, q in zip(a, b)) == 1
+        return sum(p != q for p, q in zip(a, b, strict=True)) == 1
     short, long_ = sorted((a, b), key=len)
     return len(long_) - len(short) == 1 and any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
 
@@ -283,8 +284,8 @@ def processbench_f1(predictions: Sequence[int], labels: Sequence[int]) -> Proces
     erroneous traces (exact step match) and the accuracy on correct traces (predicted -1)."""
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
-    err = [int(p) == int(t) for p, t in zip(predictions, labels) if int(t) != -1]
-    ok = [int(p) == -1 for p, t in zip(predictions, labels) if int(t) == -1]
+    err = [int(p) == int(t) for p, t in zip(predictions, labels, strict=True) if int(t) != -1]
+    ok = [int(p) == -1 for p, t in zip(predictions, labels, strict=True) if int(t) == -1]
     error_acc = sum(err) / len(err) if err else math.nan
     correct_acc = sum(ok) / len(ok) if ok else math.nan
     if math.isnan(error_acc) or math.isnan(correct_acc):

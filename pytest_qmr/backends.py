@@ -99,7 +99,7 @@ def visible_gpus(env: Mapping[str, str] | None = None) -> list[str]:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+    return [str(i) for i, line in enumerate(row for row in out.splitlines() if row.startswith("GPU "))]
 
 
 def worker_device(gpus: Sequence[str], worker: int | None) -> str | None:

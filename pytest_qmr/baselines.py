@@ -219,7 +219,8 @@ def _is_num(value: Any) -> bool:
 _MISSING = object()
 
 
-def _validate(data: Any, source: str, model: str | None, benchmark: str | None, suite: str | None, cell: str | None) -> None:
+def _validate(data: Any, source: str, model: str | None, benchmark: str | None, suite: str | None,
+              cell: str | None) -> None:
     def fail(key: str, problem: str, value: Any = _MISSING) -> None:
         got = "nothing" if value is _MISSING else _show(value)
         hint = regenerate_hint(model, benchmark, suite, cell)

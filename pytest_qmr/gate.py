@@ -40,6 +40,7 @@ A drop exactly at the margin is within it (comparisons allow 1e-9 for float nois
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -47,8 +48,8 @@ from scipy.stats import binom, norm
 
 from .records import GateResult
 
-__all__ = ["mcnemar_exact", "paired_delta_ci", "evaluate_gate", "final_verdict_if_known", "adjust_family",
-           "family_verdict", "TOLERANCE", "MODES", "FAMILIES"]
+__all__ = ["Paired", "compare", "mcnemar_exact", "paired_delta_ci", "evaluate_gate", "final_verdict_if_known",
+           "adjust_family", "family_verdict", "TOLERANCE", "MODES", "FAMILIES"]
 
 MODES = ("difference", "noninferiority")
 FAMILIES = ("none", "holm", "bh")
@@ -75,6 +76,25 @@ def mcnemar_exact(fp_only: int, quant_only: int) -> float:
     if fp_only + quant_only == 0:
         return 1.0
     return float(_mcnemar_p(fp_only, quant_only))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two runs on the same items: how many only the first got right, only the second, and the
+    exact McNemar p of that difference (the one paired comparison every stage uses)."""
+
+    first_only: int
+    second_only: int
+    p_value: float
+
+
+def compare(first: Sequence[bool], second: Sequence[bool]) -> Paired:
+    """:class:`Paired` of two equally long per-item correctness vectors (same item order)."""
+    a, b = _as_bools(first, "first"), _as_bools(second, "second")
+    if a.size != b.size:
+        raise ValueError(f"paired runs must cover the same items (got {a.size} and {b.size})")
+    first_only, second_only = int(np.count_nonzero(a & ~b)), int(np.count_nonzero(~a & b))
+    return Paired(first_only, second_only, mcnemar_exact(first_only, second_only))
 
 
 def _get(thresholds: Any, name: str, default: Any = None) -> Any:
@@ -191,8 +211,8 @@ def _as_bools(values: Sequence[bool], what: str) -> np.ndarray:
 
 def _stats(fp: np.ndarray, quant: np.ndarray, thresholds: Any) -> dict:
     n = int(fp.size)
-    b = int(np.count_nonzero(fp & ~quant))
-    c = int(np.count_nonzero(~fp & quant))
+    paired = compare(fp, quant)
+    b, c = paired.first_only, paired.second_only
     fp_acc = float(fp.mean()) if n else 0.0
     quant_acc = float(quant.mean()) if n else 0.0
     diff = b - c
@@ -213,7 +233,7 @@ def _stats(fp: np.ndarray, quant: np.ndarray, thresholds: Any) -> dict:
         "quant_acc": quant_acc,
         "delta": -diff / n if n else 0.0,
         "rel_drop": diff / int(fp.sum()) if fp.sum() else 0.0,
-        "p_value": mcnemar_exact(b, c),
+        "p_value": paired.p_value,
     }
 
 

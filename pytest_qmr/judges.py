@@ -195,7 +195,8 @@ If the solution is in fact correct (for example its answer equals the gold answe
 such as 5.5 and 11/2), use "primary_error_type": "{NO_ERROR}" and "error_step": -1.
 
 Answer with only this JSON object:
-{{"primary_error_type": "<one type above>", "error_step": <integer 1..{n}>, "explanation": "<one or two sentences>", "confidence_score": <number 0..1>}}"""
+{{"primary_error_type": "<one type above>", "error_step": <integer 1..{n}>, \
+"explanation": "<one or two sentences>", "confidence_score": <number 0..1>}}"""
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
@@ -231,7 +232,8 @@ class JudgeOutput(BaseModel):
         norm = {"none": NO_ERROR, "no_error_found": NO_ERROR, "correct": NO_ERROR,
                 "formula_error": "formula_rule_error", "rule_error": "formula_rule_error",
                 "calculation_error": "computational_error", "arithmetic_error": "computational_error",
-                "logical_error": "logical_reasoning_error", "reasoning_error": "logical_reasoning_error"}.get(norm, norm)
+                "logical_error": "logical_reasoning_error",
+                "reasoning_error": "logical_reasoning_error"}.get(norm, norm)
         if norm != NO_ERROR and norm not in taxonomy.TYPES:
             raise ValueError(f"{value!r} is not one of: {', '.join(taxonomy.TYPES)}, {NO_ERROR}")
         return norm
@@ -449,7 +451,8 @@ def load_judge_settings(path: str | os.PathLike) -> JudgeSettings:
     except OSError as exc:
         raise JudgeFileError(f"{path}: cannot read ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
-        raise JudgeFileError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+        raise JudgeFileError(f"{path}: not UTF-8 text "
+                             f"(byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -171,7 +171,8 @@ def decide(votes: Mapping[str, Vote], policy: Policy) -> Decision:
         ok = top * 2 > len(voters) and not tie
     else:  # unanimous
         ok = top == len(voters)
-    return _from_vote("accepted" if ok else "escalated", holder, share, summary + ("" if ok else f" ({policy.name} needed)"))
+    return _from_vote("accepted" if ok else "escalated", holder, share,
+                      summary + ("" if ok else f" ({policy.name} needed)"))
 
 
 def default_policy(judges: Sequence[Any]) -> Policy:
@@ -401,7 +402,7 @@ def error_profile(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "mean": round(statistics.fmean(steps), 4) if steps else None,
         },
         "relative_first_error_step": {
-            "bins": dict(zip(BIN_LABELS, rel_bins)),
+            "bins": dict(zip(BIN_LABELS, rel_bins, strict=True)),
             "median": round(statistics.median(rel_values), 4) if rel_values else None,
         },
         "judges": {
@@ -426,10 +427,6 @@ _SCALAR_KEYS = {
     "max_unjudged_share": ("max", "share of unjudged cases"),
     "min_located": ("min", "number of located errors"),
 }
-
-
-def threshold_keys() -> list[str]:
-    return [f"{b}_share.{n}" for b in ("max", "min") for n in _SHARE_NAMES] + list(_SCALAR_KEYS)
 
 
 def validate_thresholds(thresholds: Mapping[str, Any]) -> None:
@@ -527,7 +524,8 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     _validate_rows(rows)
     if not args.all:
         total = len(rows)
-        rows = [r for r in rows if not is_equivalent(extract_answer(r["response"], args.kind), str(r["gold_answer"]), args.kind)]
+        rows = [r for r in rows
+                if not is_equivalent(extract_answer(r["response"], args.kind), str(r["gold_answer"]), args.kind)]
         print(f"qmr judge: {len(rows)} of {total} rows have a wrong answer ({args.kind}); "
               f"{total - len(rows)} right ones skipped (--all judges them)", file=sys.stderr)
     settings = load_judge_settings(args.judge_config) if args.judge_config else None
@@ -594,8 +592,10 @@ def _cmd_review_import(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers) -> None:
     """Register ``qmr judge`` and ``qmr review {build,import}``."""
-    p = subparsers.add_parser("judge", help="locate the first faulty step of failed solutions with an ensemble of judges")
-    p.add_argument("--input", required=True, help="traces.jsonl: id, problem, response, gold_answer[, reference_response]")
+    p = subparsers.add_parser("judge",
+                              help="locate the first faulty step of failed solutions with an ensemble of judges")
+    p.add_argument("--input", required=True,
+                   help="traces.jsonl: id, problem, response, gold_answer[, reference_response]")
     p.add_argument("--judges", default=RULE, help="comma-separated: rule and judge names from --judge-config")
     p.add_argument("--judge-config", default=None, help="judges.yaml (endpoints, models, api_key_env, retries)")
     p.add_argument("--out", required=True, help="judged.jsonl")

@@ -160,7 +160,8 @@ def resolve(reference: str, root: Path | None = None) -> ResolvedModel:
         try:
             path = Path(snapshot_download(reference, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
         except Exception as exc:  # offline, unknown id, gated repo ...
-            raise ModelError(f"model {reference!r}: not a local directory and not fetchable from the hub ({type(exc).__name__})") from None
+            raise ModelError(f"model {reference!r}: not a local directory and not fetchable from the hub "
+                             f"({type(exc).__name__})") from None
     return ResolvedModel(reference, path, weights_fingerprint(path))
 
 

@@ -64,7 +64,6 @@ from .fsutil import (atomic_directory, atomic_write_json, cache_root, file_manif
                      sha256_text)
 
 METHODS = ("fp", "checkpoint", "rtn", "gptq", "awq", "smoothquant")
-WEIGHT_ONLY = ("rtn", "gptq", "awq")
 CALIBRATED = ("gptq", "awq", "smoothquant")
 WEIGHT_BITS = (2, 3, 4, 8)
 FORMAT_VERSION = 2  # bump when what a cache entry holds (or how it is built) changes
@@ -86,7 +85,8 @@ def method_settings(method: str, options: Mapping[str, Any] | Sequence[tuple[str
             known = ", ".join(defaults) or "none"
             raise QuantizeError(f"method {method}: unknown option {key!r} (known: {known})")
         if type(value) is not type(defaults[key]):
-            raise QuantizeError(f"method {method}: option {key} must be of type {type(defaults[key]).__name__} (got {value!r})")
+            raise QuantizeError(f"method {method}: option {key} must be of type {type(defaults[key]).__name__} "
+                                f"(got {value!r})")
         merged[key] = value
     return merged
 
@@ -114,9 +114,6 @@ class QuantSpec:
     calibration: CalibrationSpec | None = None
     # modifier settings over the method's defaults (METHOD_SETTINGS), e.g. (("n_grid", 10),) for awq
     options: tuple[tuple[str, Any], ...] = ()
-
-    def recipe_dict(self) -> dict[str, Any]:
-        return effective_recipe(self)
 
 
 @dataclass

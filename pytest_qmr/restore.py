@@ -284,7 +284,7 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
             with torch.no_grad():
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                                      pad_token_id=tokenizer.pad_token_id)
-            for i, row in zip(idx, gen[:, enc["input_ids"].shape[1]:]):
+            for i, row in zip(idx, gen[:, enc["input_ids"].shape[1]:], strict=True):
                 out[i] = tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     finally:
         tokenizer.padding_side = side
@@ -328,7 +328,7 @@ def mine_traces(model_path: str | os.PathLike, problems: Sequence[TrainProblem],
     prompts = [chat_prompt(tokenizer, user_turn(p.question, p.kind)) for p in problems]
     responses = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, "mining", progress)
     rows = []
-    for i, (p, prompt, response) in enumerate(zip(problems, prompts, responses)):
+    for i, (p, prompt, response) in enumerate(zip(problems, prompts, responses, strict=True)):
         rows.append({"id": p.id, "doc_index": i, "problem": p.question, "prompt": prompt, "response": response,
                      "gold_answer": p.gold_answer, "solution": p.solution, "kind": p.kind,
                      "n_steps": len(segment(response)), **label_trace(p, response)})
@@ -570,7 +570,7 @@ def _pairs_of(rows: Sequence[Mapping[str, Any]], teacher: Teacher, variant: str,
     cuts = [c for r in rows if (c := cut_case(r, tokenizer, kind, resume=variant not in NO_RESUME))]
     step_only = rejected_scope == "step" and variant not in NO_RESUME  # no-resume rows have no cut
     pairs = []
-    for cut, chosen in zip(cuts, teacher.continue_many(cuts)):
+    for cut, chosen in zip(cuts, teacher.continue_many(cuts), strict=True):
         if chosen is None or not chosen.strip() or chosen == cut.rejected:
             continue
         if not answers.is_equivalent(answers.extract_answer(cut.prefix + chosen, cut.kind), cut.gold_answer, cut.kind):
@@ -880,7 +880,7 @@ def ablate(config: AblationConfig, restore: RestoreConfig, work_dir: str | os.Pa
            cache: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """quantize -> mine the train split -> pairs per variant (same budget) -> DPO each ->
     evaluate each on the same qmr_arith test items. One row per model variant."""
-    from .gate import mcnemar_exact
+    from .gate import compare
     from .models import load, resolve
     from .quantize import QuantSpec, quantize
 
@@ -911,8 +911,7 @@ def ablate(config: AblationConfig, restore: RestoreConfig, work_dir: str | os.Pa
         restored = _accuracy(*load_restored(qm.path, work / f"adapter-{variant}"), config.n_test, config)
         result = RestoreResult(len(pairs), "gold", variant, card["steps"], card["minutes"], card["adapter_path"],
                                rows[0]["acc"], rows[1]["acc"], sum(restored) / len(restored),
-                               mcnemar_exact(sum(q and not r for q, r in zip(quant, restored)),
-                                             sum(r and not q for q, r in zip(quant, restored))),
+                               compare(quant, restored).p_value,
                                config.n_test, card)
         rows.append({"variant": variant, **result.to_dict(), "acc": result.restored_acc})
         atomic_write_json(work / "ablation.json", {"config": asdict(config), "restore": asdict(restore),

@@ -71,10 +71,13 @@ _CASE = """<!doctype html>
 <h1>Case {{ row.id }} <span class="status-{{ row.status }}">[{{ row.status }}]</span> &mdash; {{ why }}</h1>
 <table class="meta">
 <tr><th>Gold answer</th><td>{{ row.gold_answer }}</td></tr>
-{% if row.extracted is defined and row.extracted is not none %}<tr><th>Quantized answer</th><td>{{ row.extracted }}</td></tr>{% endif %}
-<tr><th>{{ label|capitalize }}</th><td>{% if row.first_error_step and row.first_error_step > 0 %}step {{ row.first_error_step }},
+{% if row.extracted is defined and row.extracted is not none %}\
+<tr><th>Quantized answer</th><td>{{ row.extracted }}</td></tr>{% endif %}
+<tr><th>{{ label|capitalize }}</th><td>\
+{% if row.first_error_step and row.first_error_step > 0 %}step {{ row.first_error_step }},
  {{ row.primary_error_type }} ({{ row.category }}){% elif row.status == 'unjudged' %}none{% else %}no error{% endif %}
- {% if row.verdict_by %} by {{ row.verdict_by }}{% endif %}{% if row.confidence_score is not none %}, confidence {{ row.confidence_score }}{% endif %}</td></tr>
+ {% if row.verdict_by %} by {{ row.verdict_by }}{% endif %}\
+{% if row.confidence_score is not none %}, confidence {{ row.confidence_score }}{% endif %}</td></tr>
 <tr><th>Policy</th><td>{{ row.policy }}: {{ row.reason }}</td></tr>
 </table>
 <h2>Problem</h2>
@@ -83,7 +86,10 @@ _CASE = """<!doctype html>
 <div>
 <h2>Quantized model ({{ steps|length }} steps)</h2>
 <ol class="steps">
-{% for s in steps %}<li id="q{{ s.index }}" class="{{ 'faulty' if s.index == row.first_error_step else '' }}"><span class="n">{{ s.index }}</span>{% if s.index == row.first_error_step %}<span class="tag">first faulty step ({{ label }})</span>{% endif %}{{ s.body or s.text }}</li>
+{% for s in steps %}<li id="q{{ s.index }}" class="{{ 'faulty' if s.index == row.first_error_step else '' }}">\
+<span class="n">{{ s.index }}</span>\
+{% if s.index == row.first_error_step %}<span class="tag">first faulty step ({{ label }})</span>{% endif %}\
+{{ s.body or s.text }}</li>
 {% endfor %}</ol>
 <details><summary>raw response</summary><div class="pre">{{ row.response }}</div></details>
 </div>
@@ -97,10 +103,13 @@ _CASE = """<!doctype html>
 </div>
 </div>
 <h2>Judges</h2>
-<table class="votes"><tr><th>judge</th><th>status</th><th>step</th><th>type</th><th>confidence</th><th>explanation / reason</th></tr>
-{% for name, v in votes %}<tr><td>{{ name }}</td><td>{{ v.status }}</td><td>{{ v.error_step if v.error_step and v.error_step > 0 else '' }}</td>
+<table class="votes">\
+<tr><th>judge</th><th>status</th><th>step</th><th>type</th><th>confidence</th><th>explanation / reason</th></tr>
+{% for name, v in votes %}<tr><td>{{ name }}</td><td>{{ v.status }}</td>\
+<td>{{ v.error_step if v.error_step and v.error_step > 0 else '' }}</td>
 <td>{{ v.primary_error_type or '' }}</td><td>{{ v.confidence_score if v.confidence_score is not none else '' }}</td>
-<td>{{ v.explanation }}{% if v.reason %}<br><em>{{ v.reason }}</em>{% endif %}{% if v.raw %}<details><summary>raw answer</summary><div class="pre">{{ v.raw }}</div></details>{% endif %}</td></tr>
+<td>{{ v.explanation }}{% if v.reason %}<br><em>{{ v.reason }}</em>{% endif %}\
+{% if v.raw %}<details><summary>raw answer</summary><div class="pre">{{ v.raw }}</div></details>{% endif %}</td></tr>
 {% endfor %}</table>
 <h2>Your verdict</h2>
 <p>Fill in <code>{{ verdict_file }}</code> in this folder: <code>error_step</code> 1..{{ steps|length }}
@@ -118,7 +127,8 @@ _INDEX = """<!doctype html>
 <h1>Locate review queue: {{ cases|length }} cases</h1>
 <p>{{ counts.escalated }} escalated, {{ counts.unjudged }} unjudged, {{ counts.audit }} audit samples
 ({{ audit_rate * 100 }}% of {{ n_accepted }} accepted, seed {{ seed }}). Fill in each case's
-<code>{{ verdict_file }}</code>, then <code>qmr review import --queue DIR --judged judged.jsonl --out reviewed.jsonl</code>.</p>
+<code>{{ verdict_file }}</code>, then \
+<code>qmr review import --queue DIR --judged judged.jsonl --out reviewed.jsonl</code>.</p>
 <table class="votes"><tr><th>case</th><th>why</th><th>status</th><th>proposal</th><th>policy reason</th></tr>
 {% for c in cases %}<tr><td><a href="cases/{{ c.dir }}/case.html">{{ c.id }}</a></td><td>{{ c.why }}</td>
 <td class="status-{{ c.status }}">{{ c.status }}</td><td>{{ c.proposal }}</td><td>{{ c.reason }}</td></tr>

@@ -367,7 +367,7 @@ def _side(run: list[Token], outer: int) -> list[Token]:
         side.pop(outer)
     if excess() != 0:
         return []
-    for prev, tok in zip(side, side[1:]):  # "1/2 (68)", "2 500 kg", "= 8 5% increases": two operands
+    for prev, tok in zip(side, side[1:], strict=False):  # "1/2 (68)", "2 500 kg", "= 8 5% increases": two operands
         if _is_operand_end(prev) and tok.kind in ("num", "lp", "neg"):  # with no operator between
             return []
     return side

@@ -418,7 +418,7 @@ class QmrSession:
         """The default pytest_qmr_restore: Silver Bullet pairs mined on the benchmark's training
         split, DPO + LoRA on the quantized model, then the same items re-measured with the adapter."""
         from . import restore as rs
-        from .gate import mcnemar_exact
+        from .gate import compare
 
         spec, gen, seed = cell.restore, self._generation(cell), cell.benchmark.seed
         cell_dir = self.run_dir / "cells" / cell.id
@@ -451,14 +451,15 @@ class QmrSession:
             minutes=round((time.monotonic() - started) / 60, 2), adapter_path=card["adapter_path"],
             fp_acc=result.gate.fp_acc if result.gate else None, quant_acc=result.accuracy,
             restored_acc=sum(r.correct for r in again) / max(len(again), 1),
-            p_value=mcnemar_exact(sum(q and not r for q, r in paired), sum(r and not q for q, r in paired)),
+            p_value=compare([q for q, _ in paired], [r for _, r in paired]).p_value,
             n_eval=len(again), card=card,
         ).to_dict()
         outcome["restored_verdict"] = restored_gate.verdict
         outcome["restored_gate"] = restored_gate.to_dict()
         if spec.mmlu_limit:
             outcome["mmlu"] = {name: sum(r.correct for r in recs) / max(len(recs), 1) for name, recs in (
-                ("quantized", Evaluator(model, tokenizer, gen, self._data_dir(cell)).run("qmr_mmlu", limit=spec.mmlu_limit)),
+                ("quantized",
+                 Evaluator(model, tokenizer, gen, self._data_dir(cell)).run("qmr_mmlu", limit=spec.mmlu_limit)),
                 ("restored", evaluator.run("qmr_mmlu", limit=spec.mmlu_limit)))}
             outcome["mmlu"]["n"] = spec.mmlu_limit
         return outcome

@@ -178,8 +178,9 @@ class BenchmarkSpec(_Spec):
     seed: Seed = 0
     thresholds: ThresholdsOverride | None = None
     quantizers: list[Name] | None = None  # only these quantizers' cells (None: every quantizer)
-    # any lm-eval task: its per-item 0/1 metric (None: exact_match, else acc), the filter whose
-    # output it scores (None: the task's first), and the answer kind our extractor reads for Locate
+    # any lm-eval task: its per-item 0/1 metric (None: exact_match, else acc; answer: our answer
+    # checker under answer_kind), the filter whose output it scores (None: the task's first), and
+    # the answer kind our extractor reads for Locate
     metric: NonEmptyStr | None = None
     filter: NonEmptyStr | None = None
     answer_kind: Literal["number", "latex", "choice"] | None = None
@@ -232,7 +233,8 @@ class SuiteSpec(_Spec):
     description: str | None = None
     data_dir: NonEmptyStr | None = None
     tasks: list[NonEmptyStr] = Field(default_factory=list)  # lm-eval task folders (relative to the suite file)
-    include_defaults: bool = False  # also lm-eval's stock tasks (their datasets from the hub unless a user YAML points them at files)
+    # also lm-eval's stock tasks (their datasets from the hub unless a user YAML points them at files)
+    include_defaults: bool = False
     locate: LocateSpec = Field(default_factory=LocateSpec)
     restore: Annotated[RestoreSpec, BeforeValidator(_restore_shorthand)] = Field(default_factory=RestoreSpec)
     models: list[ModelSpec] = Field(min_length=1)
@@ -444,7 +446,8 @@ def load_suite(path: str | os.PathLike, extra_tasks: Sequence[str | os.PathLike]
     except IsADirectoryError:
         raise SuiteError(f"{source}: is a directory, not a suite file (got {str(file.resolve())!r})") from None
     except UnicodeDecodeError as exc:
-        raise SuiteError(f"{source}: not UTF-8 text (got byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+        raise SuiteError(f"{source}: not UTF-8 text "
+                         f"(got byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
     except OSError as exc:
         raise SuiteError(f"{source}: cannot read suite file: {exc.strerror} (got {str(file.resolve())!r})") from None
     try:
@@ -489,7 +492,8 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
                           f"not a benchmark of this suite ({', '.join(benchmark_names)})", name)
         for j, name in enumerate(q.expect_inconclusive_on):
             if name in q.expect_fail_on:
-                _fail(source, f"{key}.expect_inconclusive_on[{j}]", "also in expect_fail_on: a cell expects one verdict", name)
+                _fail(source, f"{key}.expect_inconclusive_on[{j}]",
+                      "also in expect_fail_on: a cell expects one verdict", name)
         if q.method == "fp":
             for field in ("bits", "group_size", "symmetric", "ignore", "calibration", "path"):
                 if field in q.model_fields_set:
@@ -570,7 +574,8 @@ def _check_restore(source: str, spec: SuiteSpec) -> None:
                            ("benchmarks", [b.name for b in spec.benchmarks])):
         for j, name in enumerate(getattr(r, section) or []):
             if name not in names:
-                _fail(source, f"restore.{section}[{j}]", f"not one of this suite's {section} ({', '.join(names)})", name)
+                _fail(source, f"restore.{section}[{j}]",
+                      f"not one of this suite's {section} ({', '.join(names)})", name)
     known = [f.name for f in fields(RestoreConfig)]
     for key, value in r.train.items():
         if key not in known:

@@ -61,7 +61,7 @@ def build_prompt(question: str, kind: str, choices: Sequence[str] | None = None)
     if kind == "choice":
         if not choices or len(choices) > len(CHOICE_LETTERS):
             raise ValueError(f"a choice question needs 1-{len(CHOICE_LETTERS)} choices, got {choices!r}")
-        lines = "\n".join(f"{letter}. {text}" for letter, text in zip(CHOICE_LETTERS, choices))
+        lines = "\n".join(f"{letter}. {text}" for letter, text in zip(CHOICE_LETTERS, choices, strict=False))
         return f"{question}\n\n{lines}\n\n{CHOICE_INSTRUCTION}"
     raise ValueError(f"unknown answer kind {kind!r}")
 
@@ -234,7 +234,8 @@ def _math500_docs(rows: list[dict]) -> list[dict]:
 def _aime24_docs(rows: list[dict]) -> list[dict]:
     keep = ("id", "problem", "solution", "answer")
     return [
-        _qmr({k: str(r[k]) for k in keep}, f"aime24-{r['id']}", r["problem"], str(int(str(r["answer"]).strip())), "latex")
+        _qmr({k: str(r[k]) for k in keep}, f"aime24-{r['id']}", r["problem"], str(int(str(r["answer"]).strip())),
+             "latex")
         for r in rows
     ]
 

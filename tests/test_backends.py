@@ -151,8 +151,8 @@ def test_openai_backend_matches_hf_item_by_item(lab_model, data_dir, cache_dir, 
     # time, so fp32 logits differ in the last bits (padding changes the matmul shapes / summation order)
     # and a near-tie between two tokens could flip. On this model and these items all texts agree;
     # we require >= 7 of 8 so that a single tie flip is not a failure, while answers must agree exactly.
-    same_text = sum(a.response == b.response for a, b in zip(served, local))
-    assert same_text >= N_ITEMS - 1, [(a.response, b.response) for a, b in zip(served, local)
+    same_text = sum(a.response == b.response for a, b in zip(served, local, strict=True))
+    assert same_text >= N_ITEMS - 1, [(a.response, b.response) for a, b in zip(served, local, strict=True)
                                       if a.response != b.response]
     assert result.accuracy == sum(r.correct for r in local) / N_ITEMS
 

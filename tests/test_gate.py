@@ -51,6 +51,20 @@ def test_mcnemar_random_tables_match_statsmodels():
         assert mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-12, abs=1e-300), (b, c)
 
 
+def test_compare_is_the_one_paired_comparison_the_gate_uses():
+    from pytest_qmr.gate import compare, evaluate_gate, mcnemar_exact
+
+    rng = np.random.default_rng(3)
+    fp, quant = rng.random(60) < 0.7, rng.random(60) < 0.5
+    paired = compare(fp.tolist(), quant.tolist())
+    assert paired.first_only == int((fp & ~quant).sum()) and paired.second_only == int((~fp & quant).sum())
+    assert paired.p_value == mcnemar_exact(paired.first_only, paired.second_only)
+    gate = evaluate_gate(fp.tolist(), quant.tolist(), Thresholds())
+    assert (gate.fp_only, gate.quant_only, gate.p_value) == (paired.first_only, paired.second_only, paired.p_value)
+    with pytest.raises(ValueError, match="same items"):
+        compare([True, False], [True])
+
+
 def test_mcnemar_no_discordant_pairs_is_one_and_symmetric():
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(7, 3) == mcnemar_exact(3, 7)
@@ -160,8 +174,8 @@ STRICT = Thresholds(max_abs_drop=0.0, max_rel_drop=0.0, alpha=0.45, min_items=4,
 
 def reference_verdict(fp, quant, t) -> str:
     """The documented rule in exact rational arithmetic (independent of gate.py)."""
-    b = sum(f and not q for f, q in zip(fp, quant))
-    c = sum(q and not f for f, q in zip(fp, quant))
+    b = sum(f and not q for f, q in zip(fp, quant, strict=True))
+    c = sum(q and not f for f, q in zip(fp, quant, strict=True))
     return _reference_rule(len(fp), b, c, sum(fp), t.max_abs_drop, t.max_rel_drop, t.alpha, t.min_items)
 
 
@@ -180,7 +194,7 @@ def _reference_rule(n, b, c, fp_right, max_abs, max_rel, alpha, min_items) -> st
 
 def test_reference_rule_agrees_with_evaluate_gate():
     rng = np.random.default_rng(5)
-    for trial in range(300):
+    for _ in range(300):
         n = int(rng.integers(1, 60))
         fp = [bool(v) for v in rng.random(n) < 0.6]
         quant = [bool(v) for v in rng.random(n) < rng.uniform(0.1, 0.7)]

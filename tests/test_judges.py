@@ -20,7 +20,7 @@ import pytest
 
 from pytest_qmr import cli
 
-from pytest_qmr import judges, locate
+from pytest_qmr import judges
 from pytest_qmr.judges import (Case, JudgeConfig, JudgeFileError, JudgeOutputError, LocalJudge, OpenAIJudge,
                                RuleJudge, build_messages, parse_judge_settings, parse_verdict, redact)
 
@@ -110,7 +110,8 @@ def test_judge_settings_parsing(tmp_path):
 
 
 @pytest.mark.parametrize("data, fragment", [
-    ({"judges": [{"name": "a", "base_url": "http://h", "model": "m", "api_key_env": FAKE_KEY}]}, "NAME of an environment"),
+    ({"judges": [{"name": "a", "base_url": "http://h", "model": "m", "api_key_env": FAKE_KEY}]},
+     "NAME of an environment"),
     ({"judges": [{"name": "a", "model": "m"}]}, "needs base_url"),
     ({"judges": [{"name": "a", "base_url": "ftp://h", "model": "m"}]}, "http"),
     ({"judges": [{"name": "rule", "base_url": "http://h", "model": "m"}]}, "name"),
@@ -229,7 +230,7 @@ def test_faults_are_retried_or_unjudged_and_never_lose_other_cases(fault_server,
     votes = judge.judge_many(cases, on_done=lambda i, v: done.append(i))
     judge.close()
     assert sorted(done) == list(range(len(cases)))
-    got = {c.id: v for c, v in zip(cases, votes)}
+    got = {c.id: v for c, v in zip(cases, votes, strict=True)}
     assert [v.judge for v in votes] == ["fault"] * len(cases)
     assert (got["ok"].status, got["ok"].error_step, got["ok"].attempts) == ("error", 2, 1)
     assert got["ok"].usage == {"prompt_tokens": 100, "completion_tokens": 20}
@@ -301,7 +302,7 @@ def test_backoff_doubles_and_honours_retry_after(fault_server, monkeypatch):
     slept: list[float] = []
     judge = OpenAIJudge(_config(fault_server.url, max_retries=3, backoff=1.0, backoff_max=30.0), sleep=slept.append)
     assert judge.judge(_case("a")).attempts == 4
-    assert len(slept) == 3 and all(b / a > 1.5 for a, b in zip(slept, slept[1:]))
+    assert len(slept) == 3 and all(b / a > 1.5 for a, b in zip(slept, slept[1:], strict=False))
     assert 1.0 <= slept[0] <= 1.25 and 4.0 <= slept[2] <= 5.0
     slept.clear()
     judge2 = OpenAIJudge(_config(fault_server.url, max_retries=3, backoff=0.01, backoff_max=30.0), sleep=slept.append)

@@ -30,7 +30,7 @@ def _rows(correct, steps=None):
     steps = steps or [-1 if c else 1 for c in correct]
     return [{"item_id": f"i{k}", "doc_index": k, "correct": c, "response": "", "truth_status": "x",
              "truth_step": s, "truth_type": None if c else "computational_error", "rule_step": s if not c else -1}
-            for k, (c, s) in enumerate(zip(correct, steps))]
+            for k, (c, s) in enumerate(zip(correct, steps, strict=True))]
 
 
 def test_paired_counts_discordant_items_and_refuses_other_items(lab):

@@ -40,7 +40,8 @@ def votes(*vs):
 
 def test_paper_all_agree_accepts_with_primary_verdict():
     d = decide(votes(V("gpt", explanation="12+5 is 17"), V("a1"), V("a2"), V("a3")), Policy())
-    assert (d.status, d.first_error_step, d.primary_error_type, d.verdict_by) == ("accepted", 2, "computational_error", "gpt")
+    assert (d.status, d.first_error_step, d.primary_error_type, d.verdict_by) == (
+        "accepted", 2, "computational_error", "gpt")
     assert d.explanation == "12+5 is 17" and d.agreement == 1.0 and "3/3 auxiliaries" in d.reason
 
 
@@ -269,7 +270,8 @@ def test_error_profile_empty():
     assert p["n_located"] == 0 and p["first_error_step"]["median"] is None
     assert p["categories"]["execution"]["share"] == 0.0 and p["judges"]["agreement_rate"] is None
     assert check_profile(p, {"max_share.execution": 0.6, "min_median_first_error_step": 2}) == []
-    assert check_profile(p, {"min_located": 1}) == ["number of located errors is 0 < min 1 (min_located; 0 located errors)"]
+    assert check_profile(p, {"min_located": 1}) == [
+        "number of located errors is 0 < min 1 (min_located; 0 located errors)"]
 
 
 def test_check_profile_violations():
@@ -369,8 +371,10 @@ def test_review_queue_round_trip(tmp_path):
     ('["a"]', "must be a JSON object"),
     ('{"primary_error_type": "oops", "error_step": 1}', "field 'primary_error_type'"),
     ('{"primary_error_type": "computational_error", "error_step": 7}', "field 'error_step': 7 is outside 1..2"),
-    ('{"primary_error_type": "computational_error", "error_step": null, "explanation": "x"}', "field 'error_step': missing"),
-    ('{"primary_error_type": "computational_error", "error_step": 1, "confidence_score": 7000}', "field 'confidence_score'"),
+    ('{"primary_error_type": "computational_error", "error_step": null, "explanation": "x"}',
+     "field 'error_step': missing"),
+    ('{"primary_error_type": "computational_error", "error_step": 1, "confidence_score": 7000}',
+     "field 'confidence_score'"),
     ('{"id": "other", "primary_error_type": "computational_error", "error_step": 1}', "field 'id'"),
     ('{"primary_error_type": "computational_error", "error_step": 1, "reviewer": 5}', "field 'reviewer'"),
 ])

@@ -39,7 +39,8 @@ def tiny_model(tmp_path_factory, cache_dir, make_tiny_llama) -> tuple[Path, str]
     """A randomly initialised 2-layer Llama with the embedded model's tokenizer (fp32 safetensors)."""
     from pytest_qmr import models
 
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), models.resolve("embedded:smollm2-135m", cache_dir).path)
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"),
+                           models.resolve("embedded:smollm2-135m", cache_dir).path)
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +87,8 @@ QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 
 
 def _linear_weights(state: dict) -> dict[str, torch.Tensor]:
-    return {k[: -len(".weight")]: v for k, v in state.items() if k.endswith(".weight") and k.split(".")[-2] in QUANTIZED}
+    return {k[: -len(".weight")]: v for k, v in state.items()
+            if k.endswith(".weight") and k.split(".")[-2] in QUANTIZED}
 
 
 # ----------------------------------------------------------------------------- every method, for real

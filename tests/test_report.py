@@ -146,7 +146,8 @@ def test_cell_regressions_located_profile_and_restore(report):
     assert item.faulty_step.startswith("Step 2: 8 * 2 = 20\nNote: | @octocat <script>")  # the step spans lines
     assert item.fp_response.startswith("Step 1: 5 + 3 = 8") and item.gold == "16" and item.quant_extracted == "20"
     assert cell.error_profile["types"]["computational_error"]["count"] == 10
-    assert cell.restore["recovered_share"] == pytest.approx(0.8) and cell.restore["recovered_delta"] == pytest.approx(0.4)
+    assert (cell.restore["recovered_share"] == pytest.approx(0.8)
+            and cell.restore["recovered_delta"] == pytest.approx(0.4))
 
 
 def test_missing_located_jsonl(report, html):

@@ -332,7 +332,7 @@ def test_mine_traces_labels_every_response(tiny):
     problems = restore.arith_problems("train", 3)
     rows = restore.mine_traces(tiny["quant"], problems, max_new_tokens=8, batch_size=2, progress=False)
     assert [r["id"] for r in rows] == [p.id for p in problems]
-    for r, p in zip(rows, problems):
+    for r, p in zip(rows, problems, strict=True):
         assert r["prompt"].endswith("<|im_start|>assistant\n") and p.question in r["prompt"]
         assert r["status"] == "accepted" and r["first_error_step"] >= 1 and not r["correct"]  # random weights
 
@@ -572,7 +572,8 @@ def test_cut_rejected_continuations_lose_the_eos_trl_appends(tokenizer):
     assert not stopped_by_itself("Step 2: 3 + 4 = 8")
     assert not stopped_by_itself("Step 2: 3 + 4 = 8\nStep 3: 8 * 2 = 1")  # ran into the token limit
     eos = tokenizer.eos_token_id
-    pairs = [PreferencePair("p", "Step 2: 3 + 4 = 7\nThe answer is 7.", rejected, "i", None, None, 2, "gold", "all-step")
+    pairs = [PreferencePair("p", "Step 2: 3 + 4 = 7\nThe answer is 7.", rejected, "i", None, None, 2, "gold",
+                            "all-step")
              for rejected in ("Step 2: 3 + 4 = 8", "Step 2: 3 + 4 = 8\nThe answer is 8.")]
     rows = [{"prompt_ids": [1], "chosen_ids": [5, eos], "rejected_ids": [6, 7, eos]} for _ in pairs]
     dataset, dropped = drop_cut_eos(Dataset.from_list(rows), pairs, eos)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -377,7 +378,7 @@ def test_valid_suite_cells(tmp_path, monkeypatch):
     assert arith.generation.max_new_tokens == 256 and arith.restore.when == "off"
     assert arith.benchmark.limit == 100 and gsm.benchmark.limit is None
     assert len({c for c in cells}) == len(cells)  # hashable
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         arith.id = "other"  # frozen
 
 
