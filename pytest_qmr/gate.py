@@ -93,6 +93,11 @@ def compare(first: Sequence[bool], second: Sequence[bool]) -> Paired:
     a, b = _as_bools(first, "first"), _as_bools(second, "second")
     if a.size != b.size:
         raise ValueError(f"paired runs must cover the same items (got {a.size} and {b.size})")
+    return _paired(a, b)
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> Paired:
+    """:func:`compare` of vectors already checked to be equally long boolean arrays."""
     first_only, second_only = int(np.count_nonzero(a & ~b)), int(np.count_nonzero(~a & b))
     return Paired(first_only, second_only, mcnemar_exact(first_only, second_only))
 
@@ -211,7 +216,7 @@ def _as_bools(values: Sequence[bool], what: str) -> np.ndarray:
 
 def _stats(fp: np.ndarray, quant: np.ndarray, thresholds: Any) -> dict:
     n = int(fp.size)
-    paired = compare(fp, quant)
+    paired = _paired(fp, quant)  # both callers have checked the two vectors
     b, c = paired.first_only, paired.second_only
     fp_acc = float(fp.mean()) if n else 0.0
     quant_acc = float(quant.mean()) if n else 0.0
