@@ -86,8 +86,6 @@ def write_case(case: StockCase, index: int, folder: Path, data_dir: Path) -> str
     data_files = ", ".join(f"{split}: {json.dumps(path)}" for split, path in files.items())
     text = (f"include: {lm_eval_tasks() / case.include}\ntask: {name}\ndataset_path: json\n"
             f"dataset_kwargs:\n  data_files: {{{data_files}}}\n{case.overrides}")
-    if case.task == "mmlu_abstract_algebra":
-        text += "test_split: test\n"
     (folder / f"{name}.yaml").write_text(text, encoding="utf-8")
     return name
 

@@ -18,9 +18,9 @@ import difflib
 import os
 import re
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
@@ -263,7 +263,7 @@ class Cell:
     locate: LocateSpec = LocateSpec()
     judge_config: Path | None = None  # absolute path of locate.judge_config
     suite_file: str = ""  # how the suite file is named in messages
-    tasks: TaskSource = field(default_factory=lambda: TaskSource())  # where the benchmark's task is found
+    tasks: TaskSource = field(default_factory=TaskSource)  # where the benchmark's task is found
     benchmark_index: int = 0  # position in the suite's benchmarks (messages name benchmarks[i])
 
     @property
@@ -354,11 +354,17 @@ class Suite:
             return None
         return (self.path.parent / Path(self.spec.data_dir).expanduser()).resolve()
 
+    def task_folders(self) -> list[tuple[str, str, Path]]:
+        """(key, value as given, absolute path) of each task folder: the suite's ``tasks:``
+        (relative to the suite file), then ``--qmr-tasks``."""
+        own = [(f"tasks[{i}]", p, (self.path.parent / Path(p).expanduser()).resolve())
+               for i, p in enumerate(self.spec.tasks)]
+        return own + [("--qmr-tasks", str(p), p) for p in self.extra_tasks]
+
     def task_source(self) -> TaskSource:
-        """The suite's ``tasks:`` folders (relative to the suite file), then ``--qmr-tasks``."""
-        paths = [(self.path.parent / Path(p).expanduser()).resolve() for p in self.spec.tasks]
-        return TaskSource(paths=tuple(dict.fromkeys([*paths, *self.extra_tasks])),
-                          include_defaults=self.spec.include_defaults)
+        """Where this suite's benchmark tasks are found (:class:`~pytest_qmr.measure.TaskSource`)."""
+        paths = tuple(dict.fromkeys(path for _, _, path in self.task_folders()))
+        return TaskSource(paths=paths, include_defaults=self.spec.include_defaults)
 
     def judge_config(self) -> Path | None:
         if self.spec.locate.judge_config is None:
@@ -782,13 +788,10 @@ def check_references(suite: Suite) -> None:
     from .judges import load_judge_settings
     from .measure import check_task, known_tasks
 
-    source = suite.task_source()
-    for i, folder in enumerate(source.paths):
+    for key, given, folder in suite.task_folders():
         if not folder.is_dir():
-            key = f"tasks[{i}]" if i < len(suite.spec.tasks) else "--qmr-tasks"
-            given = suite.spec.tasks[i] if i < len(suite.spec.tasks) else str(folder)
             _fail(suite.source, key, f"no such lm-eval task folder ({folder})", given)
-    known = known_tasks(source)
+    known = known_tasks(suite.task_source())
     for i, benchmark in enumerate(suite.benchmarks):
         check_task(benchmark.task, f"{suite.source}: benchmarks[{i}].task", known)
     judge_config = suite.judge_config()

@@ -34,25 +34,23 @@ metric_list:
   - metric: exact_match
 """
 
-# lm-eval's own MMLU template (multiple choice, scored by log-likelihood) over our MMLU copy.
-MC_TASK = """\
-include: {template}
-task: local_abstract_algebra
+# A stock lm-eval task file, included as it ships, with its dataset pointed at local files: lm-eval's
+# MMLU template (multiple choice, scored by log-likelihood) over our MMLU copy, and stock
+# gsm8k_cot_zeroshot over the local GSM8K copy.
+LOCAL_STOCK_TASK = """\
+include: {include}
+task: {task}
 dataset_path: json
 dataset_name: null
 dataset_kwargs:
-  data_files: {{test: {test}, dev: {dev}}}
+  data_files: {{{files}}}
 """
 
-# A stock lm-eval task, included as it ships, with its dataset pointed at the local GSM8K copy.
-STOCK_TASK = """\
-include: {stock}
-task: gsm8k_cot_zeroshot_local
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files: {{test: {test}, train: {train}}}
-"""
+
+def _local_stock_task(include: Path, task: str, **files: Path) -> str:
+    return LOCAL_STOCK_TASK.format(include=include, task=task,
+                                   files=", ".join(f"{split}: {path}" for split, path in files.items()))
+
 
 SUITE = """\
 name: own
@@ -103,12 +101,12 @@ def make_task_folder(root: Path, data_dir: Path) -> Path:
     mmlu = data_dir / "mmlu"
     test = _mmlu_jsonl(mmlu / "test" / "abstract_algebra_test.csv", folder / "mmlu_test.jsonl", 8)
     dev = _mmlu_jsonl(mmlu / "dev" / "abstract_algebra_dev.csv", folder / "mmlu_dev.jsonl", 5)
-    template = _lm_eval_tasks() / "mmlu" / "default" / "_default_template_yaml"
-    (folder / "local_mmlu.yaml").write_text(MC_TASK.format(template=template, test=test, dev=dev), encoding="utf-8")
-    stock = _lm_eval_tasks() / "gsm8k" / "gsm8k-cot-zeroshot.yaml"
-    (folder / "stock_gsm8k.yaml").write_text(STOCK_TASK.format(
-        stock=stock, test=data_dir / "gsm8k" / "test.jsonl", train=data_dir / "gsm8k" / "train.jsonl"),
+    (folder / "local_mmlu.yaml").write_text(_local_stock_task(
+        _lm_eval_tasks() / "mmlu" / "default" / "_default_template_yaml", "local_abstract_algebra", test=test, dev=dev),
         encoding="utf-8")
+    (folder / "stock_gsm8k.yaml").write_text(_local_stock_task(
+        _lm_eval_tasks() / "gsm8k" / "gsm8k-cot-zeroshot.yaml", "gsm8k_cot_zeroshot_local",
+        test=data_dir / "gsm8k" / "test.jsonl", train=data_dir / "gsm8k" / "train.jsonl"), encoding="utf-8")
     return folder
 
 
@@ -164,6 +162,14 @@ def test_user_task_folder_stock_task_and_loglikelihood_task_gate_as_cells(pytest
 
     report = {c["cell_id"]: c for c in json.loads((tmp_path / "report" / "report.json").read_text())["cells"]}
     assert any(n.startswith("locate: not run") for n in report[f"{MODEL}-rtn-w4g64-mc"]["notes"])
+
+    # a baseline records the metric it was scored with: another one asks for a regeneration, before generating
+    suite.write_text(suite.read_text().replace("metric: acc}", "metric: acc_norm}"))
+    third = run("-k", "fp-mc")
+    third.assert_outcomes(failed=1)
+    third.stdout.fnmatch_lines([("*mc.json: baseline no longer describes the cell (scoring: baseline *\"acc\"*, "
+                                 "current run *\"acc_norm\"* (the benchmark's metric or filter changed)); "
+                                 "regenerate it with: *")])
 
     # stock task, offline: its own prompt and filter
     stock = _samples(run_dir, "fp-stock")
