@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.set_defaults(func=_cmd_model)
 
-    from . import compare, locate, quantize, report, restore, serve
+    from . import cache, compare, locate, quantize, report, restore, serve
 
+    cache.add_cli(sub)
     quantize.add_cli(sub)
     locate.add_cli(sub)
     serve.add_cli(sub)

@@ -141,9 +141,10 @@ def expected_items(task: str, indices: list[int], tokenizer, data_dir: Path | No
     template applied as lm-eval's HFLM applies it."""
     from lm_eval.tasks import get_task_dict
 
+    from .cache import render_chat
+
     def chat_template(history, add_generation_prompt: bool = True) -> str:
-        return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=not add_generation_prompt)
+        return render_chat(tokenizer, history, add_generation_prompt)
 
     task_obj = get_task_dict([task], task_manager(data_dir, source=source))[task]
     if task_obj.get_config("num_fewshot") is None:
@@ -251,6 +252,37 @@ def _remote_failures_as_one_line(endpoint: str | None) -> Iterator[None]:
         raise ModelError(f"backend openai: generation at {endpoint} failed ({type(exc).__name__}: {detail})") from None
 
 
+def hf_lm(model, tokenizer, batch_size: int):
+    """lm-eval's ``HFLM`` on an in-memory transformers model (the ``hf`` backend; fp32, CPU)."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu", dtype="float32")
+
+
+@lru_cache(maxsize=1)
+def _environment_info() -> tuple[tuple[str, Any], ...]:
+    from lm_eval.loggers.utils import add_env_info
+
+    info: dict[str, Any] = {}
+    add_env_info(info)
+    return tuple(info.items())
+
+
+@contextmanager
+def _environment_described_once() -> Iterator[None]:
+    """lm-eval's ``simple_evaluate`` describes the environment on every call (torch's
+    ``collect_env``: ``pip list`` and other subprocesses, ~0.6 s here, more than a fully cached
+    chunk takes); the description is the same for the whole process, so it is made once."""
+    import lm_eval.evaluator as evaluator
+
+    real = evaluator.add_env_info
+    evaluator.add_env_info = lambda storage: storage.update(_environment_info())
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = real
+
+
 class Evaluator:
     """One lm-eval harness around a model; reused across chunks of one cell.
 
@@ -264,12 +296,7 @@ class Evaluator:
                  render_prompt: Callable[[Any], str] | None = None, source: TaskSource = TaskSource()) -> None:
         self.generation = generation
         self.output_types: dict[str, str] = {}  # task -> lm-eval output_type, once it has run
-        if lm is None:
-            from lm_eval.models.huggingface import HFLM
-
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=generation.batch_size, device="cpu",
-                      dtype="float32")
-        self.lm = lm
+        self.lm = hf_lm(model, tokenizer, generation.batch_size) if lm is None else lm
         self.render_prompt = render_prompt
         self.manager = task_manager(data_dir, task_metadata, source)
 
@@ -282,7 +309,7 @@ class Evaluator:
         from .errors import TaskError
 
         kwargs: dict[str, Any] = {"samples": {task: list(indices)}} if indices is not None else {"limit": limit}
-        with _remote_failures_as_one_line(getattr(self.lm, "base_url", None)):
+        with _remote_failures_as_one_line(getattr(self.lm, "base_url", None)), _environment_described_once():
             output = simple_evaluate(
                 model=self.lm,
                 tasks=[task],

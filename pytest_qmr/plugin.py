@@ -6,6 +6,7 @@ the quantized model item by item against the committed FP baseline in ``baseline
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -39,6 +40,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="an lm-eval task folder added to every suite's task search path (repeatable)")
     group.addoption("--qmr-cache-dir", metavar="DIR", default=None,
                     help="model / quantized-checkpoint cache (default: QMR_CACHE_DIR or ~/.cache/pytest-qmr)")
+    group.addoption("--qmr-no-cache", action="store_true",
+                    help="neither read nor write the generation and Restore-adapter cache (everything regenerates)")
     group.addoption("--qmr-resume", action="store_true",
                     help="reuse cells already finished in --qmr-run-dir instead of re-running them")
     group.addoption("--qmr-report", metavar="DIR", default=None,
@@ -112,8 +115,10 @@ def pytest_configure(config: pytest.Config) -> None:
         data_dir=Path(config.getoption("--qmr-data-dir")).resolve() if config.getoption("--qmr-data-dir") else None,
         cache_dir=Path(config.getoption("--qmr-cache-dir")).resolve() if config.getoption("--qmr-cache-dir") else None,
         resume=config.getoption("--qmr-resume"),
+        use_cache=not config.getoption("--qmr-no-cache"),
     )
     session = config.stash[SESSION_KEY]
+    session.progress = _progress_writer(config)
     session.restore_hook = config.hook.pytest_qmr_restore
     config.pluginmanager.register(DefaultRestore(session), "qmr-default-restore")
     config.pluginmanager.register(QmrReporter(session), "qmr-reporter")
@@ -122,6 +127,26 @@ def pytest_configure(config: pytest.Config) -> None:
         config.args[:] = suites  # only the suites, not testpaths or the current directory as well
     elif suites:
         config.args.extend(suites)
+
+
+def _progress_writer(config: pytest.Config):
+    """Per-cell progress lines on the terminal while a cell runs (pytest captures the stages'
+    own output). Off with ``-q``, on xdist workers (the controller shows each finished cell) and
+    without a terminal reporter; never part of a test's captured output or JUnit record."""
+    if config.get_verbosity() < 0 or hasattr(config, "workerinput"):
+        return None
+
+    def write(line: str) -> None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")  # registered after our configure
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None:
+            return
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            reporter.ensure_newline()
+            reporter.write_line(redact(line), cyan=True)
+            reporter.flush()
+
+    return write
 
 
 def _share_cpu_between_workers(workers: int) -> None:

@@ -718,33 +718,9 @@ def clear_cache(root: Path | None = None, older_than_days: float | None = None,
     ``max_size_gb``: least recently used entries until the rest fits. Scratch directories of
     interrupted builds are removed when older than a day (a live build may own a newer one).
     """
-    base = _entries_dir(root)
-    entries = cache_entries(root)
-    now = time.time()
-    doomed: list[dict] = []
-    if older_than_days is None and max_size_gb is None:
-        doomed = entries
-    if older_than_days is not None:
-        doomed += [e for e in entries if now - e["mtime"] > older_than_days * 86400]
-    if max_size_gb is not None:
-        keep = [e for e in sorted(entries, key=lambda e: e["mtime"], reverse=True) if e not in doomed]
-        total = sum(e["size"] for e in keep)
-        while keep and total > max_size_gb * 1e9:
-            oldest = keep.pop()
-            total -= oldest["size"]
-            doomed.append(oldest)
-    removed = []
-    for entry in doomed:
-        path = Path(entry["path"])
-        with locked(path):
-            if path.exists():
-                shutil.rmtree(path)
-                removed.append(entry["key"])
-    if base.is_dir():
-        for scratch in base.glob(".tmp-*"):
-            if now - scratch.stat().st_mtime > 86400:
-                shutil.rmtree(scratch, ignore_errors=True)
-    return removed
+    from .cache import clear
+
+    return [e.path.name for e in clear(root, ("quantized",), older_than_days, max_size_gb)[0]]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -781,25 +757,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_cache_ls(args: argparse.Namespace) -> int:
-    entries = cache_entries(args.cache_dir)
-    now = time.time()
-    print(f"{'key':<22}{'method':<13}{'bits':>5}{'size MB':>10}{'age d':>8}")
-    for e in entries:
-        print(f"{e['key']:<22}{str(e['method'] or 'INCOMPLETE'):<13}{str(e['bits'] or '-'):>5}"
-              f"{e['size'] / 1e6:>10.1f}{(now - e['mtime']) / 86400:>8.1f}")
-    print(f"{len(entries)} entries, {sum(e['size'] for e in entries) / 1e9:.2f} GB in {_entries_dir(args.cache_dir)}")
-    return 0
-
-
-def _cmd_cache_clear(args: argparse.Namespace) -> int:
-    removed = clear_cache(args.cache_dir, args.older_than_days, args.max_size_gb)
-    print(f"removed {len(removed)} entries" + (": " + " ".join(removed) if removed else ""))
-    return 0
-
-
 def add_cli(subparsers) -> None:
-    """Register ``qmr quantize`` and ``qmr cache {ls,clear}`` on an argparse subparsers object."""
+    """Register ``qmr quantize`` on an argparse subparsers object (``qmr cache``: pytest_qmr.cache)."""
     p = subparsers.add_parser("quantize", help="quantize a model (cached) and print the checkpoint path")
     p.add_argument("--model", default="embedded:smollm2-135m-arith")
     p.add_argument("--method", default="rtn", choices=[m for m in METHODS if m not in ("fp", "checkpoint")])
@@ -819,16 +778,4 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", default=None, help="copy the checkpoint to this directory and print it")
     p.add_argument("--json", action="store_true", help="print the full info dict to stderr")
     p.set_defaults(func=_cmd_quantize)
-
-    p = subparsers.add_parser("cache", help="list or clear quantized checkpoints in the cache")
-    p.add_argument("--cache-dir", type=Path, default=None)
-    sub = p.add_subparsers(dest="cache_command", required=True)
-    ls = sub.add_parser("ls", help="list entries")
-    ls.add_argument("--cache-dir", type=Path, default=argparse.SUPPRESS)
-    ls.set_defaults(func=_cmd_cache_ls)
-    clear = sub.add_parser("clear", help="delete entries (all, unless limited)")
-    clear.add_argument("--cache-dir", type=Path, default=argparse.SUPPRESS)
-    clear.add_argument("--older-than-days", type=float, default=None)
-    clear.add_argument("--max-size-gb", type=float, default=None)
-    clear.set_defaults(func=_cmd_cache_clear)
 

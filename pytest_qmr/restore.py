@@ -31,7 +31,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
@@ -318,15 +318,24 @@ def label_trace(problem: TrainProblem, response: str) -> dict[str, Any]:
 
 
 def mine_traces(model_path: str | os.PathLike, problems: Sequence[TrainProblem], *, max_new_tokens: int = 160,
-                batch_size: int = 16, progress: bool = True, model_and_tokenizer=None) -> list[dict[str, Any]]:
+                batch_size: int = 16, progress: bool = True, model_and_tokenizer=None, tokenizer=None,
+                generate: Callable[[list[str]], list[str]] | None = None) -> list[dict[str, Any]]:
     """The model's greedy responses to training ``problems``, each labelled with its first faulty
     step (arith: exact labeller; else the rule judge). Rows have the Locate output fields plus
-    ``prompt``, ``solution`` and ``correct``; :func:`build_pairs` keeps the located failures."""
+    ``prompt``, ``solution`` and ``correct``; :func:`build_pairs` keeps the located failures.
+    ``generate`` (with the model's ``tokenizer``) replaces :func:`generate_greedy` on the loaded
+    model, e.g. by one that answers from the generation cache (:mod:`pytest_qmr.cache`)."""
     from .models import load
 
-    model, tokenizer = model_and_tokenizer or load(Path(model_path))
+    if generate is None:
+        model, tokenizer = model_and_tokenizer or load(Path(model_path))
+
+        def generate(prompts: list[str]) -> list[str]:
+            return generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, "mining", progress)
+    elif tokenizer is None:
+        raise TypeError("mine_traces: a generate function needs the model's tokenizer")
     prompts = [chat_prompt(tokenizer, user_turn(p.question, p.kind)) for p in problems]
-    responses = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, "mining", progress)
+    responses = generate(prompts)
     rows = []
     for i, (p, prompt, response) in enumerate(zip(problems, prompts, responses, strict=True)):
         rows.append({"id": p.id, "doc_index": i, "problem": p.question, "prompt": prompt, "response": response,

@@ -37,6 +37,9 @@ class QmrSession:
     data_dir: Path | None = None
     cache_dir: Path | None = None
     resume: bool = False
+    use_cache: bool = True  # the generation / adapter cache (pytest_qmr.cache); --qmr-no-cache turns it off
+    # one line of progress for the terminal (set by the plugin; None: silent)
+    progress: Callable[[str], None] | None = None
     # calls the pytest_qmr_restore hook (set by the plugin; None: Restore is not available)
     restore_hook: Callable[..., Any] | None = None
     _loaded: dict = field(default_factory=dict)
@@ -47,15 +50,65 @@ class QmrSession:
     _output_types: dict = field(default_factory=dict)  # lm-eval task -> output_type, once it has run
     family_sizes: dict = field(default_factory=dict)  # thresholds.family -> cells of it in this session
     _servers: Any = None  # backends.ServerPool of the openai backend, created on first use
+    _cache_stats: dict = field(default_factory=dict)  # cell id -> stage -> CacheStats of this run
+    _generations: Any = None  # cache.GenerationCache, made on first use
+    _tokenizers: dict = field(default_factory=dict)  # checkpoint path -> tokenizer (no weights)
 
     # ---- models -------------------------------------------------------------------------
-    def _load(self, path: Path, trust_remote_code: bool):
-        """Keep one model in memory: cells are ordered so consecutive ones share it."""
-        key = str(path)
+    def _load(self, path: Path, trust_remote_code: bool, adapter: Path | None = None):
+        """Keep one model in memory: cells are ordered so consecutive ones share it. With
+        ``adapter``: the checkpoint with that LoRA adapter merged (Restore's model)."""
+        key = (str(path), str(adapter))
         if key not in self._loaded:
             self._loaded.clear()
-            self._loaded[key] = models.load(path, trust_remote_code=trust_remote_code)
+            if adapter is None:
+                self._loaded[key] = models.load(path, trust_remote_code=trust_remote_code)
+            else:
+                from .restore import load_restored
+
+                self._loaded[key] = load_restored(path, adapter)
         return self._loaded[key]
+
+    def _tokenizer(self, path: Path, trust_remote_code: bool):
+        """The checkpoint's tokenizer as models.load sets it up, loaded once per session."""
+        from .backends import load_tokenizer
+
+        if str(path) not in self._tokenizers:
+            self._tokenizers[str(path)] = load_tokenizer(path, trust_remote_code)
+        return self._tokenizers[str(path)]
+
+    @property
+    def generations(self):
+        """The session's generation cache (``use_cache`` False: one that stores nothing)."""
+        if self._generations is None:
+            from .cache import GenerationCache
+
+            self._generations = GenerationCache(self.cache_dir, enabled=self.use_cache)
+        return self._generations
+
+    def _say(self, cell, text: str) -> None:
+        if self.progress is not None:
+            self.progress(f"qmr {cell.id}: {text}")
+
+    def _count(self, cell, stage: str, stats) -> None:
+        """Add one evaluation's cache statistics to the cell's ``stage``."""
+        from .cache import CacheStats
+
+        self._cache_stats.setdefault(cell.id, {}).setdefault(stage, CacheStats()).add(stats)
+
+    def _identity(self, path: Path, cell, adapter: Path | None = None, served: dict | None = None) -> dict:
+        """What a response of this checkpoint depends on besides its request (pytest_qmr.cache)."""
+        from .backends import configured_base_url
+        from .cache import adapter_sha, engine_versions
+
+        backend = cell.generation.backend
+        if served is not None and configured_base_url() is None:  # our own qmr serve: its port is random
+            served = {**served, "endpoint": "qmr serve"}
+        return {"backend": backend, "weights": models.weights_fingerprint(path),
+                "adapter": adapter_sha(adapter) if adapter is not None else None, "device": "cpu",
+                "dtype": "float32", "batch_size": cell.generation.batch_size, "seed": cell.benchmark.seed,
+                "engine": engine_versions(backend),
+                "served": None if served is None else {k: served[k] for k in ("endpoint", "model")}}
 
     # ---- cells --------------------------------------------------------------------------
     def thresholds(self, cell) -> Any:
@@ -106,44 +159,71 @@ class QmrSession:
     def _data_dir(self, cell) -> Path | None:
         return self.data_dir or cell.data_dir
 
-    def _evaluator(self, path: Path, cell) -> Evaluator:
-        """An Evaluator on the cell's ``generation.backend`` (hf | openai | vllm; pytest_qmr.backends)."""
+    def _evaluator(self, path: Path, cell, adapter: Path | None = None) -> Evaluator:
+        """An Evaluator on the cell's ``generation.backend`` (hf | openai | vllm; pytest_qmr.backends),
+        answering from the generation cache where it can: an hf model is loaded only on a miss."""
         from .backends import ServerPool, backend_lm
+        from .cache import caching_lm
+        from .measure import hf_lm
 
-        gen, data_dir = self._generation(cell), self._data_dir(cell)
+        gen, data_dir, trc = self._generation(cell), self._data_dir(cell), cell.model.trust_remote_code
+        tokenizer = self._tokenizer(path, trc)
         if cell.generation.backend == "hf":
-            model, tokenizer = self._load(path, cell.model.trust_remote_code)
-            return Evaluator(model, tokenizer, gen, data_dir, source=cell.tasks)
+            def make():
+                return hf_lm(*self._load(path, trc, adapter), gen.batch_size)
+
+            lm = caching_lm(make, self._identity(path, cell, adapter), self.generations, tokenizer=tokenizer)
+            return Evaluator(None, None, gen, data_dir, lm=lm, source=cell.tasks)
+        if adapter is not None:
+            raise models.ModelError(f"backend {cell.generation.backend}: a Restore adapter is evaluated with "
+                                    "generation.backend: hf")
         if self._servers is None:
             self._servers = ServerPool()  # one qmr serve, reused across consecutive cells of a checkpoint
-        lm, render_prompt, served = backend_lm(cell.generation.backend, path, gen.max_new_tokens, gen.batch_size,
-                                               cell.benchmark.seed, cell.model.trust_remote_code, self._servers)
+        inner, render_prompt, served = backend_lm(cell.generation.backend, path, gen.max_new_tokens,
+                                                  gen.batch_size, cell.benchmark.seed, trc, self._servers)
         if served is not None:
             self._served[str(path)] = served
+        lm = caching_lm(lambda: inner, self._identity(path, cell, served=served), self.generations,
+                        tokenizer=tokenizer, eager=inner)
         return Evaluator(None, None, gen, data_dir, lm=lm, render_prompt=render_prompt, source=cell.tasks)
 
-    def _evaluate(self, path: Path, cell, indices: list[int] | None, fp_correct: list[bool] | None):
-        evaluator = self._evaluator(path, cell)
+    def _evaluate(self, path: Path, cell, indices: list[int] | None, fp_correct: list[bool] | None,
+                  stage: str = "evaluate", adapter: Path | None = None):
+        evaluator = self._evaluator(path, cell, adapter)
         try:
-            return self._run(evaluator, cell, indices, fp_correct)
+            return self._run(evaluator, cell, indices, fp_correct, stage)
         finally:
             self._output_types.update(evaluator.output_types)  # Locate asks whether there are steps
+            self._count(cell, stage, evaluator.lm.stats)
 
-    def _run(self, evaluator: Evaluator, cell, indices: list[int] | None, fp_correct: list[bool] | None):
+    def _run(self, evaluator: Evaluator, cell, indices: list[int] | None, fp_correct: list[bool] | None,
+             stage: str = "evaluate"):
         task, seed, scoring = cell.benchmark.task, cell.benchmark.seed, cell.scoring
+        planned = len(indices) if indices is not None else cell.benchmark.limit
+
+        def report(records: list[SampleRecord]) -> None:
+            stats = evaluator.lm.stats
+            speed = f", {stats.tok_per_s:.0f} tok/s" if stats.tok_per_s else ""
+            self._say(cell, f"{stage} {len(records)}/{planned or len(records)} items "
+                            f"({stats.items_from_cache} from cache{speed})")
+
         if fp_correct is not None and cell.thresholds.sequential and indices is not None:
             from .gate import final_verdict_if_known
 
             chunk = max(cell.generation.batch_size, cell.thresholds.min_items)
 
             def settled(records: list[SampleRecord]) -> bool:
+                report(records)
                 quant = [r.correct for r in records]
                 return final_verdict_if_known(fp_correct, quant, self.thresholds(cell)) is not None
 
             return evaluator.run_sequential(task, indices, chunk, seed, settled, scoring)
         if indices is not None:
-            return evaluator.run(task, indices=indices, seed=seed, scoring=scoring)
-        return evaluator.run(task, limit=cell.benchmark.limit, seed=seed, scoring=scoring)
+            records = evaluator.run(task, indices=indices, seed=seed, scoring=scoring)
+        else:
+            records = evaluator.run(task, limit=cell.benchmark.limit, seed=seed, scoring=scoring)
+        report(records)
+        return records
 
     @staticmethod
     def _scoring_provenance(cell) -> dict | None:
@@ -165,13 +245,12 @@ class QmrSession:
 
     def _expected(self, cell, fp: models.ResolvedModel, indices: list[int]):
         """The prompts and golds the cell's task builds for ``indices`` (no generation; cached)."""
-        from .backends import load_tokenizer
         from .measure import expected_items
 
         key = (cell.benchmark.task, str(self._data_dir(cell)), cell.benchmark.seed, fp.fingerprint, tuple(indices),
                cell.tasks)
         if key not in self._expected_cache:
-            tokenizer = load_tokenizer(fp.path, cell.model.trust_remote_code)
+            tokenizer = self._tokenizer(fp.path, cell.model.trust_remote_code)
             self._expected_cache[key] = expected_items(cell.benchmark.task, indices, tokenizer, self._data_dir(cell),
                                                        seed=cell.benchmark.seed, source=cell.tasks)
         return self._expected_cache[key]
@@ -200,7 +279,7 @@ class QmrSession:
             return baseline
         key = (cell.model.name, cell.benchmark.name)
         if key not in self._fp_records:
-            self._fp_records[key] = self._evaluate(fp.path, cell, None, None)
+            self._fp_records[key] = self._evaluate(fp.path, cell, None, None, stage="baseline")
         records = self._fp_records[key]
         limit = cell.benchmark.limit
         if limit is not None and len(records) < limit:
@@ -290,9 +369,12 @@ class QmrSession:
         spec = QuantSpec(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
                          ignore=tuple(q.ignore), path=q.path, calibration=calibration,
                          options=tuple(sorted(q.options.items())))
+        self._say(cell, f"quantize ({q.method})")
         quantized = quantize(fp.path, fp.fingerprint, spec, self.cache_dir, data_dir=self._data_dir(cell))
         self._restore_inputs[cell.id] = (fp, baseline, quantized.path)
         seconds["quantize"] = time.monotonic() - started
+        if quantized.info.get("cache_hit"):
+            self._say(cell, "quantize: checkpoint from cache (verified)")
 
         started = time.monotonic()
         key = (cell.model.name, cell.benchmark.name)
@@ -311,6 +393,7 @@ class QmrSession:
                              "(no generated steps to judge); the gate's verdict stands")
             else:
                 started = time.monotonic()
+                self._say(cell, "locate")
                 profile = self._locate(cell, baseline, records, cell_dir)
                 seconds["locate"] = time.monotonic() - started
         result = CellResult(
@@ -332,6 +415,7 @@ class QmrSession:
             inputs_sha256=sha256_json(inputs),
             recomputed=recomputed,
             notes=notes,
+            cache=self._cache_record(cell),
         )
         self._settle(cell, result)
         restore = restore or self.restore_hook
@@ -340,9 +424,15 @@ class QmrSession:
             self._restore(restore, cell, result, records)
             seconds["restore"] = time.monotonic() - started
             result.seconds = {k: round(v, 2) for k, v in seconds.items()}
+            result.cache = self._cache_record(cell)
             self._settle(cell, result)
         self._write_cell(cell_dir, records, result)
         return result
+
+    def _cache_record(self, cell) -> dict:
+        """Per stage, how many items came from the generation cache (CellResult.cache)."""
+        return {"enabled": self.use_cache,
+                **{stage: stats.to_dict() for stage, stats in self._cache_stats.get(cell.id, {}).items()}}
 
     def _gate(self, cell, baseline: bl.Baseline, records: list[SampleRecord], fp_correct_all: list[bool]) -> GateResult:
         from .gate import evaluate_gate, final_verdict_if_known
@@ -418,6 +508,7 @@ class QmrSession:
         """The default pytest_qmr_restore: Silver Bullet pairs mined on the benchmark's training
         split, DPO + LoRA on the quantized model, then the same items re-measured with the adapter."""
         from . import restore as rs
+        from .cache import cached_adapter
         from .gate import compare
 
         spec, gen, seed = cell.restore, self._generation(cell), cell.benchmark.seed
@@ -425,9 +516,10 @@ class QmrSession:
         fp, baseline, quant_path = self._restore_inputs[cell.id]
         started = time.monotonic()
         problems = self._training_problems(cell)
-        model, tokenizer = self._load(quant_path, cell.model.trust_remote_code)
+        tokenizer = self._tokenizer(quant_path, cell.model.trust_remote_code)
+        self._say(cell, f"restore: mining {len(problems)} training problems")
         traces = rs.mine_traces(quant_path, problems, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
-                                model_and_tokenizer=(model, tokenizer))
+                                tokenizer=tokenizer, generate=self._greedy(cell, quant_path))
         teacher = rs.make_teacher(spec.teacher, model=fp.path, judge_config=cell.judge_config,
                                   max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size)
         pairs = rs.build_pairs(traces, teacher, spec.variant, tokenizer=tokenizer, pool=traces, size=spec.max_pairs,
@@ -435,13 +527,16 @@ class QmrSession:
         if spec.max_pairs is not None:  # build_pairs raises "nothing to restore" itself when none are left
             pairs = pairs[:spec.max_pairs]
         rs.write_pairs(cell_dir / "pairs.jsonl", pairs)
-        card = rs.train_adapter(quant_path, pairs, rs.RestoreConfig(**spec.train), cell_dir / "adapter",
-                               distill_from=fp.path)
-
-        restored_model, restored_tokenizer = rs.load_restored(quant_path, cell_dir / "adapter")
-        evaluator = Evaluator(restored_model, restored_tokenizer, gen, self._data_dir(cell), source=cell.tasks)
-        again = evaluator.run(cell.benchmark.task, indices=[r.doc_index for r in records], seed=seed,
-                              scoring=cell.scoring)
+        config = rs.RestoreConfig(**spec.train)
+        self._say(cell, f"restore: training on {len(pairs)} pairs")
+        card = cached_adapter(self.cache_dir, self._adapter_inputs(quant_path, fp, pairs, config), cell_dir / "adapter",
+                              lambda: rs.train_adapter(quant_path, pairs, config, cell_dir / "adapter",
+                                                       distill_from=fp.path), enabled=self.use_cache)
+        if card.get("cache_hit"):
+            self._say(cell, "restore: adapter from cache (inputs unchanged, files verified)")
+        adapter = cell_dir / "adapter"
+        again = self._evaluate(quant_path, cell, [r.doc_index for r in records], None, stage="restore",
+                               adapter=adapter)
         atomic_write_jsonl(cell_dir / "restored_samples.jsonl", (r.to_dict() for r in again))
         quant = {r.item_id: r.correct for r in records}
         paired = [(quant[r.item_id], r.correct) for r in again if r.item_id in quant]
@@ -457,12 +552,51 @@ class QmrSession:
         outcome["restored_verdict"] = restored_gate.verdict
         outcome["restored_gate"] = restored_gate.to_dict()
         if spec.mmlu_limit:
-            outcome["mmlu"] = {name: sum(r.correct for r in recs) / max(len(recs), 1) for name, recs in (
-                ("quantized",
-                 Evaluator(model, tokenizer, gen, self._data_dir(cell)).run("qmr_mmlu", limit=spec.mmlu_limit)),
-                ("restored", evaluator.run("qmr_mmlu", limit=spec.mmlu_limit)))}
+            outcome["mmlu"] = {name: sum(r.correct for r in recs) / max(len(recs), 1)
+                               for name, recs in (("quantized", self._mmlu(cell, quant_path, None)),
+                                                  ("restored", self._mmlu(cell, quant_path, adapter)))}
             outcome["mmlu"]["n"] = spec.mmlu_limit
         return outcome
+
+    def _mmlu(self, cell, path: Path, adapter: Path | None) -> list[SampleRecord]:
+        """Restore's general-ability check: the first ``restore.mmlu_limit`` MMLU items."""
+        evaluator = self._evaluator(path, cell, adapter)
+        try:
+            return evaluator.run("qmr_mmlu", limit=cell.restore.mmlu_limit)
+        finally:
+            self._count(cell, "mmlu", evaluator.lm.stats)
+
+    def _greedy(self, cell, path: Path) -> Callable[[list[str]], list[str]]:
+        """Restore mining's greedy generation on ``path``, answered from the generation cache
+        where it can (the model is loaded only for the misses)."""
+        from .restore import generate_greedy
+
+        gen, identity = self._generation(cell), {**self._identity(path, cell), "generator": "restore.generate_greedy"}
+
+        def generate(prompts: list[str]) -> list[str]:
+            def compute(missing: list[int]) -> list[str]:
+                model, tokenizer = self._load(path, cell.model.trust_remote_code)
+                return generate_greedy(model, tokenizer, [prompts[i] for i in missing], gen.max_new_tokens,
+                                       gen.batch_size, "mining", progress=False)
+
+            values, stats = self.generations.map(identity, "generate_greedy",
+                                                 [(p, {"max_new_tokens": gen.max_new_tokens}) for p in prompts],
+                                                 compute)
+            self._count(cell, "mining", stats)
+            return values
+
+        return generate
+
+    @staticmethod
+    def _adapter_inputs(quant_path: Path, fp: models.ResolvedModel, pairs, config) -> dict:
+        """Everything a trained adapter depends on (its cache key)."""
+        from dataclasses import asdict
+        from importlib.metadata import version
+
+        return {"base": models.weights_fingerprint(quant_path),
+                "pairs_sha256": sha256_json([p.to_dict() for p in pairs]),
+                "config": asdict(config), "distill_from": fp.fingerprint if config.distill_weight > 0 else None,
+                "libraries": {**library_versions(), **{n: version(n) for n in ("trl", "peft")}}}
 
     def _training_problems(self, cell):
         from . import restore as rs
@@ -511,6 +645,11 @@ class QmrSession:
                          f"{r['restored_acc']:.3f} (McNemar vs quantized p={r['p_value']:.3g}{recovered}; "
                          f"{r['pairs']} {r['variant']} pairs from the {r['teacher']} teacher, {r['steps']} DPO steps, "
                          f"{r['minutes']:.1f} min)")
+        cached = [f"{stage} {c['items_from_cache']}/{c['items']}" for stage, c in result.cache.items()
+                  if isinstance(c, dict) and c.get("items")]
+        if cached:
+            lines.append("from the generation cache (items): " + ", ".join(cached)
+                         + ("" if result.cache.get("enabled", True) else " (--qmr-no-cache)"))
         lines.append(f"samples: {result.samples_path}")
         lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
         return [("qmr", "\n".join(lines))]

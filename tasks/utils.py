@@ -18,6 +18,7 @@ as a string), ``qmr_kind`` (the ``pytest_qmr.answers`` kind) and ``qmr_question`
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -356,10 +357,17 @@ def load_svamp(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _arith_split(split: str, n: int, seed: int) -> tuple[dict, ...]:
+    """The generated docs of one split (a pure function of its arguments: built once per process,
+    since lm-eval loads a task's data on every evaluation call)."""
+    return tuple(_arith_docs(arith.generate(split, n, seed)))
+
+
 def load_arith(arith_n: int | str = 500, arith_seed: int | str = 0, **_: Any) -> datasets.DatasetDict:
     """qmr_arith is generated, never read: same (n, seed) -> same problems everywhere."""
     n, seed = int(arith_n), int(arith_seed)
     return datasets.DatasetDict({
-        split: datasets.Dataset.from_list(_arith_docs(arith.generate(split, n, seed)))
+        split: datasets.Dataset.from_list([dict(d) for d in _arith_split(split, n, seed)])
         for split in ("test", "train")
     })

@@ -124,7 +124,7 @@ def test_openai_backend_matches_hf_item_by_item(lab_model, data_dir, cache_dir, 
     suite_file.write_text(SUITE.format(data_dir=data_dir, limit=N_ITEMS))
     (cell,) = load_suite(suite_file).cells()
     session = QmrSession(rootdir=tmp_path, run_dir=tmp_path / "run", baselines_dir=repo_root / "baselines",
-                         data_dir=data_dir, cache_dir=cache_dir)
+                         data_dir=data_dir, cache_dir=cache_dir, use_cache=False)  # every item through the server
 
     # openai: the session starts qmr serve for the checkpoint and goes through lm-eval's local-chat-completions
     result = session.run_cell(cell)

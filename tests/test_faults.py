@@ -530,13 +530,14 @@ def test_update_baselines_then_gate_against_them_reproduces_fp_exactly(data_dir,
     same thread setting, reproduces it item by item (not only in accuracy)."""
     baselines = tmp_path / "fresh-baselines"
     cell = _cell(tmp_path, data_dir, limit=6)
-    written = _session(tmp_path, baselines, data_dir, cache_dir, update_baselines=True).run_cell(cell)
+    written = _session(tmp_path, baselines, data_dir, cache_dir, update_baselines=True, use_cache=False).run_cell(cell)
     path = baselines / MODEL / "arith.json"
     baseline = bl.read_baseline(path)
     assert baseline.n == 6 and all("gold" in item and "prompt_sha256" in item for item in baseline.items.values())
     assert written.gate.fp_only == written.gate.quant_only == 0
     (tmp_path / "run").rename(tmp_path / "first-run")
-    again = _session(tmp_path, baselines, data_dir, cache_dir).run_cell(cell)  # a new session: generates again
+    again = _session(tmp_path, baselines, data_dir, cache_dir, use_cache=False).run_cell(cell)  # generates again
+    assert again.cache["evaluate"]["items_from_cache"] == 0 and again.cache["enabled"] is False
     assert again.gate.verdict == "pass" and again.gate.fp_only == again.gate.quant_only == 0 and again.n == 6
     samples = [json.loads(line) for line in Path(again.samples_path).read_text().splitlines()]
     assert {s["item_id"]: s["response"] for s in samples} == {k: v["response"] for k, v in baseline.items.items()}

@@ -545,11 +545,14 @@ def test_cli_quantize_and_cache(tiny_model, tmp_path, capsys):
               "--cache-dir", str(tmp_path), "--compressed", "--out", str(tmp_path / "export"))
     assert out.strip() == str(tmp_path / "export")
     assert json.loads((tmp_path / "export" / "config.json").read_text())["quantization_config"]
-    listing = run("cache", "--cache-dir", str(tmp_path), "ls")
-    assert path.name in listing and "rtn" in listing
-    assert "removed 1" in run("cache", "--cache-dir", str(tmp_path), "clear", "--older-than-days", "0")
-    assert qz.cache_entries(tmp_path) == []
     from pytest_qmr.cli import main
+
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path), "--area", "quantized"]) == 0
+    listing = capsys.readouterr().out
+    assert path.name in listing and "rtn 4" in listing
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path), "--area", "quantized", "--older-than-days", "0"]) == 0
+    assert "removed 1 of 1 entries" in capsys.readouterr().out
+    assert qz.cache_entries(tmp_path) == []
 
     assert main(["quantize", "--model", str(tiny_model[0]), "--method", "smoothquant", "--bits", "4",
                  "--cache-dir", str(tmp_path)]) == 2

@@ -69,7 +69,7 @@ def test_two_workers_give_the_same_records_as_one(pytester, data_dir, cache_dir,
         started = time.monotonic()
         result = pytester.runpytest_subprocess(
             str(suite), "-n", workers, f"--qmr-baselines={repo_root / 'baselines'}", f"--qmr-run-dir={run_dir}",
-            f"--qmr-cache-dir={cache_dir}", "-p", "no:cacheprovider",
+            f"--qmr-cache-dir={cache_dir}", "-p", "no:cacheprovider", "--qmr-no-cache",  # both runs generate
         )
         seconds[workers] = time.monotonic() - started
         outcomes = result.parseoutcomes()

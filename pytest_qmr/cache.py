@@ -1,0 +1,482 @@
+"""Warm reruns: a content-addressed cache of every generation, and of trained Restore adapters.
+
+A CI gate reruns on every push, mostly on checkpoints that did not change. Each request a cell
+sends to a model — a greedy ``generate_until``, a ``loglikelihood`` of a choice, a Restore mining
+prompt — is stored under ``<cache dir>/generations/`` by the hash of everything its answer
+depends on (:func:`request_key`):
+
+- the **model**: the checkpoint's weights fingerprint (content, not path) and, when a LoRA adapter
+  is applied, the hash of the adapter's files;
+- the **engine**: backend (hf | openai | vllm), the versions of lm-eval / transformers / torch
+  (and vllm), device and dtype, the served model id and endpoint of an API backend, and the batch
+  size (left-padded batches can change fp32 greedy output; the key keeps batches apart rather
+  than assume they cannot);
+- the **request**: its type and its exact arguments — the rendered prompt text (chat template
+  applied) and every generation setting lm-eval passes (``until``, ``max_gen_toks``,
+  ``do_sample``, ...), or the context and continuation of a log-likelihood;
+- the cell's **seed**.
+
+lm-eval's own ``use_cache`` keys a request by its arguments alone — without the model (its
+issues #2715, #4063) and so a changed checkpoint would be answered from another's cache; that
+cannot happen here. A hit returns the stored response and lm-eval scores it again with today's
+``process_results`` / answer checker, so a grading fix applies without regenerating. Sampled
+requests (``do_sample: true``) are never cached.
+
+Each entry is one JSON file written atomically (``os.replace``), carrying its key and a checksum
+of its content; a file that does not verify is deleted and regenerated (counted as ``corrupt``).
+Parallel xdist workers may write the same entry at once: both write the same content, the last
+rename wins, a reader never sees a torn file. A hit refreshes the entry's mtime, so
+``qmr cache clear --max-size-gb`` evicts the least recently used first.
+
+Restore adapters are cached the same way under ``adapters/<key>/`` (key: base weights, the exact
+preference pairs, the training config, the distillation teacher, library versions), with a file
+manifest that is verified before an adapter is copied out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .fsutil import (atomic_directory, atomic_write_json, atomic_write_text, cache_root, file_manifest,
+                     manifest_problem, sha256_json)
+
+GENERATIONS = "generations"
+ADAPTERS = "adapters"
+AREAS = ("generations", "adapters", "quantized", "models")  # what `qmr cache` lists and clears
+ENTRY_VERSION = 1
+_MISS = object()
+
+
+def engine_versions(backend: str) -> dict[str, str | None]:
+    """Versions of the libraries a response depends on (a new lm-eval or torch regenerates)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["lm_eval", "transformers", "torch"] + (["vllm"] if backend == "vllm" else [])
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A request argument as JSON: lm-eval's chat requests (``JsonChatStr``) by their text."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    prompt = getattr(value, "prompt", None)
+    if isinstance(prompt, str):
+        return {"chat": prompt}
+    return repr(value)
+
+
+def request_key(identity: dict[str, Any], request_type: str, args: Sequence[Any]) -> str:
+    """The cache key of one request: sha256 of the model/engine ``identity``, the request type and
+    its exact arguments (prompt text and generation settings)."""
+    return sha256_json({"v": ENTRY_VERSION, "identity": identity, "type": request_type, "args": _plain(list(args))})
+
+
+@dataclass
+class CacheStats:
+    """What one stage asked and how much of it came from the cache (``items``: lm-eval docs, a
+    multiple-choice doc being several requests; an item is from cache when all its requests are)."""
+
+    items: int = 0
+    items_from_cache: int = 0
+    requests: int = 0
+    requests_from_cache: int = 0
+    corrupt: int = 0  # entries that failed verification and were regenerated
+    generated_tokens: int = 0
+    generate_seconds: float = 0.0
+
+    def add(self, other: "CacheStats") -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    @property
+    def tok_per_s(self) -> float | None:
+        return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["generate_seconds"] = round(self.generate_seconds, 2)
+        return data
+
+
+class GenerationCache:
+    """The on-disk store of responses (``root/generations/ab/<key>.json``); ``enabled=False``
+    (``--qmr-no-cache``) reads and writes nothing."""
+
+    def __init__(self, root: Path | None = None, enabled: bool = True) -> None:
+        self.root = (Path(root) if root is not None else cache_root()) / GENERATIONS
+        self.enabled = enabled
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> tuple[Any, bool]:
+        """(the stored value or the miss marker, whether an entry was there but did not verify)."""
+        if not self.enabled:
+            return _MISS, False
+        path = self.path(key)
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return _MISS, False
+        except (OSError, ValueError):
+            entry = None
+        if (not isinstance(entry, dict) or entry.get("key") != key or "value" not in entry
+                or entry.get("check") != sha256_json({"key": key, "value": entry["value"]})):
+            path.unlink(missing_ok=True)
+            return _MISS, True
+        try:
+            os.utime(path)  # recently used: kept longest by --max-size-gb
+        except OSError:
+            pass
+        return entry["value"], False
+
+    def put(self, key: str, value: Any, meta: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        entry = {"key": key, "value": value, "check": sha256_json({"key": key, "value": value}), "meta": meta}
+        atomic_write_text(self.path(key), json.dumps(entry, sort_keys=True, ensure_ascii=False))
+
+    def map(self, identity: dict[str, Any], request_type: str, args: Sequence[Sequence[Any]],
+            compute: Callable[[list[int]], list[Any]], *, item_of: Sequence[Any] | None = None,
+            cacheable: Sequence[bool] | None = None,
+            count_tokens: Callable[[Any], int] | None = None) -> tuple[list[Any], CacheStats]:
+        """The response to each of ``args``: from the cache where an entry verifies, else from
+        ``compute(indices of the misses)`` (called once, with the misses in order), stored.
+        ``item_of`` groups requests into items; ``count_tokens`` measures a generated response."""
+        keys = [request_key(identity, request_type, a) for a in args]
+        values: list[Any] = []
+        stats = CacheStats(requests=len(args))
+        for i, key in enumerate(keys):
+            value, corrupt = self.get(key) if cacheable is None or cacheable[i] else (_MISS, False)
+            stats.corrupt += corrupt
+            values.append(value)
+        missing = [i for i, v in enumerate(values) if v is _MISS]
+        stats.requests_from_cache = len(args) - len(missing)
+        if missing:
+            started = time.monotonic()
+            computed = compute(missing)
+            stats.generate_seconds = time.monotonic() - started
+            if len(computed) != len(missing):
+                raise RuntimeError(f"{request_type}: {len(computed)} responses for {len(missing)} requests")
+            meta = {"type": request_type, "identity": identity, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                        time.gmtime())}
+            for i, value in zip(missing, computed, strict=True):
+                value = list(value) if isinstance(value, tuple) else value
+                if cacheable is None or cacheable[i]:
+                    self.put(keys[i], value, meta)
+                values[i] = value
+            if count_tokens is not None:
+                stats.generated_tokens = sum(count_tokens(v) for v in computed)
+        items = list(range(len(args))) if item_of is None else list(item_of)
+        missed_items = {items[i] for i in missing}
+        stats.items = len(set(items))
+        stats.items_from_cache = stats.items - len(missed_items)
+        return values, stats
+
+
+# --------------------------------------------------------------------------------- lm-eval
+
+
+def render_chat(tokenizer, history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """A chat rendered as lm-eval's HFLM renders it (the prompt text a request carries)."""
+    import jinja2
+
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=not add_generation_prompt)
+    try:
+        return render(history)
+    except jinja2.exceptions.TemplateError:  # as HFLM: a template without a system role
+        return render([m for m in history if m["role"] != "system"])
+
+
+def _lm_base():
+    from lm_eval.api.model import LM
+
+    return LM
+
+
+class _Front:
+    """Chat templating from a tokenizer alone, so a fully cached cell never loads its weights."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tokenizer.chat_template if chat_template else None
+
+
+def caching_lm(make_lm: Callable[[], Any], identity: dict[str, Any], cache: GenerationCache, *,
+               tokenizer=None, eager: Any = None):
+    """An lm-eval ``LM`` answering from ``cache`` and asking the model only for the misses.
+
+    ``make_lm`` builds the real lm-eval model on the first miss (for hf: after loading the
+    weights); ``tokenizer`` renders chat prompts meanwhile and counts generated tokens. ``eager``
+    is an already-built model (API backends render chat messages themselves)."""
+
+    class CachingLM(_lm_base()):
+        def __init__(self) -> None:
+            super().__init__()
+            self._lm = eager
+            self.identity = identity
+            self.stats = CacheStats()
+            self.front = _Front(tokenizer) if eager is None else eager
+
+        @property
+        def inner(self):
+            if self._lm is None:
+                self._lm = make_lm()
+            return self._lm
+
+        def apply_chat_template(self, chat_history, add_generation_prompt: bool = True):
+            return self.front.apply_chat_template(chat_history, add_generation_prompt)
+
+        @property
+        def tokenizer_name(self) -> str:
+            return self.front.tokenizer_name
+
+        def chat_template(self, chat_template: bool | str = False):
+            return self.front.chat_template(chat_template)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return self._answer("generate_until", requests)
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return [tuple(v) for v in self._answer("loglikelihood", requests)]
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return self._answer("loglikelihood_rolling", requests)
+
+        def _answer(self, kind: str, requests) -> list[Any]:
+            requests = list(requests)
+            cacheable = [not (kind == "generate_until" and len(r.args) > 1 and isinstance(r.args[1], dict)
+                              and r.args[1].get("do_sample")) for r in requests]
+
+            def compute(missing: list[int]) -> list[Any]:
+                return list(getattr(self.inner, kind)([requests[i] for i in missing]))
+
+            items = [(getattr(r, "task_name", None), getattr(r, "doc_id", i)) for i, r in enumerate(requests)]
+            count = None
+            if kind == "generate_until" and tokenizer is not None:
+                def count(text: str) -> int:
+                    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            values, stats = cache.map(self.identity, kind, [r.args for r in requests], compute, item_of=items,
+                                      cacheable=cacheable, count_tokens=count)
+            self.stats.add(stats)
+            return values
+
+    return CachingLM()
+
+
+# --------------------------------------------------------------------------------- adapters
+
+
+def adapter_sha(adapter_dir: Path) -> str:
+    """Content hash of a LoRA adapter (its weights and config; not its card or timestamps)."""
+    manifest = file_manifest(adapter_dir, exclude=("qmr_card.json", "qmr_manifest.json"))
+    return sha256_json(manifest)[:16]
+
+
+def cached_adapter(root: Path | None, key_inputs: dict[str, Any], out_dir: Path, train: Callable[[], dict],
+                   enabled: bool = True) -> dict:
+    """The card of an adapter in ``out_dir``: copied from ``adapters/<key>`` when an entry with
+    these exact inputs verifies against its manifest, else trained by ``train()`` (which writes
+    ``out_dir``) and stored. The card says ``cache_hit``."""
+    from .fsutil import locked
+
+    key = sha256_json(key_inputs)[:24]
+    entry = (Path(root) if root is not None else cache_root()) / ADAPTERS / key
+    if not enabled:
+        return {**train(), "cache_hit": False}
+    with locked(entry.parent / ".locks" / key):  # one trainer per key; the others wait and reuse
+        manifest = entry / "qmr_manifest.json"
+        problem = "no entry"
+        if manifest.is_file():
+            try:
+                problem = manifest_problem(entry, json.loads(manifest.read_text(encoding="utf-8")).get("files"))
+            except (OSError, ValueError):
+                problem = "unreadable manifest"
+        if problem is None:
+            os.utime(entry)  # last use, for qmr cache clear --max-size-gb
+            with atomic_directory(out_dir) as scratch:
+                for f in entry.iterdir():
+                    if f.name != "qmr_manifest.json":
+                        shutil.copy2(f, scratch / f.name)
+            card = json.loads((out_dir / "qmr_card.json").read_text(encoding="utf-8"))
+            return {**card, "adapter_path": str(out_dir), "cache_hit": True}
+        card = train()
+        with atomic_directory(entry) as scratch:
+            for f in Path(out_dir).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, scratch / f.name)
+            atomic_write_json(scratch / "qmr_manifest.json", {"inputs": key_inputs, "files": file_manifest(scratch)})
+        return {**card, "cache_hit": False}
+
+
+# --------------------------------------------------------------------------------- qmr cache
+
+
+@dataclass(frozen=True)
+class Entry:
+    area: str
+    path: Path
+    size: int
+    mtime: float
+
+
+def _entries(root: Path, area: str) -> list[Entry]:
+    """The evictable units of one area: a response file, an adapter, a checkpoint, a built model."""
+    base = root / area
+    if not base.is_dir():
+        return []
+    units = base.glob("*/*.json") if area == GENERATIONS else (p for p in base.iterdir() if p.is_dir())
+    out = []
+    for unit in units:
+        if unit.name.startswith((".tmp-", ".")):
+            continue
+        try:
+            files = [unit] if unit.is_file() else [f for f in unit.rglob("*") if f.is_file()]
+            stats = [f.stat() for f in files]
+        except OSError:
+            continue  # removed meanwhile by another process
+        try:
+            used = unit.stat().st_mtime  # a directory's own mtime is touched on every use
+        except OSError:
+            continue
+        out.append(Entry(area, unit, sum(s.st_size for s in stats), used))
+    return sorted(out, key=lambda e: e.path.name)
+
+
+def _remove(entry: Entry) -> None:
+    """Gone at once for readers: a response file unlinked, a directory renamed aside under the
+    lock its builder holds (never in the middle of a build), then deleted."""
+    from .fsutil import locked
+
+    if entry.path.is_file():
+        entry.path.unlink(missing_ok=True)
+        return
+    aside = entry.path.with_name(f".tmp-removed-{entry.path.name}-{os.getpid()}")
+    with locked(entry.path):
+        try:
+            os.replace(entry.path, aside)
+        except OSError:
+            return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def clear(root: Path | None, areas: Sequence[str] = AREAS, older_than_days: float | None = None,
+          max_size_gb: float | None = None) -> tuple[list[Entry], list[Entry]]:
+    """Remove what :func:`select_evictions` picks among the ``areas``; (removed, all entries)."""
+    root = Path(root) if root is not None else cache_root()
+    entries = [e for area in areas for e in _entries(root, area)]
+    doomed = select_evictions(entries, older_than_days, max_size_gb)
+    for entry in doomed:
+        _remove(entry)
+    for area in areas:  # scratch of interrupted builds: a live build may own one younger than a day
+        for scratch in (root / area).glob(".tmp-*") if (root / area).is_dir() else ():
+            try:
+                if time.time() - scratch.stat().st_mtime > 86400:
+                    shutil.rmtree(scratch, ignore_errors=True) if scratch.is_dir() else scratch.unlink()
+            except OSError:
+                continue
+    return doomed, entries
+
+
+def select_evictions(entries: Sequence[Entry], older_than_days: float | None, max_size_gb: float | None,
+                     now: float | None = None) -> list[Entry]:
+    """What ``clear`` removes: entries older than the age limit, then the least recently used
+    until the rest fit in ``max_size_gb``; with neither limit, everything."""
+    now = time.time() if now is None else now
+    if older_than_days is None and max_size_gb is None:
+        return list(entries)
+    doomed = [e for e in entries if older_than_days is not None and now - e.mtime > older_than_days * 86400]
+    if max_size_gb is not None:
+        kept = sorted((e for e in entries if e not in doomed), key=lambda e: e.mtime)
+        size = sum(e.size for e in kept)
+        while kept and size > max_size_gb * 1e9:
+            oldest = kept.pop(0)
+            doomed.append(oldest)
+            size -= oldest.size
+    return doomed
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} B"
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .errors import QmrError
+
+    root = Path(args.cache_dir).expanduser() if args.cache_dir else cache_root()
+    areas = AREAS if args.area == "all" else (args.area,)
+    if args.action == "ls":
+        print(f"cache {root}")
+        for area in areas:
+            entries = _entries(root, area)
+            newest = max((e.mtime for e in entries), default=None)
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(newest)) if newest else "-"
+            size = _human(sum(e.size for e in entries))
+            print(f"  {area:<12} {len(entries):>7} entries {size:>10}  last used {when}")
+            if len(areas) == 1 and area != GENERATIONS:  # one area: each entry
+                for e in entries:
+                    age = (time.time() - e.mtime) / 86400
+                    print(f"    {e.path.name:<40} {_human(e.size):>10} {age:>6.1f} d  {_describe(e)}")
+        return 0
+    for name, value in (("--older-than-days", args.older_than_days), ("--max-size-gb", args.max_size_gb)):
+        if value is not None and value < 0:
+            raise QmrError(f"clear {name}: must be >= 0 (got {value})")
+    doomed, entries = clear(root, areas, args.older_than_days, args.max_size_gb)
+    print(f"removed {len(doomed)} of {len(entries)} entries ({_human(sum(e.size for e in doomed))}) from {root}"
+          + (": " + " ".join(e.path.name for e in doomed if e.area != GENERATIONS) if doomed else ""))
+    return 0
+
+
+def _describe(entry: Entry) -> str:
+    """What a directory entry holds, from its own record (a checkpoint's method and bits)."""
+    from .quantize import INFO_FILE
+
+    try:
+        info = json.loads((entry.path / INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "INCOMPLETE" if entry.area == "quantized" else ""
+    return f"{info.get('method')} {(info.get('recipe') or {}).get('bits') or ''}".strip()
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("cache", help="list or clear the cache (generations, adapters, checkpoints, models)")
+    p.add_argument("action", choices=("ls", "clear"))
+    p.add_argument("--cache-dir", default=None, help="default: QMR_CACHE_DIR or ~/.cache/pytest-qmr")
+    p.add_argument("--area", choices=("all", *AREAS), default="all")
+    p.add_argument("--older-than-days", type=float, default=None, help="clear: only entries unused this long")
+    p.add_argument("--max-size-gb", type=float, default=None,
+                   help="clear: remove the least recently used until the area fits in this size")
+    p.set_defaults(func=_cmd_cache)
