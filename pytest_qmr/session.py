@@ -364,11 +364,7 @@ class QmrSession:
         fp_correct_all = [bool(v["correct"]) for _, v in ordered]
 
         started = time.monotonic()
-        q = cell.quantizer
-        calibration = CalibrationSpec(**q.calibration.model_dump()) if q.calibration is not None else None
-        spec = QuantSpec(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
-                         ignore=tuple(q.ignore), path=q.path, calibration=calibration,
-                         options=tuple(sorted(q.options.items())))
+        q, spec = cell.quantizer, quant_spec(cell)
         self._say(cell, f"quantize ({q.method})")
         quantized = quantize(fp.path, fp.fingerprint, spec, self.cache_dir, data_dir=self._data_dir(cell))
         self._restore_inputs[cell.id] = (fp, baseline, quantized.path)
@@ -674,6 +670,15 @@ class QmrSession:
                                 f"({type(exc).__name__})")
         atomic_write_json(self.run_dir / "results.json", {"run_dir": str(self.run_dir), "cells": cells})
         return warnings
+
+
+def quant_spec(cell) -> QuantSpec:
+    """What a cell's quantizer builds (its effective recipe keys the checkpoint cache)."""
+    q = cell.quantizer
+    calibration = CalibrationSpec(**q.calibration.model_dump()) if q.calibration is not None else None
+    return QuantSpec(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
+                     ignore=tuple(q.ignore), path=q.path, calibration=calibration,
+                     options=tuple(sorted(q.options.items())))
 
 
 def restore_shortfall(restore: dict, min_gain: float) -> str | None:
