@@ -221,9 +221,8 @@ class Lab:
                   "train_problems_mined": len(traces),
                   "train_failures_located": sum(rs.is_case(t) for t in traces),
                   **paired("quant", quant_rows, "restored", restored), "fp_acc": accuracy(fp_rows)}
-        loss = result["fp_acc"] - result["quant_acc"]
-        won_back = result["restored_acc"] - result["quant_acc"]
-        result["recovered_share"] = round(won_back / loss, 4) if loss > 0 else None
+        share = rs.recovered_share(result["fp_acc"], result["quant_acc"], result["restored_acc"])
+        result["recovered_share"] = None if share is None else round(share, 4)
         ablation = []
         n_ab = self.config.ablation_n_test
         for variant, run in runs.items():

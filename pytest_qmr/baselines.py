@@ -43,6 +43,7 @@ __all__ = [
     "library_drift",
     "paired_vectors",
     "regenerate_hint",
+    "stale",
 ]
 
 SCHEMA = 1
@@ -143,6 +144,13 @@ def regenerate_hint(model: str | None, benchmark: str | None, suite: str | None 
     return f"pytest {suite} --qmr-update-baselines -k {quoted}"
 
 
+def stale(source: str, problem: str, model: str | None, benchmark: str | None, suite: str | None = None,
+          cell: str | None = None, verb: str = "regenerate") -> BaselineError:
+    """The one-line error of a baseline that cannot gate the cell:
+    ``<source>: <problem>; regenerate it with: <command>`` (the one place the command is added)."""
+    return BaselineError(f"{source}: {problem}; {verb} it with: {regenerate_hint(model, benchmark, suite, cell)}")
+
+
 def write_baseline(path: str | os.PathLike, baseline: Baseline) -> None:
     """Validate, then write atomically under the file's inter-process lock.
 
@@ -165,23 +173,19 @@ def read_baseline(path: str | os.PathLike, *, suite: str | None = None, cell: st
     path = Path(path)
     source = str(path)
     model_guess, bench_guess = path.parent.name, path.stem
-    hint = regenerate_hint(model_guess, bench_guess, suite, cell)
+    where = (model_guess, bench_guess, suite, cell)
     if not path.exists():
-        raise BaselineError(
-            f"{source}: no FP baseline for model {model_guess!r} on benchmark {bench_guess!r}; "
-            f"generate it with: {hint}"
-        )
+        raise stale(source, f"no FP baseline for model {model_guess!r} on benchmark {bench_guess!r}", *where,
+                    verb="generate")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise BaselineError(f"{source}: cannot read baseline ({_one_line(exc)}); regenerate it with: {hint}") from None
+        raise stale(source, f"cannot read baseline ({_one_line(exc)})", *where) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BaselineError(
-            f"{source}: corrupt baseline, not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
-            f"regenerate it with: {hint}"
-        ) from None
+        raise stale(source, f"corrupt baseline, not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})",
+                    *where) from None
     _validate(data, source, model_guess, bench_guess, suite, cell)
     return Baseline(
         model=data["model"],
@@ -223,8 +227,7 @@ def _validate(data: Any, source: str, model: str | None, benchmark: str | None, 
               cell: str | None) -> None:
     def fail(key: str, problem: str, value: Any = _MISSING) -> None:
         got = "nothing" if value is _MISSING else _show(value)
-        hint = regenerate_hint(model, benchmark, suite, cell)
-        raise BaselineError(f"{source}: {key}: {problem} (got {got}); regenerate it with: {hint}")
+        raise stale(source, f"{key}: {problem} (got {got})", model, benchmark, suite, cell)
 
     if not isinstance(data, dict):
         fail("(top level)", "must be a JSON object", data)
@@ -392,12 +395,9 @@ def paired_vectors(
     missing = [i for i in item_ids if i not in baseline.items]
     if missing:
         source = baseline.source or str(baseline_path("<baselines>", baseline.model, baseline.benchmark))
-        raise BaselineError(
-            f"{source}: {len(missing)} of {len(item_ids)} requested items are not in the FP baseline "
-            f"for model {baseline.model!r} on benchmark {baseline.benchmark!r} (first: {missing[0]!r}; "
-            f"the baseline has {baseline.n} items); regenerate it with: "
-            f"{regenerate_hint(baseline.model, baseline.benchmark, suite, cell)}"
-        )
+        raise stale(source, f"{len(missing)} of {len(item_ids)} requested items are not in the FP baseline "
+                    f"for model {baseline.model!r} on benchmark {baseline.benchmark!r} (first: {missing[0]!r}; "
+                    f"the baseline has {baseline.n} items)", baseline.model, baseline.benchmark, suite, cell)
     absent = [i for i in item_ids if i not in quant_correct]
     if absent:
         raise ValueError(

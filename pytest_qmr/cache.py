@@ -246,6 +246,7 @@ def caching_lm(make_lm: Callable[[], Any], identity: dict[str, Any], cache: Gene
             self.identity = identity
             self.stats = CacheStats()
             self.front = _Front(tokenizer) if eager is None else eager
+            self.base_url = getattr(eager, "base_url", None)  # an API model's endpoint, for its error lines
 
         @property
         def inner(self):

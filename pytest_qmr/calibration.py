@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QmrError
+from .fsutil import data_root
 
 DATASETS = ("gsm8k", "qmr_arith")
 DEFAULT_DATASET = "gsm8k"
@@ -90,13 +91,6 @@ def validate(spec: CalibrationSpec) -> None:
         raise CalibrationError(f"calibration seq_len must be >= 8 (got {spec.seq_len})")
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    env = os.environ.get("QMR_DATA_DIR")
-    return Path(env).expanduser() if env else None
-
-
 def _gsm8k_rows(data_dir: Path | None) -> tuple[list[dict], str]:
     if data_dir is not None:
         path = data_dir / GSM8K_TRAIN
@@ -155,7 +149,7 @@ def _render(tokenizer, user: str, assistant: str) -> tuple[list[int], bool]:
 def build(spec: CalibrationSpec, tokenizer, data_dir: str | os.PathLike | None = None) -> CalibrationData:
     """Tokenized calibration conversations for ``spec`` (deterministic given the seed)."""
     validate(spec)
-    conversations, source = _conversations(spec, resolve_data_dir(data_dir))
+    conversations, source = _conversations(spec, data_root(data_dir))
     input_ids, templated = [], True
     for user, assistant in conversations:
         ids, chat = _render(tokenizer, user, assistant)

@@ -196,6 +196,19 @@ def changed_keys(old: Any, new: Any, limit: int = 40) -> list[str]:
 _UNSET = object()
 
 
+DATA_DIR_ENV = "QMR_DATA_DIR"
+
+
+def data_root(given: str | os.PathLike | None = None) -> Path | None:
+    """The benchmark data directory: ``given``, else ``$QMR_DATA_DIR``, else None (the one place
+    the environment is read; a suite's own ``data_dir`` comes after the environment, see
+    :meth:`pytest_qmr.suite.Suite.data_dir`)."""
+    if given is not None and str(given).strip():
+        return Path(given).expanduser()
+    env = os.environ.get(DATA_DIR_ENV, "").strip()
+    return Path(env).expanduser() if env else None
+
+
 def cache_root() -> Path:
     """Where built models and quantized checkpoints live (``QMR_CACHE_DIR`` overrides)."""
     env = os.environ.get("QMR_CACHE_DIR")

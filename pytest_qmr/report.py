@@ -316,14 +316,17 @@ def _restore_view(restore: dict[str, Any] | None) -> dict[str, Any] | None:
     """The recorded restore results plus the recovered delta and share of the lost accuracy."""
     if not restore:
         return None
+    from .restore import recovered_share
+
     out = dict(restore)
     if out.get("recovered") is not None:  # restore.RestoreResult's own share of the loss won back
         out.setdefault("recovered_share", out["recovered"])
     fp, quant, restored = (restore.get(k) for k in ("fp_acc", "quant_acc", "restored_acc"))
     if all(isinstance(v, (int, float)) for v in (quant, restored)):
         out.setdefault("recovered_delta", round(restored - quant, 6))
-        if isinstance(fp, (int, float)) and fp - quant > 1e-12:
-            out.setdefault("recovered_share", round((restored - quant) / (fp - quant), 6))
+        share = recovered_share(fp, quant, restored)
+        if share is not None:
+            out.setdefault("recovered_share", round(share, 6))
     return out
 
 

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 from .errors import QmrError
 from . import answers, arith, taxonomy
-from .fsutil import (atomic_directory, atomic_write_json, atomic_write_jsonl, read_jsonl_strict,
+from .fsutil import (atomic_directory, atomic_write_json, atomic_write_jsonl, data_root, read_jsonl_strict,
                      sha256_text)
 from .steps import cut_before, is_final_answer_line, segment
 
@@ -116,6 +116,14 @@ def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
     return pairs
 
 
+def recovered_share(fp_acc: float | None, quant_acc: float | None, restored_acc: float | None) -> float | None:
+    """Share of the quantization loss Restore won back, (restored - quant) / (fp - quant); None
+    when an accuracy is missing or quantization lost nothing."""
+    if not all(isinstance(v, (int, float)) for v in (fp_acc, quant_acc, restored_acc)) or fp_acc - quant_acc <= 1e-12:
+        return None
+    return (restored_acc - quant_acc) / (fp_acc - quant_acc)
+
+
 @dataclass
 class RestoreResult:
     """What Restore did for one cell; ``CellResult.restore`` holds its :meth:`to_dict`.
@@ -138,10 +146,8 @@ class RestoreResult:
 
     @property
     def recovered(self) -> float | None:
-        """Share of the quantization loss won back: (restored - quant) / (fp - quant)."""
-        if None in (self.fp_acc, self.quant_acc, self.restored_acc) or self.fp_acc <= self.quant_acc:
-            return None
-        return (self.restored_acc - self.quant_acc) / (self.fp_acc - self.quant_acc)
+        """Share of the quantization loss won back (:func:`recovered_share`)."""
+        return recovered_share(self.fp_acc, self.quant_acc, self.restored_acc)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -958,8 +964,8 @@ def _solutions(source: str | None, data_dir: str | None) -> dict[str, str]:
     if name.startswith("arith-"):
         return {p.id: p.solution for p in arith_problems(name.split("-", 1)[1], int(n or 500))}
     if name.startswith("gsm8k-"):
-        root = data_dir or os.environ.get("QMR_DATA_DIR")
-        if not root:
+        root = data_root(data_dir)
+        if root is None:
             raise RestoreError("--solutions gsm8k-* needs --data-dir or QMR_DATA_DIR")
         return {p.id: p.solution for p in gsm8k_problems(root, name.split("-", 1)[1])}
     raise RestoreError(f"--solutions {source!r}: expected gsm8k-train, gsm8k-test, arith-train:N or arith-test:N")

@@ -260,7 +260,6 @@ class QmrSession:
         generation, seed, task, and each item's id, prompt and gold), or (with
         --qmr-update-baselines) a fresh FP run written atomically."""
         path = bl.baseline_path(self.baselines_dir, cell.model.name, cell.benchmark.name)
-        hint = bl.regenerate_hint(cell.model.name, cell.benchmark.name, cell.suite_file or None, cell.id)
         if not self.update_baselines:
             baseline = bl.read_baseline(path, suite=cell.suite_file or None, cell=cell.id)
             mismatches = bl.check_provenance(baseline, {
@@ -274,8 +273,8 @@ class QmrSession:
                 mismatches = bl.check_items(baseline, cell.benchmark.task, self._expected(cell, fp, indices))
             if mismatches:
                 more = f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
-                raise bl.BaselineError(f"{path}: baseline no longer describes the cell "
-                                       f"({'; '.join(mismatches[:3])}{more}); regenerate it with: {hint}")
+                shown = "; ".join(mismatches[:3])
+                raise self._stale(cell, path, f"baseline no longer describes the cell ({shown}{more})")
             return baseline
         key = (cell.model.name, cell.benchmark.name)
         if key not in self._fp_records:
@@ -289,6 +288,10 @@ class QmrSession:
         bl.write_baseline(path, baseline)
         baseline.source = str(path)
         return baseline
+
+    @staticmethod
+    def _stale(cell, source, problem: str) -> bl.BaselineError:
+        return bl.stale(str(source), problem, cell.model.name, cell.benchmark.name, cell.suite_file or None, cell.id)
 
     @staticmethod
     def _too_few_items(cell, n: int) -> str:
@@ -356,9 +359,7 @@ class QmrSession:
             provenance_limit = baseline.provenance.get("limit")
             if provenance_limit is None or provenance_limit >= limit:  # the baseline took every item there is
                 raise bl.BaselineError(self._too_few_items(cell, len(ordered)))
-            hint = bl.regenerate_hint(cell.model.name, cell.benchmark.name, cell.suite_file or None, cell.id)
-            raise bl.BaselineError(f"{baseline.source}: baseline covers {len(ordered)} items, the cell asks for "
-                                   f"{limit}; regenerate it with: {hint}")
+            raise self._stale(cell, baseline.source, f"baseline covers {len(ordered)} items, the cell asks for {limit}")
         ordered = ordered[:limit] if limit is not None else ordered
         indices = [int(v.get("doc_index", i)) for i, (_, v) in enumerate(ordered)]
         fp_correct_all = [bool(v["correct"]) for _, v in ordered]
@@ -436,10 +437,8 @@ class QmrSession:
         changed = [r.item_id for r in records
                    if baseline.items.get(r.item_id, {}).get("prompt_sha256") not in (None, sha256_text(r.prompt))]
         if changed:
-            hint = bl.regenerate_hint(cell.model.name, cell.benchmark.name, cell.suite_file or None, cell.id)
-            raise bl.BaselineError(f"{baseline.source}: items[{changed[0]!r}].prompt_sha256: the prompts of "
-                                   f"{len(changed)} generated items differ from the baseline's; "
-                                   f"regenerate it with: {hint}")
+            raise self._stale(cell, baseline.source, f"items[{changed[0]!r}].prompt_sha256: the prompts of "
+                                                     f"{len(changed)} generated items differ from the baseline's")
         quant = {r.item_id: r.correct for r in records}
         fp_vec, q_vec = bl.paired_vectors(baseline, list(quant), quant)
         if cell.thresholds.sequential and len(records) < len(fp_correct_all):

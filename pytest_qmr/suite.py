@@ -27,6 +27,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import QmrError
+from .fsutil import DATA_DIR_ENV, data_root
 from .measure import Scoring, TaskSource
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
     "DATA_DIR_ENV",
 ]
 
-DATA_DIR_ENV = "QMR_DATA_DIR"
 METHODS = ("fp", "rtn", "gptq", "awq", "smoothquant", "checkpoint")
 WEIGHT_BITS = (2, 3, 4, 8)
 NEEDS_CALIBRATION = ("gptq", "awq", "smoothquant")
@@ -347,9 +347,9 @@ class Suite:
 
     def data_dir(self) -> Path | None:
         """``$QMR_DATA_DIR`` if set, else ``data_dir`` relative to the suite file, else None."""
-        env = os.environ.get(DATA_DIR_ENV, "").strip()
-        if env:
-            return Path(env).expanduser().resolve()
+        env = data_root()
+        if env is not None:
+            return env.resolve()
         if self.spec.data_dir is None:
             return None
         return (self.path.parent / Path(self.spec.data_dir).expanduser()).resolve()

@@ -32,8 +32,8 @@ import datasets
 
 from pytest_qmr.errors import QmrError
 from pytest_qmr import answers, arith
+from pytest_qmr.fsutil import DATA_DIR_ENV, data_root
 
-DATA_DIR_ENV = "QMR_DATA_DIR"
 CHOICE_LETTERS = "ABCD"
 
 # One instruction for the whole project (arith.INSTRUCTION); MATH-style answers are LaTeX, so
@@ -106,11 +106,6 @@ def read_sample(sample: dict) -> dict[str, Any]:
 # --------------------------------------------------------------------------- file reading
 
 
-def _data_root(data_dir: str | os.PathLike | None) -> Path | None:
-    root = data_dir or os.environ.get(DATA_DIR_ENV)
-    return Path(root).expanduser() if root else None
-
-
 def _read_jsonl(path: Path, required: Iterable[str]) -> list[dict]:
     required = tuple(required)
     rows = []
@@ -170,7 +165,7 @@ def _load(
     normalize: Callable[[list[dict]], list[dict]],
 ) -> datasets.DatasetDict:
     """Local files when ``data_dir``/QMR_DATA_DIR has them, else the hub; normalized docs."""
-    root = _data_root(data_dir)
+    root = data_root(data_dir)
     paths = {split: root / rel for split, rel in local.items()} if root else {}
     if paths and paths["test"].exists():
         raw = {split: read_local(path) for split, path in paths.items() if path.exists()}

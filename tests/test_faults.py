@@ -17,6 +17,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import datasets  # noqa: F401  (imported before any in-process pytester run: pytester's sys.modules
+import lm_eval.tasks  # noqa: F401  snapshot would drop them, and a re-import re-registers Arrow types)
 import pytest
 
 from pytest_qmr import baselines as bl
