@@ -11,7 +11,7 @@ import pytest
 
 
 @pytest.hookspec(firstresult=True)
-def pytest_qmr_restore(cell, result, records):
+def pytest_qmr_restore(cell, result, records, context):
     """Restore one cell whose suite asks for it (``restore.when``: ``on-fail`` or ``always``).
 
     :param cell: the suite cell (:class:`pytest_qmr.suite.Cell`); ``cell.restore`` holds the
@@ -19,6 +19,10 @@ def pytest_qmr_restore(cell, result, records):
     :param result: its :class:`pytest_qmr.records.CellResult`: gate, ``error_profile`` and outcome set.
     :param records: the quantized model's :class:`pytest_qmr.records.SampleRecord` per evaluated
         item (the cell's evaluation items; pairs must not come from them).
+    :param context: a :class:`pytest_qmr.records.CellContext`: the FP model, the baseline, the
+        quantized checkpoint paths (dense and compressed) and the cell's record directory. An
+        implementation takes only the arguments it names (``def pytest_qmr_restore(cell, result,
+        records)`` keeps working).
 
     Return a :class:`pytest_qmr.restore.RestoreResult` or a dict (stored as ``result.restore``)
     with ``restored_acc`` measured on the same items, or ``None`` to leave the cell unrestored

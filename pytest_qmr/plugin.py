@@ -61,14 +61,14 @@ class DefaultRestore:
         self.session = session
 
     @pytest.hookimpl(trylast=True)
-    def pytest_qmr_restore(self, cell, result, records):
-        return self.session.restore_cell(cell, result, records)
+    def pytest_qmr_restore(self, cell, result, records, context):
+        return self.session.restore_cell(cell, result, records, context)
 
 
 @pytest.fixture
 def qmr_restore(request):
     """What a cell runs to restore itself: the ``pytest_qmr_restore`` hook, called with keyword
-    arguments ``cell``, ``result``, ``records``. Override this fixture in a ``conftest.py`` to wrap
+    arguments ``cell``, ``result``, ``records``, ``context``. Override this fixture in a ``conftest.py`` to wrap
     or replace Restore for the cells under it (e.g. another teacher, or a budget per directory)."""
     return request.config.hook.pytest_qmr_restore
 

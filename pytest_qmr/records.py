@@ -6,7 +6,12 @@ Everything a later stage needs is on disk as these records, so it never re-runs 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .baselines import Baseline
+    from .models import ResolvedModel
 
 Verdict = Literal["pass", "fail", "inconclusive"]
 
@@ -120,3 +125,19 @@ class CellResult:
         if isinstance(result.gate, dict):
             result.gate = GateResult.from_dict(result.gate)
         return result
+
+
+@dataclass(frozen=True)
+class CellContext:
+    """What a ``pytest_qmr_restore`` implementation may need besides the cell's records: the FP
+    model, the baseline the cell was gated against, the quantized checkpoint it built (the dense
+    fake-quant copy and, where the method writes one, the compressed-tensors checkpoint a user
+    deploys) and where its records go."""
+
+    fp: "ResolvedModel"  # .path, .fingerprint
+    baseline: "Baseline"  # .source (the file), .items (per item: correct, gold, prompt_sha256, ...)
+    quantized: Path  # the dense checkpoint the cell evaluated
+    compressed: Path | None  # the compressed-tensors checkpoint (None: fp / checkpoint methods)
+    cell_dir: Path  # <run dir>/cells/<cell id>
+    run_dir: Path
+    data_dir: Path | None = None

@@ -18,7 +18,7 @@ from .fsutil import atomic_write_json, atomic_write_jsonl, sha256_json, sha256_t
 from .measure import Evaluator, GenerationSettings, items_fingerprint
 from .calibration import CalibrationSpec
 from .quantize import QuantSpec, quantize
-from .records import CellResult, GateResult, SampleRecord
+from .records import CellContext, CellResult, GateResult, SampleRecord
 from .redact import redact_obj
 
 
@@ -43,7 +43,7 @@ class QmrSession:
     # calls the pytest_qmr_restore hook (set by the plugin; None: Restore is not available)
     restore_hook: Callable[..., Any] | None = None
     _loaded: dict = field(default_factory=dict)
-    _restore_inputs: dict = field(default_factory=dict)  # cell id -> (FP model, baseline, quantized path)
+    _contexts: dict = field(default_factory=dict)  # cell id -> the CellContext its Restore hook gets
     _fp_records: dict = field(default_factory=dict)
     _expected_cache: dict = field(default_factory=dict)
     _served: dict = field(default_factory=dict)  # checkpoint path -> {endpoint, model} of the last API evaluation
@@ -368,7 +368,9 @@ class QmrSession:
         q, spec = cell.quantizer, quant_spec(cell)
         self._say(cell, f"quantize ({q.method})")
         quantized = quantize(fp.path, fp.fingerprint, spec, self.cache_dir, data_dir=self._data_dir(cell))
-        self._restore_inputs[cell.id] = (fp, baseline, quantized.path)
+        self._contexts[cell.id] = CellContext(fp=fp, baseline=baseline, quantized=quantized.path,
+                                              compressed=quantized.compressed_path, cell_dir=cell_dir,
+                                              run_dir=self.run_dir, data_dir=self._data_dir(cell))
         seconds["quantize"] = time.monotonic() - started
         if quantized.info.get("cache_hit"):
             self._say(cell, "quantize: checkpoint from cache (verified)")
@@ -493,13 +495,13 @@ class QmrSession:
         from .restore import RestoreError, RestoreResult
 
         try:
-            restored = restore(cell=cell, result=result, records=records)
+            restored = restore(cell=cell, result=result, records=records, context=self._contexts[cell.id])
         except RestoreError as exc:
             restored = {"error": str(exc)}
         if restored is not None:
             result.restore = restored.to_dict() if isinstance(restored, RestoreResult) else dict(restored)
 
-    def restore_cell(self, cell, result: CellResult, records: list[SampleRecord]):
+    def restore_cell(self, cell, result: CellResult, records: list[SampleRecord], context: CellContext):
         """The default pytest_qmr_restore: Silver Bullet pairs mined on the benchmark's training
         split, DPO + LoRA on the quantized model, then the same items re-measured with the adapter."""
         from . import restore as rs
@@ -507,8 +509,7 @@ class QmrSession:
         from .gate import compare
 
         spec, gen, seed = cell.restore, self._generation(cell), cell.benchmark.seed
-        cell_dir = self.run_dir / "cells" / cell.id
-        fp, baseline, quant_path = self._restore_inputs[cell.id]
+        cell_dir, fp, baseline, quant_path = context.cell_dir, context.fp, context.baseline, context.quantized
         started = time.monotonic()
         problems = self._training_problems(cell)
         tokenizer = self._tokenizer(quant_path, cell.model.trust_remote_code)

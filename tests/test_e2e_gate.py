@@ -45,8 +45,10 @@ restore: on-fail
 CONFTEST = """
 import pytest
 
-def pytest_qmr_restore(cell, result, records):
-    return {"by": "conftest", "cell": cell.id, "verdict": result.gate.verdict, "n_records": len(records)}
+def pytest_qmr_restore(cell, result, records, context):
+    return {"by": "conftest", "cell": cell.id, "verdict": result.gate.verdict, "n_records": len(records),
+            "quantized": str(context.quantized), "fp": str(context.fp.path), "baseline": context.baseline.source,
+            "cell_dir": str(context.cell_dir)}
 
 @pytest.fixture
 def qmr_restore(request):
@@ -105,8 +107,13 @@ def test_scrambled_fails_untouched_copy_passes(pytester, lab_model, data_dir, ca
     assert {row["status"] for row in located} <= {"accepted", "escalated", "unjudged"}
     assert copy_result["error_profile"]["n"] == 0 and copy_result["profile_violations"] == []
     # restore: on-fail fired the hook for the failed cell only, with its records
+    # and a CellContext: the checkpoint the cell built and evaluated, the FP model, its baseline, its record dir
+    baseline = repo_root / "baselines" / "smollm2-135m-arith" / "arith.json"
     assert scrambled_result["restore"] == {"by": "conftest", "cell": "smollm2-135m-arith-scrambled-arith",
-                                           "verdict": "fail", "n_records": scrambled_result["n"], "via": "fixture"}
+                                           "verdict": "fail", "n_records": scrambled_result["n"], "via": "fixture",
+                                           "quantized": str(scrambled), "fp": str(lab_model.path),
+                                           "baseline": str(baseline),
+                                           "cell_dir": str(run_dir / "cells" / "smollm2-135m-arith-scrambled-arith")}
     assert copy_result["restore"] is None
     # the human review queue holds every escalated/unjudged case (plus the audit sample) of the cell
     queue = json.loads((run_dir / "cells" / "smollm2-135m-arith-scrambled-arith" / "review" / "queue.json").read_text())

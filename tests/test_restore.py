@@ -538,15 +538,23 @@ def test_hookspec_registers_as_firstresult():
         def pytest_qmr_restore(self, cell, result, records):
             return None
 
-    class Restores:
+    class Restores:  # an implementation written before the hook had `context` takes a subset
         @pluggy.HookimplMarker("pytest")
         def pytest_qmr_restore(self, cell, result, records):
             return RestoreResult(len(records), "gold", "all-step", 1, 0.1, "/a")
 
+    class WithContext:
+        @pluggy.HookimplMarker("pytest")
+        def pytest_qmr_restore(self, records, context):
+            return RestoreResult(len(records), "gold", "all-step", 1, 0.1, context) if context else None
+
     pm.register(Restores())
     pm.register(Skip())
-    out = pm.hook.pytest_qmr_restore(cell=None, result=None, records=[{}, {}])
+    out = pm.hook.pytest_qmr_restore(cell=None, result=None, records=[{}, {}], context=None)
     assert isinstance(out, RestoreResult) and out.pairs == 2
+    pm.register(WithContext())
+    out = pm.hook.pytest_qmr_restore(cell=None, result=None, records=[{}], context="/ctx")
+    assert out.adapter_path == "/ctx" and out.pairs == 1
 
 
 def test_restore_shortfall_against_min_gain():
