@@ -366,7 +366,8 @@ class QmrSession:
 
         started = time.monotonic()
         q, spec = cell.quantizer, quant_spec(cell)
-        self._say(cell, f"quantize ({q.method})")
+        if q.method not in ("fp", "checkpoint"):
+            self._say(cell, f"quantize ({q.method})")
         quantized = quantize(fp.path, fp.fingerprint, spec, self.cache_dir, data_dir=self._data_dir(cell))
         self._contexts[cell.id] = CellContext(fp=fp, baseline=baseline, quantized=quantized.path,
                                               compressed=quantized.compressed_path, cell_dir=cell_dir,
