@@ -14,8 +14,9 @@
 Each run's verdicts (pytest outcome, gate verdict, accuracy, n, restored accuracy) and its records
 (``samples.jsonl`` of every cell) are compared cold vs warm. Writes
 ``benchmarks/results/warm_rerun.json`` (keys: ``cold_s``, ``warm_s``, ``speedup``,
-``same_verdicts``, ``same_records``, ``cells``, ``one_item_change``, ``machine``) and the table
-between the markers in ``benchmarks/README.md``.
+``same_verdicts``, ``same_records``, ``cells``, ``one_item_change``, ``machine``), the plot
+``benchmarks/results/warm_rerun.png`` (seconds per cell, cold vs warm) and the table between the
+markers in ``benchmarks/README.md``. ``--report-only`` redraws the plot and table from the JSON.
 """
 
 from __future__ import annotations
@@ -138,7 +139,52 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def plot(result: dict, path: Path) -> None:
+    """Seconds per cell, cold vs warm, on a log scale (warm is tens of times smaller)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(result["cells"])
+    cold = [result["cells"][c]["cold_s"] for c in names]
+    warm = [max(result["cells"][c]["warm_s"], 0.1) for c in names]
+    fig = Figure(figsize=(9, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], cold, width=0.4, label=f"cold (whole run {result['cold_s']} s)", color="#c44e52")
+    ax.bar([x + 0.2 for x in xs], warm, width=0.4, label=f"warm (whole run {result['warm_s']} s)", color="#4c72b0")
+    ax.set_yscale("log")
+    ax.set_ylim(0.3, max(cold) * 12)  # room for the legend above the bars
+    ax.set_ylabel("seconds inside the cell")
+    ax.set_xticks(list(xs), [n.replace("smollm2-135m-arith-", "") for n in names], rotation=25, ha="right",
+                  fontsize=8)
+    ax.set_title(f"suites/smoke.yaml rerun: {result['speedup']}x faster warm, same verdicts and records", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def write_reports(result: dict) -> None:
+    plot(result, HERE / "results" / "warm_rerun.png")
+    readme = HERE / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    block = f"{BEGIN}\n{table(result)}\n\n![cold vs warm seconds per cell](results/warm_rerun.png)\n{END}"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text += ("\n## Warm reruns\n\n`warm_rerun.py` runs `pytest suites/smoke.yaml` with empty generation and "
+                 "adapter caches (checkpoints cached, as every rerun today), then again unchanged, then with one "
+                 f"item's prompt edited:\n\n{block}\n")
+    atomic_write_text(readme, text)
+    print(table(result))
+
+
 def main() -> int:
+    if "--report-only" in sys.argv[1:]:
+        write_reports(json.loads((HERE / "results" / "warm_rerun.json").read_text()))
+        return 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("QMR_CACHE_DIR", str(REPO / ".qmr-cache"))
     prepare_checkpoints(Path(env["QMR_CACHE_DIR"]), Path(env.get("QMR_DATA_DIR", REPO.parent / "shared" / "data")))
@@ -171,17 +217,7 @@ def main() -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     atomic_write_json(HERE / "results" / "warm_rerun.json", result)
-    readme = HERE / "README.md"
-    text = readme.read_text(encoding="utf-8")
-    block = f"{BEGIN}\n{table(result)}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text += ("\n## Warm reruns\n\n`warm_rerun.py` runs `pytest suites/smoke.yaml` with empty generation and "
-                 "adapter caches (checkpoints cached, as every rerun today), then again unchanged, then with one "
-                 f"item's prompt edited:\n\n{block}\n")
-    atomic_write_text(readme, text)
-    print(table(result))
+    write_reports(result)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
