@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping, Sequence, TypeVar
 
@@ -66,6 +67,36 @@ SERVE_READY_SECONDS = 600.0
 REQUEST_TIMEOUT_SECONDS = 1800
 
 T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------- device and dtype
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in what precision a checkpoint runs (``generation.device`` / ``generation.dtype``, resolved)."""
+
+    device: str  # cpu | cuda | cuda:N
+    dtype: str  # float32 | bfloat16 | float16
+
+    def to_dict(self) -> dict[str, str]:
+        return {"device": self.device, "dtype": self.dtype}
+
+
+def runtime(device: str = "auto", dtype: str = "auto", where: str = "generation") -> Runtime:
+    """``auto`` resolved: CUDA (this worker's pinned GPU) when one is visible, else the CPU; dtype
+    bfloat16 on CUDA, float32 on the CPU. Asking for CUDA where none is visible is one line."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+    elif device.startswith("cuda") and not cuda:
+        raise ModelError(f"{where}.device: {device!r} asked for, but no CUDA device is visible here "
+                         "(torch.cuda.is_available() is False); use auto or cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return Runtime(device, dtype)
 
 
 # --------------------------------------------------------------------------------- workers

@@ -48,7 +48,9 @@ __all__ = [
 
 SCHEMA = 1
 # Fields whose mismatch makes a baseline incomparable (errors); library versions only warn.
-PROVENANCE_CHECKED = ("model_fingerprint", "data_sha256", "prompt_sha256", "generation", "seed", "scoring")
+PROVENANCE_CHECKED = ("model_fingerprint", "data_sha256", "prompt_sha256", "generation", "seed", "scoring", "dtype")
+# what a baseline written before a field was recorded had (every earlier baseline ran in fp32)
+PROVENANCE_DEFAULTS = {"dtype": "float32"}
 _CAUSES = {
     "model_fingerprint": "the FP model weights changed",
     "data_sha256": "the benchmark data changed",
@@ -56,6 +58,7 @@ _CAUSES = {
     "generation": "the generation settings changed",
     "seed": "the seed changed",
     "scoring": "the benchmark's metric or filter changed",
+    "dtype": "the model's dtype changed: a baseline gates runs in its own precision",
 }
 
 
@@ -309,7 +312,7 @@ def check_provenance(baseline: Baseline, expected: Mapping[str, Any]) -> list[st
     for name in PROVENANCE_CHECKED:
         if name not in expected:
             continue
-        have, want = prov.get(name), expected[name]
+        have, want = prov.get(name, PROVENANCE_DEFAULTS.get(name)), expected[name]
         if name == "generation" and isinstance(have, dict) and isinstance(want, dict):
             for key in sorted(set(have) | set(want)):
                 old, new = have.get(key, _MISSING), want.get(key, _MISSING)

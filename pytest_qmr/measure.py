@@ -252,11 +252,12 @@ def _remote_failures_as_one_line(endpoint: str | None) -> Iterator[None]:
         raise ModelError(f"backend openai: generation at {endpoint} failed ({type(exc).__name__}: {detail})") from None
 
 
-def hf_lm(model, tokenizer, batch_size: int):
-    """lm-eval's ``HFLM`` on an in-memory transformers model (the ``hf`` backend; fp32, CPU)."""
+def hf_lm(model, tokenizer, batch_size: int, device: str = "cpu", dtype: str = "float32"):
+    """lm-eval's ``HFLM`` on an in-memory transformers model (the ``hf`` backend), already on
+    ``device`` in ``dtype``."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu", dtype="float32")
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, dtype=dtype)
 
 
 @lru_cache(maxsize=1)

@@ -165,8 +165,9 @@ def resolve(reference: str, root: Path | None = None) -> ResolvedModel:
     return ResolvedModel(reference, path, weights_fingerprint(path))
 
 
-def load(path: Path, trust_remote_code: bool = False):
-    """Load model and tokenizer from a safetensors checkpoint, fp32 on CPU, chat tokens fixed."""
+def load(path: Path, trust_remote_code: bool = False, device: str = "cpu", dtype: str = "float32"):
+    """Load model and tokenizer from a safetensors checkpoint onto ``device`` in ``dtype`` (a
+    resolved :func:`pytest_qmr.backends.runtime`; default fp32 on the CPU), chat tokens fixed."""
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,7 +175,7 @@ def load(path: Path, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+            path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:  # truncated or foreign
         first = (str(exc).strip().splitlines() or [""])[0][:160]
@@ -184,7 +185,7 @@ def load(path: Path, trust_remote_code: bool = False):
     elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return model, tokenizer
+    return (model if device == "cpu" else model.to(device)), tokenizer
 
 
 def describe(path: Path) -> dict:

@@ -112,6 +112,7 @@ class CellResult:
     recomputed: str | None = None  # why --qmr-resume did not reuse an earlier result
     reused: bool = False  # this result came from --qmr-resume unchanged
     notes: list[str] = field(default_factory=list)  # a stage that could not run on this task, in one line each
+    runtime: dict[str, str] | None = None  # {"device", "dtype"} the checkpoint ran on (generation.device / dtype)
     # per stage (baseline, evaluate, mining, restore, mmlu): items asked and how many came from the generation cache
     cache: dict[str, Any] = field(default_factory=dict)
 

@@ -286,7 +286,8 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", file=sys.stderr,
                           disable=not progress, dynamic_ncols=True):
             idx = order[start:start + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
             with torch.no_grad():
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                                      pad_token_id=tokenizer.pad_token_id)
@@ -843,13 +844,15 @@ def _check_saved(trained, model_path: Path, saved: Path, tokenizer, probe: str) 
     return diff
 
 
-def load_restored(model_path: str | os.PathLike, adapter_dir: str | os.PathLike):
-    """(model, tokenizer): the quantized dense model with the adapter merged, a plain fp32 model."""
+def load_restored(model_path: str | os.PathLike, adapter_dir: str | os.PathLike, device: str = "cpu",
+                  dtype: str = "float32"):
+    """(model, tokenizer): the quantized dense model with the adapter merged, a plain model on
+    ``device`` in ``dtype`` (default fp32 on the CPU)."""
     from peft import PeftModel
 
     from .models import load
 
-    model, tokenizer = load(Path(model_path))
+    model, tokenizer = load(Path(model_path), device=device, dtype=dtype)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.eval()
     return merged, tokenizer

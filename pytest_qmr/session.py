@@ -55,19 +55,28 @@ class QmrSession:
     _tokenizers: dict = field(default_factory=dict)  # checkpoint path -> tokenizer (no weights)
 
     # ---- models -------------------------------------------------------------------------
-    def _load(self, path: Path, trust_remote_code: bool, adapter: Path | None = None):
+    def _load(self, path: Path, trust_remote_code: bool, adapter: Path | None = None, rt=None):
         """Keep one model in memory: cells are ordered so consecutive ones share it. With
-        ``adapter``: the checkpoint with that LoRA adapter merged (Restore's model)."""
-        key = (str(path), str(adapter))
+        ``adapter``: the checkpoint with that LoRA adapter merged (Restore's model); ``rt``: the
+        cell's resolved device and dtype (default fp32 on the CPU)."""
+        device, dtype = (rt.device, rt.dtype) if rt is not None else ("cpu", "float32")
+        key = (str(path), str(adapter), device, dtype)
         if key not in self._loaded:
             self._loaded.clear()
             if adapter is None:
-                self._loaded[key] = models.load(path, trust_remote_code=trust_remote_code)
+                self._loaded[key] = models.load(path, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
             else:
                 from .restore import load_restored
 
-                self._loaded[key] = load_restored(path, adapter)
+                self._loaded[key] = load_restored(path, adapter, device=device, dtype=dtype)
         return self._loaded[key]
+
+    @staticmethod
+    def _runtime(cell):
+        """The cell's ``generation.device`` / ``generation.dtype``, resolved on this machine."""
+        from .backends import runtime
+
+        return runtime(cell.generation.device, cell.generation.dtype, f"{cell.suite_file or cell.suite}: generation")
 
     def _tokenizer(self, path: Path, trust_remote_code: bool):
         """The checkpoint's tokenizer as models.load sets it up, loaded once per session."""
@@ -101,12 +110,12 @@ class QmrSession:
         from .backends import configured_base_url
         from .cache import adapter_sha, engine_versions
 
-        backend = cell.generation.backend
+        backend, rt = cell.generation.backend, self._runtime(cell)
         if served is not None and configured_base_url() is None:  # our own qmr serve: its port is random
             served = {**served, "endpoint": "qmr serve"}
         return {"backend": backend, "weights": models.weights_fingerprint(path),
-                "adapter": adapter_sha(adapter) if adapter is not None else None, "device": "cpu",
-                "dtype": "float32", "batch_size": cell.generation.batch_size, "seed": cell.benchmark.seed,
+                "adapter": adapter_sha(adapter) if adapter is not None else None, "device": rt.device,
+                "dtype": rt.dtype, "batch_size": cell.generation.batch_size, "seed": cell.benchmark.seed,
                 "engine": engine_versions(backend),
                 "served": None if served is None else {k: served[k] for k in ("endpoint", "model")}}
 
@@ -169,8 +178,10 @@ class QmrSession:
         gen, data_dir, trc = self._generation(cell), self._data_dir(cell), cell.model.trust_remote_code
         tokenizer = self._tokenizer(path, trc)
         if cell.generation.backend == "hf":
+            rt = self._runtime(cell)
+
             def make():
-                return hf_lm(*self._load(path, trc, adapter), gen.batch_size)
+                return hf_lm(*self._load(path, trc, adapter, rt), gen.batch_size, rt.device, rt.dtype)
 
             lm = caching_lm(make, self._identity(path, cell, adapter), self.generations, tokenizer=tokenizer)
             return Evaluator(None, None, gen, data_dir, lm=lm, source=cell.tasks)
@@ -239,6 +250,7 @@ class QmrSession:
             "limit": cell.benchmark.limit,
             "seed": cell.benchmark.seed,
             "scoring": self._scoring_provenance(cell),
+            **self._runtime(cell).to_dict(),
             "libraries": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -267,6 +279,7 @@ class QmrSession:
                 "generation": self._generation(cell).to_dict(),
                 "seed": cell.benchmark.seed,
                 "scoring": self._scoring_provenance(cell),
+                "dtype": self._runtime(cell).dtype,
             })
             if not mismatches:
                 indices = [int(v.get("doc_index", i)) for i, v in enumerate(baseline.items.values())]
@@ -416,6 +429,7 @@ class QmrSession:
             recomputed=recomputed,
             notes=notes,
             cache=self._cache_record(cell),
+            runtime=self._runtime(cell).to_dict(),
         )
         self._settle(cell, result)
         restore = restore or self.restore_hook
@@ -572,7 +586,7 @@ class QmrSession:
 
         def generate(prompts: list[str]) -> list[str]:
             def compute(missing: list[int]) -> list[str]:
-                model, tokenizer = self._load(path, cell.model.trust_remote_code)
+                model, tokenizer = self._load(path, cell.model.trust_remote_code, None, self._runtime(cell))
                 return generate_greedy(model, tokenizer, [prompts[i] for i in missing], gen.max_new_tokens,
                                        gen.batch_size, "mining", progress=False)
 

@@ -83,6 +83,12 @@ def _yaml_switch(value: Any) -> Any:
     return value
 
 
+def _check_device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return value
+
+
 Name = Annotated[str, AfterValidator(_check_name)]
 NonEmptyStr = Annotated[str, AfterValidator(_non_empty)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -190,6 +196,9 @@ class Generation(_Spec):
     max_new_tokens: PositiveInt = 256
     batch_size: PositiveInt = 16
     backend: Literal["hf", "vllm", "openai"] = "hf"
+    # auto: CUDA when a GPU is visible, else the CPU; dtype auto: bfloat16 on CUDA, float32 on the CPU
+    device: Annotated[str, AfterValidator(_check_device)] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 class LocateSpec(_Spec):

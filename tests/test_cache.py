@@ -303,3 +303,62 @@ def test_stats_add_up():
                          generate_seconds=2.0))
     total.add(CacheStats(items=2, items_from_cache=2, requests=2, requests_from_cache=2))
     assert (total.items, total.items_from_cache, total.tok_per_s) == (6, 5, 5.0)
+
+
+# --------------------------------------------------------------------------------- device and dtype
+
+
+def test_auto_device_and_dtype_resolve_to_what_this_machine_has():
+    import torch
+
+    from pytest_qmr.backends import Runtime, runtime
+    from pytest_qmr.models import ModelError
+
+    if torch.cuda.is_available():
+        assert runtime() == Runtime("cuda", "bfloat16")
+    else:
+        assert runtime() == Runtime("cpu", "float32") == runtime("cpu", "auto")
+        with pytest.raises(ModelError) as excinfo:
+            runtime("cuda:1", "auto", "smoke.yaml: generation")
+        assert str(excinfo.value) == ("smoke.yaml: generation.device: 'cuda:1' asked for, but no CUDA device is "
+                                      "visible here (torch.cuda.is_available() is False); use auto or cpu")
+    assert runtime("cpu", "bfloat16") == Runtime("cpu", "bfloat16")
+
+
+def test_a_bfloat16_cell_runs_in_bfloat16_and_an_fp32_baseline_refuses_to_gate_it(lab_model, repo_root, data_dir,
+                                                                                   tmp_path):
+    """generation.dtype is honoured by the hf backend, keys the cache apart, is recorded, and a
+    baseline made in fp32 (every committed one) does not silently gate a bf16 run."""
+    import torch
+
+    from pytest_qmr import baselines as bl
+    from pytest_qmr.session import QmrSession
+    from pytest_qmr.suite import load_suite
+
+    generations = tmp_path / "gen"
+    fp32 = _cell(tmp_path, data_dir)
+    _, stats, _ = _run(_session(tmp_path, generations), lab_model.path, fp32)
+    assert stats.items_from_cache == 0
+    path = tmp_path / "bf16.yaml"
+    path.write_text(SUITE.format(data_dir=data_dir, n=N_ITEMS, tokens=24, batch=4) + "  dtype: bfloat16\n")
+    (bf16,) = load_suite(path).cells()
+    session = _session(tmp_path, generations)
+    records, stats, loaded = _run(session, lab_model.path, bf16)
+    (model, _), = session._loaded.values()
+    assert loaded and next(model.parameters()).dtype == torch.bfloat16
+    assert stats.items_from_cache == 0 and len(records) == N_ITEMS  # fp32 entries are not bf16 answers
+
+    # the committed baseline's settings (96 tokens, batch 20): only the dtype differs
+    path.write_text(SUITE.format(data_dir=data_dir, n=N_ITEMS, tokens=96, batch=20) + "  dtype: bfloat16\n")
+    (bf16,) = load_suite(path).cells()
+    gate = QmrSession(rootdir=tmp_path, run_dir=tmp_path / "run", baselines_dir=repo_root / "baselines",
+                      data_dir=data_dir, cache_dir=generations)
+    with pytest.raises(bl.BaselineError) as excinfo:
+        gate.run_cell(bf16)  # refused before any generation
+    message = str(excinfo.value)
+    assert "\n" not in message and message.startswith(str(repo_root / "baselines" / "smollm2-135m-arith"))
+    assert ("dtype: baseline 'float32', current run 'bfloat16' (the model's dtype changed: a baseline gates runs "
+            "in its own precision)") in message and "regenerate it with: pytest " in message
+    assert not gate._loaded
+    assert gate.run_cell(_cell(tmp_path, data_dir, tokens=96, batch=20)).runtime == {"device": "cpu",
+                                                                                     "dtype": "float32"}

@@ -126,6 +126,14 @@ CASES = {
         lambda d: d["generation"].update(backend="tgi"),
         "generation.backend: must be one of hf, vllm, openai (got 'tgi')",
     ),
+    "bad device": (
+        lambda d: d["generation"].update(device="tpu"),
+        "generation.device: must be auto, cpu, cuda or cuda:N (got 'tpu')",
+    ),
+    "bad dtype": (
+        lambda d: d["generation"].update(dtype="int8"),
+        "generation.dtype: must be one of auto, float32, bfloat16, float16 (got 'int8')",
+    ),
     "bad enum restore": (
         lambda d: d.update(restore="sometimes"),
         "restore.when: must be one of off, on-fail, always (got 'sometimes')",
