@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 from pytest_qmr import arith, rule_judge, taxonomy
 from pytest_qmr.arith_labeller import label
-from pytest_qmr.fsutil import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, sha256_text
+from pytest_qmr.fsutil import (atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, replace_marked,
+                               sha256_text)
 from pytest_qmr.gate import compare
 from pytest_qmr.quantize import QuantSpec
 
@@ -347,10 +348,7 @@ BEGIN, END = "<!-- lab-results:begin -->", "<!-- lab-results:end -->"
 
 
 def replace_between(text: str, body: str) -> str:
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        return text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    return (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    return replace_marked(text, BEGIN, END, body)
 
 
 def markdown(results: dict) -> str:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_qmr.fsutil import atomic_write_json, atomic_write_text
+from pytest_qmr.fsutil import atomic_write_json, atomic_write_text, replace_marked
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- stock-tasks:begin -->", "<!-- stock-tasks:end -->"
@@ -168,13 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(Path(args.out), result)
     readme = HERE / "README.md"
     text = readme.read_text(encoding="utf-8")
-    block = f"{BEGIN}\n{table(rows)}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text += ("\n## Stock lm-eval math tasks, offline\n\n`stock_tasks.py` runs each stock task through the "
-                 "user-YAML recipe of the main README (\"Bring your own benchmark\") on the local data copies, "
-                 f"FP lab model, {args.limit} items, greedy, {args.max_new_tokens} new tokens:\n\n{block}\n")
+    text = replace_marked(text, BEGIN, END, table(rows), preamble=(
+        "## Stock lm-eval math tasks, offline\n\n`stock_tasks.py` runs each stock task through the user-YAML recipe "
+        "of the main README (\"Bring your own benchmark\") on the local data copies, FP lab model, "
+        f"{args.limit} items, greedy, {args.max_new_tokens} new tokens:\n\n"))
     atomic_write_text(readme, text)
     print(table(rows))
     return 0

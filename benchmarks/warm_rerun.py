@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_qmr.fsutil import atomic_write_json, atomic_write_text
+from pytest_qmr.fsutil import atomic_write_json, atomic_write_text, replace_marked
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -170,13 +170,10 @@ def write_reports(result: dict) -> None:
     plot(result, HERE / "results" / "warm_rerun.png")
     readme = HERE / "README.md"
     text = readme.read_text(encoding="utf-8")
-    block = f"{BEGIN}\n{table(result)}\n\n![cold vs warm seconds per cell](results/warm_rerun.png)\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text += ("\n## Warm reruns\n\n`warm_rerun.py` runs `pytest suites/smoke.yaml` with empty generation and "
-                 "adapter caches (checkpoints cached, as every rerun today), then again unchanged, then with one "
-                 f"item's prompt edited:\n\n{block}\n")
+    body = f"{table(result)}\n\n![cold vs warm seconds per cell](results/warm_rerun.png)"
+    text = replace_marked(text, BEGIN, END, body, preamble=(
+        "## Warm reruns\n\n`warm_rerun.py` runs `pytest suites/smoke.yaml` with empty generation and adapter caches "
+        "(checkpoints cached, as every rerun today), then again unchanged, then with one item's prompt edited:\n\n"))
     atomic_write_text(readme, text)
     print(table(result))
 

@@ -196,6 +196,16 @@ def changed_keys(old: Any, new: Any, limit: int = 40) -> list[str]:
 _UNSET = object()
 
 
+def replace_marked(text: str, begin: str, end: str, body: str, preamble: str = "") -> str:
+    """``text`` with what lies between the ``begin`` and ``end`` markers replaced by ``body`` (the
+    markers kept); where they are absent, ``preamble`` and the marked block appended (a
+    benchmark's README table is rewritten in place, never appended twice)."""
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        return text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    return (text.rstrip() + "\n\n" if text.strip() else "") + preamble + block + "\n"
+
+
 DATA_DIR_ENV = "QMR_DATA_DIR"
 
 
