@@ -8,10 +8,12 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+COMMAND_MODULES = ("cache", "quantize", "locate", "serve", "restore", "report", "compare")
+
 
 def _cmd_align(args: argparse.Namespace) -> int:
-    from . import models
-    from .align import AlignConfig, align
+    from .. import models
+    from ..align import AlignConfig, align
 
     config = AlignConfig()
     for item in args.set or []:
@@ -24,7 +26,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
     base = models.resolve(args.model)
     card = align(base.path, Path(args.out), config)
     card["command"] = " ".join(["qmr", *sys.argv[1:]])
-    from .fsutil import atomic_write_json
+    from ..fsutil import atomic_write_json
 
     atomic_write_json(Path(args.out) / "qmr_card.json", card)
     print(json.dumps(card, indent=2))
@@ -32,7 +34,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
-    from . import models
+    from .. import models
 
     resolved = models.resolve(args.model)
     print(json.dumps({"path": str(resolved.path), "fingerprint": resolved.fingerprint,
@@ -54,21 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.set_defaults(func=_cmd_model)
 
-    from . import cache, compare, locate, quantize, report, restore, serve
+    import importlib
 
-    cache.add_cli(sub)
-    quantize.add_cli(sub)
-    locate.add_cli(sub)
-    serve.add_cli(sub)
-    restore.add_cli(sub)
-    report.add_cli(sub)
-    compare.add_cli(sub)
+    for command in COMMAND_MODULES:  # one module per stage under pytest_qmr/cli/, each with add_cli(sub)
+        importlib.import_module(f"{__name__}.{command}").add_cli(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import QmrError
-    from .redact import install
+    from ..errors import QmrError
+    from ..redact import install
 
     install()
     args = build_parser().parse_args(argv)

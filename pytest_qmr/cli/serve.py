@@ -1,0 +1,5 @@
+"""``qmr serve``: the server's own module owns its arguments (it also runs as ``python -m pytest_qmr.serve``)."""
+
+from ..serve import add_cli
+
+__all__ = ["add_cli"]
