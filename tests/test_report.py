@@ -18,6 +18,7 @@ import pytest
 
 from pytest_qmr import baselines as bl
 from pytest_qmr import report as rp
+from pytest_qmr.cli import report as cli_report
 from pytest_qmr.fsutil import atomic_write_text
 from pytest_qmr.gate import evaluate_gate
 from pytest_qmr.judges import build_judges
@@ -231,7 +232,7 @@ def test_markdown(report, tmp_path):
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="qmr")
-    rp.add_cli(parser.add_subparsers(dest="command", required=True))
+    cli_report.add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 
