@@ -156,41 +156,48 @@ def _faulty_step(response: str, k: int | None) -> str | None:
 
 def _regressions(quant: list[SampleRecord], fp_items: dict[str, dict[str, Any]],
                  located: dict[str, dict[str, Any]] | None) -> list[RegressedItem]:
-    """FP right, quantized wrong, in the quantized run's order; judged fields from ``located``.
+    """FP right, quantized wrong (:func:`pytest_qmr.locate.regression_set`, the rows Locate judges),
+    in the quantized run's order; judged fields from ``located``.
 
     Judged rows whose item is not in that set (e.g. judged with ``--all``) are added after.
     """
-    out: list[RegressedItem] = []
-    seen = set()
-    for q in quant:
-        fp = fp_items.get(q.item_id)
-        if fp is None or not fp.get("correct") or q.correct:
-            continue
-        seen.add(q.item_id)
-        out.append(RegressedItem(
-            item_id=q.item_id, doc_index=q.doc_index, prompt=q.prompt, gold=str(q.gold),
-            fp_response=str(fp.get("response") or ""), fp_extracted=fp.get("extracted"),
-            quant_response=q.response, quant_extracted=q.extracted))
-    for row_id, row in (located or {}).items():
-        if row_id not in seen:
-            out.append(RegressedItem(
-                item_id=row_id, doc_index=row.get("doc_index"), prompt=str(row.get("problem") or ""),
-                gold=str(row.get("gold_answer") or ""), fp_response=str(row.get("reference_response") or ""),
-                fp_extracted=None, quant_response=str(row.get("response") or ""),
-                quant_extracted=row.get("extracted")))
+    from ..locate import regression_set
+
+    fp = [SampleRecord(item_id, v.get("doc_index"), "", str(v.get("response") or ""), v.get("extracted"), "",
+                       bool(v.get("correct"))) for item_id, v in fp_items.items()]
+    rows = regression_set(fp, quant)
+    seen = {row["id"] for row in rows}
+    out = [_regressed_item(row, fp_items[row["id"]].get("extracted")) for row in rows]
+    out += [_regressed_item({**row, "id": row_id}, None) for row_id, row in (located or {}).items()
+            if row_id not in seen]
     for item in out:
         row = (located or {}).get(item.item_id)
-        if row is None:
-            continue
-        k = row.get("first_error_step")
-        item.status = row.get("status")
-        item.first_error_step = k if isinstance(k, int) else None
-        item.n_steps = row.get("n_steps")
-        item.primary_error_type = row.get("primary_error_type")
-        item.category = row.get("category") or taxonomy.CATEGORY_OF.get(item.primary_error_type or "")
-        item.explanation = row.get("explanation")
-        item.faulty_step = _faulty_step(item.quant_response, item.first_error_step)
+        if row is not None:
+            _add_judgement(item, row)
     return out
+
+
+def _regressed_item(row: dict[str, Any], fp_extracted: str | None) -> RegressedItem:
+    """A Locate input (or judged) row as a :class:`RegressedItem`, not yet judged."""
+    def text(key: str) -> str:
+        return "" if row.get(key) is None else str(row[key])
+
+    return RegressedItem(
+        item_id=row["id"], doc_index=row.get("doc_index"), prompt=text("problem"), gold=text("gold_answer"),
+        fp_response=text("reference_response"), fp_extracted=fp_extracted, quant_response=text("response"),
+        quant_extracted=row.get("extracted"))
+
+
+def _add_judgement(item: RegressedItem, row: dict[str, Any]) -> None:
+    """The judged fields of a located.jsonl row, and the text of the first faulty step."""
+    k = row.get("first_error_step")
+    item.status = row.get("status")
+    item.first_error_step = k if isinstance(k, int) else None
+    item.n_steps = row.get("n_steps")
+    item.primary_error_type = row.get("primary_error_type")
+    item.category = row.get("category") or taxonomy.CATEGORY_OF.get(item.primary_error_type or "")
+    item.explanation = row.get("explanation")
+    item.faulty_step = _faulty_step(item.quant_response, item.first_error_step)
 
 
 def _run_provenance(cells: list[CellResult]) -> dict[str, Any]:
