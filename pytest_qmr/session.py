@@ -20,6 +20,7 @@ from .calibration import CalibrationSpec
 from .quantize import QuantSpec, quantize
 from .records import CellContext, CellResult, GateResult, SampleRecord
 from .redact import redact_obj
+from .servers import NotServable
 
 
 def library_versions() -> dict[str, str]:
@@ -105,19 +106,63 @@ class QmrSession:
 
         self._cache_stats.setdefault(cell.id, {}).setdefault(stage, CacheStats()).add(stats)
 
-    def _identity(self, path: Path, cell, adapter: Path | None = None, served: dict | None = None) -> dict:
+    def _identity(self, path: Path, cell, adapter: Path | None = None, served: dict | None = None,
+                  dtype: str | None = None, backend: str | None = None) -> dict:
         """What a response of this checkpoint depends on besides its request (pytest_qmr.cache)."""
-        from .backends import configured_base_url
         from .cache import adapter_sha, engine_versions
 
-        backend, rt = cell.generation.backend, self._runtime(cell)
-        if served is not None and configured_base_url() is None:  # our own qmr serve: its port is random
-            served = {**served, "endpoint": "qmr serve"}
+        backend, rt = backend or self._backend(cell), self._runtime(cell)
+        if served is not None and served.get("engine") != "user server":  # ours: the port is random
+            served = {**served, "endpoint": served["engine"]}
         return {"backend": backend, "weights": models.weights_fingerprint(path),
                 "adapter": adapter_sha(adapter) if adapter is not None else None, "device": rt.device,
-                "dtype": rt.dtype, "batch_size": cell.generation.batch_size, "seed": cell.benchmark.seed,
+                "dtype": dtype or rt.dtype, "batch_size": cell.generation.batch_size, "seed": cell.benchmark.seed,
                 "engine": engine_versions(backend),
                 "served": None if served is None else {k: served[k] for k in ("endpoint", "model")}}
+
+    @staticmethod
+    def _backend(cell, stage: str = "evaluate") -> str:
+        """The backend that answers: the quantizer's ``backend``, else ``generation.backend``; the
+        FP baseline run always takes the suite's (it is shared by every quantizer's cells)."""
+        if stage == "baseline":
+            return cell.generation.backend
+        return cell.quantizer.backend or cell.generation.backend
+
+    def _vllm_settings(self, cell, dtype: str):
+        from .servers import VllmSettings, vllm_python
+
+        gen = cell.generation
+        python = vllm_python(gen.vllm_python, where=f"{cell.suite_file or cell.suite}: generation.vllm_python")
+        return VllmSettings(python, dtype, self._runtime(cell).device, cell.benchmark.seed,
+                            tuple(sorted(gen.vllm.items())))
+
+    def artifact(self, cell, quantized) -> tuple[Path, str]:
+        """The checkpoint a cell evaluates and what it is: ``fp`` / ``checkpoint`` (as given),
+        ``compressed`` (the compressed-tensors checkpoint a user deploys) or ``dense`` (the
+        fake-quant copy); ``quantizer.artifact``, default compressed with backend vllm."""
+        q = cell.quantizer
+        if q.method in ("fp", "checkpoint"):
+            return quantized.path, q.method
+        kind = q.artifact or ("compressed" if self._backend(cell) == "vllm" else "dense")
+        if kind == "dense":
+            return quantized.path, kind
+        if quantized.compressed_path is None:
+            raise models.ModelError(f"{cell.id}: artifact compressed: the {q.method} build wrote no compressed "
+                                    "checkpoint; use artifact: dense")
+        return quantized.compressed_path, kind
+
+    def engine_dtype(self, cell, artifact: str, info: dict) -> str:
+        """The dtype the cell's engine runs in: ``generation.dtype``, except that ``auto`` runs a
+        compressed weight-only (W*A16) checkpoint in bfloat16 on vLLM's CPU build, which has no
+        float32 kernel for packed int weights."""
+        import re
+
+        rt = self._runtime(cell)
+        scheme = str((info.get("recipe") or {}).get("scheme") or "")
+        if (self._backend(cell) == "vllm" and cell.generation.dtype == "auto" and rt.device == "cpu"
+                and artifact == "compressed" and re.fullmatch(r"W\d+A16(_ASYM)?", scheme)):
+            return "bfloat16"
+        return rt.dtype
 
     # ---- cells --------------------------------------------------------------------------
     def thresholds(self, cell) -> Any:
@@ -168,39 +213,66 @@ class QmrSession:
     def _data_dir(self, cell) -> Path | None:
         return self.data_dir or cell.data_dir
 
-    def _evaluator(self, path: Path, cell, adapter: Path | None = None) -> Evaluator:
+    def _evaluator(self, path: Path, cell, adapter: Path | None = None, dtype: str | None = None,
+                   endpoint: str | None = None, stage: str = "evaluate") -> Evaluator:
         """An Evaluator on the cell's ``generation.backend`` (hf | openai | vllm; pytest_qmr.backends),
-        answering from the generation cache where it can: an hf model is loaded only on a miss."""
-        from .backends import ServerPool, backend_lm
+        answering from the generation cache where it can: an hf model is loaded, and our own
+        vLLM server started, only on a miss. ``dtype``: the engine's (default the cell's);
+        ``endpoint``: the user's URL for this checkpoint (backend openai, ``generation.endpoints``)."""
+        from .backends import Runtime, backend_lm, chat_prompt_renderer, served_name
         from .cache import caching_lm
         from .measure import hf_lm
+        from .servers import ServerPool
 
         gen, data_dir, trc = self._generation(cell), self._data_dir(cell), cell.model.trust_remote_code
         tokenizer = self._tokenizer(path, trc)
-        if cell.generation.backend == "hf":
-            rt = self._runtime(cell)
+        backend, rt = self._backend(cell, stage=stage), self._runtime(cell)
+        dtype = dtype or rt.dtype
+        if backend == "hf":
 
             def make():
-                return hf_lm(*self._load(path, trc, adapter, rt), gen.batch_size, rt.device, rt.dtype)
+                return hf_lm(*self._load(path, trc, adapter, Runtime(rt.device, dtype)), gen.batch_size, rt.device,
+                             dtype)
 
-            lm = caching_lm(make, self._identity(path, cell, adapter), self.generations, tokenizer=tokenizer)
+            lm = caching_lm(make, self._identity(path, cell, adapter, dtype=dtype, backend=backend), self.generations,
+                            tokenizer=tokenizer)
             return Evaluator(None, None, gen, data_dir, lm=lm, source=cell.tasks)
         if adapter is not None:
-            raise models.ModelError(f"backend {cell.generation.backend}: a Restore adapter is evaluated with "
+            raise models.ModelError(f"backend {backend}: a Restore adapter is evaluated with "
                                     "generation.backend: hf")
         if self._servers is None:
-            self._servers = ServerPool()  # one qmr serve, reused across consecutive cells of a checkpoint
-        inner, render_prompt, served = backend_lm(cell.generation.backend, path, gen.max_new_tokens,
-                                                  gen.batch_size, cell.benchmark.seed, trc, self._servers)
-        if served is not None:
+            self._servers = ServerPool()  # one server, reused across consecutive cells of a checkpoint
+        if backend == "vllm":  # our own server, named after the checkpoint: known before it starts
+            settings = self._vllm_settings(cell, dtype)
+            fingerprint = models.weights_fingerprint(path)
+            engine = f"vLLM {settings.version}"
+            served = {"endpoint": engine, "model": served_name(fingerprint), "fingerprint": fingerprint,
+                      "engine": engine, "dtype": dtype}
             self._served[str(path)] = served
-        lm = caching_lm(lambda: inner, self._identity(path, cell, served=served), self.generations,
+
+            def start():
+                lm, _, live = backend_lm("vllm", path, gen.max_new_tokens, gen.batch_size, cell.benchmark.seed, trc,
+                                         self._servers, vllm=settings)
+                self._served[str(path)] = {**live, "dtype": dtype}
+                return lm
+
+            identity = self._identity(path, cell, served=served, dtype=dtype, backend=backend)
+            lm = caching_lm(start, identity, self.generations, tokenizer=tokenizer, api=True)
+            return Evaluator(None, None, gen, data_dir, lm=lm, render_prompt=chat_prompt_renderer(tokenizer),
+                             source=cell.tasks)
+        inner, render_prompt, served = backend_lm(backend, path, gen.max_new_tokens, gen.batch_size,
+                                                  cell.benchmark.seed, trc, self._servers,
+                                                  endpoint=endpoint)
+        self._served[str(path)] = served
+        lm = caching_lm(lambda: inner, self._identity(path, cell, served=served, backend=backend), self.generations,
                         tokenizer=tokenizer, eager=inner)
         return Evaluator(None, None, gen, data_dir, lm=lm, render_prompt=render_prompt, source=cell.tasks)
 
     def _evaluate(self, path: Path, cell, indices: list[int] | None, fp_correct: list[bool] | None,
-                  stage: str = "evaluate", adapter: Path | None = None):
-        evaluator = self._evaluator(path, cell, adapter)
+                  stage: str = "evaluate", adapter: Path | None = None, dtype: str | None = None):
+        endpoints = cell.generation.endpoints  # per quantizer; the FP model's baseline run: "fp"
+        endpoint = endpoints.get("fp" if stage == "baseline" else cell.quantizer.name)
+        evaluator = self._evaluator(path, cell, adapter, dtype, endpoint, stage)
         try:
             return self._run(evaluator, cell, indices, fp_correct, stage)
         finally:
@@ -343,6 +415,8 @@ class QmrSession:
                 return None, "the record has no inputs hash"
             more = f" (+{len(changes) - 4} more)" if len(changes) > 4 else ""
             return None, "inputs changed: " + "; ".join(changes[:4]) + more
+        if result.gate is None:  # not servable last time: the engine may have a kernel now
+            return None, f"the last run ended {result.outcome or 'without a gate'}"
         return result, None
 
     def run_cell(self, cell, restore: Callable[..., Any] | None = None) -> CellResult:
@@ -391,10 +465,16 @@ class QmrSession:
 
         started = time.monotonic()
         key = (cell.model.name, cell.benchmark.name)
-        if q.method == "fp" and key in self._fp_records:
+        path, artifact = self.artifact(cell, quantized)
+        dtype = self.engine_dtype(cell, artifact, quantized.info)
+        if q.method == "fp" and key in self._fp_records and self._backend(cell) == cell.generation.backend:
             records = self._fp_records[key]  # the baseline run itself
         else:
-            records = self._evaluate(quantized.path, cell, indices, fp_correct_all)
+            try:
+                records = self._evaluate(path, cell, indices, fp_correct_all, dtype=dtype)
+            except NotServable as exc:
+                seconds["evaluate"] = time.monotonic() - started
+                return self._not_servable(cell, cell_dir, exc, quantized, artifact, dtype, inputs, seconds)
         seconds["evaluate"] = time.monotonic() - started
         atomic_write_jsonl(cell_dir / "samples.jsonl", (redact_obj(r.to_dict()) for r in records))  # before locate
 
@@ -422,14 +502,15 @@ class QmrSession:
             seconds={k: round(v, 2) for k, v in seconds.items()},
             quantization=quantized.info,
             error_profile=profile,
-            backend=cell.generation.backend,
-            served=self._served.pop(str(quantized.path), None),
+            backend=self._backend(cell),
+            served=self._served.pop(str(path), None),
+            artifact=artifact,
             inputs=inputs,
             inputs_sha256=sha256_json(inputs),
             recomputed=recomputed,
             notes=notes,
             cache=self._cache_record(cell),
-            runtime=self._runtime(cell).to_dict(),
+            runtime={**self._runtime(cell).to_dict(), "dtype": dtype},
         )
         self._settle(cell, result)
         restore = restore or self.restore_hook
@@ -441,6 +522,25 @@ class QmrSession:
             result.cache = self._cache_record(cell)
             self._settle(cell, result)
         self._write_cell(cell_dir, records, result)
+        return result
+
+    def _not_servable(self, cell, cell_dir: Path, exc, quantized, artifact: str, dtype: str, inputs: dict,
+                      seconds: dict) -> CellResult:
+        """The cell's engine refused its checkpoint: an outcome of its own, recorded, never a pass."""
+        scheme = (quantized.info.get("recipe") or {}).get("scheme")
+        reason = f"no kernel for {scheme} ({exc.reason})" if scheme else exc.reason
+        line = f"not servable by {exc.engine} on {exc.device}: {reason}"
+        result = CellResult(
+            cell_id=cell.id, model=cell.model.name, quantizer=cell.quantizer.name, benchmark=cell.benchmark.name,
+            task=cell.benchmark.task, accuracy=0.0, n=0, gate=None, samples_path="",
+            seconds={k: round(v, 2) for k, v in seconds.items()}, quantization=quantized.info,
+            backend=self._backend(cell), artifact=artifact, outcome="not_servable", inputs=inputs,
+            inputs_sha256=sha256_json(inputs), notes=[line], cache=self._cache_record(cell),
+            runtime={**self._runtime(cell).to_dict(), "dtype": dtype},
+            servable={"servable": False, "engine": exc.engine, "device": exc.device, "scheme": scheme,
+                      "reason": exc.reason},
+        )
+        atomic_write_json(cell_dir / "result.json", redact_obj(result.to_dict()))
         return result
 
     def _cache_record(self, cell) -> dict:

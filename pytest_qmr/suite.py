@@ -129,6 +129,11 @@ class QuantizerSpec(_Spec):
     # benchmarks whose item count is known to be too small to settle this quantizer's verdict
     # (a strict xfail that demands the gate's INCONCLUSIVE: neither a pass nor a fail satisfies it)
     expect_inconclusive_on: list[NonEmptyStr] = Field(default_factory=list)
+    # where this quantizer's cells are answered (None: generation.backend), and what is evaluated:
+    # the compressed-tensors checkpoint a user deploys, or the dense fake-quant copy
+    # (None: compressed with backend vllm, dense with hf / openai)
+    backend: Literal["hf", "vllm", "openai"] | None = None
+    artifact: Literal["compressed", "dense"] | None = None
 
     @property
     def is_fp(self) -> bool:
@@ -199,6 +204,12 @@ class Generation(_Spec):
     # auto: CUDA when a GPU is visible, else the CPU; dtype auto: bfloat16 on CUDA, float32 on the CPU
     device: Annotated[str, AfterValidator(_check_device)] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # backend vllm: the Python of vLLM's own environment (None: QMR_VLLM_PYTHON, else this one),
+    # and engine arguments passed to `vllm serve` (tensor_parallel_size: 2 -> --tensor-parallel-size 2)
+    vllm_python: NonEmptyStr | None = None
+    vllm: dict[str, Any] = Field(default_factory=dict)
+    # backend openai: a URL per quantizer name (fp too); the others use QMR_OPENAI_BASE_URL / qmr serve
+    endpoints: dict[Name, NonEmptyStr] = Field(default_factory=dict)
 
 
 class LocateSpec(_Spec):
@@ -555,6 +566,7 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
     _check_locate(source, spec)
     _check_restore(source, spec)
     _check_family(source, spec)
+    _check_engines(source, spec)
 
     seen_ids: dict[str, str] = {}
     for mi, m in enumerate(spec.models):
@@ -566,6 +578,26 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
                     _fail(source, f"models[{mi}].name",
                           f"cell id {cell_id!r} of {where} collides with {seen_ids[cell_id]}; rename one", m.name)
                 seen_ids[cell_id] = where
+
+
+def _check_engines(source: str, spec: SuiteSpec) -> None:
+    """generation.vllm options, generation.endpoints names, and artifacts that exist."""
+    from .models import ModelError
+    from .servers import check_vllm_options
+
+    try:
+        check_vllm_options(spec.generation.vllm)
+    except ModelError as exc:
+        key, _, problem = str(exc).partition(": ")
+        _fail(source, key, problem.split(" (got ")[0], spec.generation.vllm[key.rsplit(".", 1)[1]])
+    names = [q.name for q in spec.quantizers]
+    for name, url in spec.generation.endpoints.items():
+        if name not in names:
+            _fail(source, f"generation.endpoints.{name}", f"not a quantizer of this suite ({', '.join(names)})", url)
+    for i, q in enumerate(spec.quantizers):
+        if q.artifact == "compressed" and q.method in ("fp", "checkpoint"):
+            _fail(source, f"quantizers[{i}].artifact", f"method {q.method} builds no compressed checkpoint "
+                  "(its checkpoint is evaluated as it is); remove it", q.artifact)
 
 
 def _check_family(source: str, spec: SuiteSpec) -> None:

