@@ -100,6 +100,7 @@ def align(model_path: Path, out: Path, config: AlignConfig, rows: list[dict] | N
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
+    from .backends import trainer_device_args
     from .models import load
 
     torch.manual_seed(config.seed)
@@ -134,11 +135,9 @@ def align(model_path: Path, out: Path, config: AlignConfig, rows: list[dict] | N
             report_to=[],
             seed=config.seed,
             max_length=512,
-            use_cpu=True,
             gradient_checkpointing=False,
-            bf16=False,
-            fp16=False,
             dataloader_num_workers=0,
+            **trainer_device_args(),  # the CPU in fp32, or the visible GPU in bf16
         )
         peft_config = LoraConfig(
             r=config.lora_r,

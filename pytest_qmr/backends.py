@@ -91,6 +91,16 @@ def runtime(device: str = "auto", dtype: str = "auto", where: str = "generation"
     return Runtime(device, dtype)
 
 
+def trainer_device_args(rt: Runtime | None = None) -> dict[str, bool]:
+    """transformers ``TrainingArguments``' device keys for a runtime (default ``runtime()``): the CPU
+    in fp32 (``use_cpu``), or the visible GPU (an xdist worker's pinned one) in mixed precision
+    of the runtime's dtype."""
+    rt = rt or runtime()
+    if rt.device == "cpu":
+        return {"use_cpu": True, "bf16": False, "fp16": False}
+    return {"use_cpu": False, "bf16": rt.dtype == "bfloat16", "fp16": rt.dtype == "float16"}
+
+
 # --------------------------------------------------------------------------------- workers
 
 
@@ -246,14 +256,15 @@ def openai_lm(endpoint: str, model_name: str, api_key: str | None, eos: str | No
 
 def backend_lm(backend: str, path: Path, max_new_tokens: int, batch_size: int, seed: int = 0,
                trust_remote_code: bool = False, servers: ServerPool | None = None, *, endpoint: str | None = None,
-               vllm: VllmSettings | None = None):
+               vllm: VllmSettings | None = None, runtime: Runtime | None = None):
     """``(lm, render_prompt, served)`` for a server backend on checkpoint ``path`` (hf stays in the
     session, which holds the loaded model): lm-eval's ``local-chat-completions`` on
 
     * ``vllm``: ``vllm serve`` of ``path`` started in ``servers`` with ``vllm`` (default: the
       configured vLLM environment, float32, CPU), as many requests in flight as a batch holds;
     * ``openai``: ``endpoint`` (the quantizer's ``generation.endpoints`` URL), else
-      ``QMR_OPENAI_BASE_URL``, else ``qmr serve`` of ``path`` started in ``servers``.
+      ``QMR_OPENAI_BASE_URL``, else ``qmr serve`` of ``path`` started in ``servers`` on
+      ``runtime`` (default auto).
 
     Whatever answers must list a model named after ``path``'s weights fingerprint, else ModelError
     (one line). ``served`` is ``{"endpoint", "model", "fingerprint", "engine"}``; ``engine`` is
@@ -273,7 +284,8 @@ def backend_lm(backend: str, path: Path, max_new_tokens: int, batch_size: int, s
     elif (endpoint := chat_completions_url(endpoint) if endpoint else configured_base_url()) is not None:
         key, concurrent, engine = os.environ.get(API_KEY_ENV) or None, batch_size, "user server"
     else:  # our own qmr serve generates one request at a time anyway
-        server = servers.server_for(path, served_name(fingerprint))
+        rt = runtime or Runtime("auto", "auto")
+        server = servers.server_for(path, served_name(fingerprint), rt.device, rt.dtype)
         endpoint, key, concurrent, engine = server.url, server.api_key, 1, server.kind
     name = remote_model_name(endpoint, key, fingerprint, path)  # ours are checked like any other server
     lm = openai_lm(endpoint, name, key, tokenizer.eos_token, concurrent, max_new_tokens, seed)

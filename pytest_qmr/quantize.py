@@ -577,6 +577,14 @@ def quantize(model_path: Path, model_fingerprint: str, spec: QuantSpec, root: Pa
     return QuantizedModel(out, spec, info)
 
 
+def _oneshot_device() -> str:
+    """Where llmcompressor's ``oneshot`` computes (its ``get_main_device``): the accelerator, else the CPU."""
+    import torch
+
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return accelerator.type if accelerator is not None else "cpu"
+
+
 def _build(model_path: Path, fingerprint: str, recipe: dict, calibration, out: Path, key: str) -> dict:
     from llmcompressor import oneshot
 
@@ -631,6 +639,8 @@ def _build(model_path: Path, fingerprint: str, recipe: dict, calibration, out: P
                 "notes": _notes(recipe),
                 "activation_quantization": _activation_note(recipe),
                 "awq_cpu_workaround": awq_patched,
+                # llmcompressor's oneshot onloads each layer to the accelerator where one is visible
+                "device": _oneshot_device(),
                 "calibration": calibration.info() if calibration is not None else None,
                 "seconds": {k: round(v, 2) for k, v in seconds.items()},
                 # resident set of the whole process while building (it already held rss_before_mb)

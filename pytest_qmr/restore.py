@@ -676,11 +676,13 @@ class RestoreConfig:
 
 
 def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair], config: RestoreConfig,
-                  out_dir: str | os.PathLike, *, distill_from: str | os.PathLike | None = None) -> dict[str, Any]:
+                  out_dir: str | os.PathLike, *, distill_from: str | os.PathLike | None = None,
+                  runtime=None) -> dict[str, Any]:
     """Train a LoRA adapter with trl's DPOTrainer on ``model_path`` (the dense quantized copy: the
     frozen base is the quantized function, the reference is the adapter disabled) and write it
     atomically to ``out_dir`` with ``qmr_card.json``. Returns the card. ``distill_from`` is the
-    full-precision model, the teacher of ``config.distill_weight``."""
+    full-precision model, the teacher of ``config.distill_weight``. ``runtime`` (a
+    ``backends.Runtime``; default auto): the CPU in fp32, or the GPU in mixed precision."""
     import shutil
 
     import torch
@@ -689,6 +691,7 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
     from trl import DPOConfig, DPOTrainer
 
     from .align import _stop_after, scoring_completions_only
+    from .backends import trainer_device_args
     from .models import load
 
     if not pairs:
@@ -713,8 +716,8 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
             warmup_steps=config.warmup_ratio, per_device_train_batch_size=config.per_device_train_batch_size,
             gradient_accumulation_steps=config.gradient_accumulation_steps, num_train_epochs=config.epochs,
             max_steps=config.max_steps, logging_steps=config.logging_steps, save_strategy="no", report_to=[],
-            seed=config.seed, max_length=config.max_length, use_cpu=True, gradient_checkpointing=False,
-            bf16=False, fp16=False, dataloader_num_workers=0, disable_dropout=True,
+            seed=config.seed, max_length=config.max_length, gradient_checkpointing=False,
+            dataloader_num_workers=0, disable_dropout=True, **trainer_device_args(runtime),
         )
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                  target_modules=config.target_modules, task_type="CAUSAL_LM")

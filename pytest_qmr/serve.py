@@ -63,11 +63,16 @@ class ChatModel:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_reference(cls, reference: str, name: str | None = None) -> "ChatModel":
+    def from_reference(cls, reference: str, name: str | None = None, device: str = "auto",
+                       dtype: str = "auto") -> "ChatModel":
+        """``device`` / ``dtype`` as ``generation.device`` / ``generation.dtype`` (auto: the GPU in
+        bf16 where one is visible, else the CPU in fp32)."""
         from . import models
+        from .backends import runtime
 
+        rt = runtime(device, dtype, where="qmr serve")
         resolved = models.resolve(reference)
-        model, tokenizer = models.load(resolved.path)
+        model, tokenizer = models.load(resolved.path, device=rt.device, dtype=rt.dtype)
         return cls(model, tokenizer, name or reference)
 
     def render(self, messages: list[dict[str, str]]) -> str:
@@ -82,7 +87,7 @@ class ChatModel:
 
         stop = [s for s in (stop or []) if s]
         prompt = self.render(messages)
-        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
         kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
@@ -311,11 +316,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    chat_model = ChatModel.from_reference(args.model, args.served_name or args.model)
+    chat_model = ChatModel.from_reference(args.model, args.served_name or args.model, args.device, args.dtype)
     server = make_server(chat_model, args.host, args.port, args.served_name or args.model, api_key,
                          args.max_tokens_limit, args.quiet)
     auth = f", key from ${args.api_key_env}" if api_key else ", no API key"
-    print(f"qmr serve: {chat_model.name} listening on {server.url}/v1{auth}", flush=True)
+    where = f"{chat_model.model.device} {str(chat_model.model.dtype).removeprefix('torch.')}"
+    print(f"qmr serve: {chat_model.name} ({where}) listening on {server.url}/v1{auth}", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
@@ -335,6 +341,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--served-name", default=None, help="model id reported and accepted (default: --model)")
     p.add_argument("--max-tokens-limit", type=int, default=4096)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: the GPU where one is visible)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--quiet", action="store_true", help="no access log")
     p.set_defaults(func=_cmd_serve)
     return p

@@ -178,9 +178,12 @@ class ServedCheckpoint(_Server):
     kind = "qmr serve"
 
     def __init__(self, path: Path, threads: int | None = None, served_name: str = "qmr-cell",
-                 ready_seconds: float = SERVE_READY_SECONDS) -> None:
+                 ready_seconds: float = SERVE_READY_SECONDS, device: str = "auto", dtype: str = "auto") -> None:
         super().__init__(path, served_name, ready_seconds)
-        self.threads = threads
+        self.threads, self.device, self.dtype = threads, device, dtype
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "device": self.device, "dtype": self.dtype}
 
     def start(self) -> "ServedCheckpoint":
         if self.threads is None:
@@ -189,7 +192,7 @@ class ServedCheckpoint(_Server):
             self.threads = torch.get_num_threads()
         cmd = [sys.executable, "-m", "pytest_qmr.servers", "--model", str(self.path), "--port", "0",
                "--host", "127.0.0.1", "--served-name", self.served_name, "--api-key-env", SERVE_KEY_ENV,
-               "--threads", str(self.threads), "--quiet"]
+               "--threads", str(self.threads), "--device", self.device, "--dtype", self.dtype, "--quiet"]
         env = {k: v for k, v in os.environ.items() if k not in (BASE_URL_ENV, API_KEY_ENV)}
         env[SERVE_KEY_ENV] = self.api_key
         package_parent = str(Path(__file__).resolve().parents[1])  # this pytest_qmr, installed or not
@@ -274,7 +277,8 @@ def check_vllm_options(options: Mapping[str, Any], where: str = "generation.vllm
 def vllm_args(path: Path, served_name: str, port: int, dtype: str, seed: int, device: str = "cpu",
               options: Mapping[str, Any] | None = None) -> list[str]:
     """``vllm serve`` arguments: ours, then each option as ``--kebab-case value`` (``true``: a bare
-    flag, ``false``: left out, i.e. vLLM's default; a list: repeated values; a mapping: JSON)."""
+    flag, ``false``: ``--no-<flag>``, vLLM's negation of its boolean engine arguments — leaving it
+    out would keep vLLM's default, e.g. prefix caching on; a list: repeated values; a mapping: JSON)."""
     options = dict(options or {})
     check_vllm_options(options)
     merged = {**(VLLM_CPU_DEFAULTS if device == "cpu" else {}), **options}
@@ -285,7 +289,7 @@ def vllm_args(path: Path, served_name: str, port: int, dtype: str, seed: int, de
         if value is True:
             args.append(flag)
         elif value is False:
-            continue
+            args.append("--no-" + flag[2:])
         elif isinstance(value, (list, tuple)):
             args += [flag, *(str(v) for v in value)]
         elif isinstance(value, dict):
@@ -450,9 +454,11 @@ class ServerPool:
         self.started += 1
         return self.current
 
-    def server_for(self, path: Path, name: str = "qmr-cell") -> ServedCheckpoint:
-        """``qmr serve`` for ``path``."""
-        server = self._reuse_or_start(ServedCheckpoint(Path(path).resolve(), threads=self.threads, served_name=name))
+    def server_for(self, path: Path, name: str = "qmr-cell", device: str = "auto",
+                   dtype: str = "auto") -> ServedCheckpoint:
+        """``qmr serve`` for ``path`` on ``device`` in ``dtype``."""
+        server = self._reuse_or_start(ServedCheckpoint(Path(path).resolve(), threads=self.threads, served_name=name,
+                                                       device=device, dtype=dtype))
         assert isinstance(server, ServedCheckpoint)
         return server
 

@@ -262,7 +262,7 @@ class QmrSession:
                              source=cell.tasks)
         inner, render_prompt, served = backend_lm(backend, path, gen.max_new_tokens, gen.batch_size,
                                                   cell.benchmark.seed, trc, self._servers,
-                                                  endpoint=endpoint)
+                                                  endpoint=endpoint, runtime=Runtime(rt.device, dtype))
         self._served[str(path)] = served
         lm = caching_lm(lambda: inner, self._identity(path, cell, served=served, backend=backend), self.generations,
                         tokenizer=tokenizer, eager=inner)
@@ -640,9 +640,11 @@ class QmrSession:
         rs.write_pairs(cell_dir / "pairs.jsonl", pairs)
         config = rs.RestoreConfig(**spec.train)
         self._say(cell, f"restore: training on {len(pairs)} pairs")
-        card = cached_adapter(self.cache_dir, self._adapter_inputs(quant_path, fp, pairs, config), cell_dir / "adapter",
+        inputs = self._adapter_inputs(quant_path, fp, pairs, config, self._runtime(cell))
+        card = cached_adapter(self.cache_dir, inputs, cell_dir / "adapter",
                               lambda: rs.train_adapter(quant_path, pairs, config, cell_dir / "adapter",
-                                                       distill_from=fp.path), enabled=self.use_cache)
+                                                       distill_from=fp.path, runtime=self._runtime(cell)),
+                              enabled=self.use_cache)
         if card.get("cache_hit"):
             self._say(cell, "restore: adapter from cache (inputs unchanged, files verified)")
         adapter = cell_dir / "adapter"
@@ -699,14 +701,15 @@ class QmrSession:
         return generate
 
     @staticmethod
-    def _adapter_inputs(quant_path: Path, fp: models.ResolvedModel, pairs, config) -> dict:
-        """Everything a trained adapter depends on (its cache key)."""
+    def _adapter_inputs(quant_path: Path, fp: models.ResolvedModel, pairs, config, rt) -> dict:
+        """Everything a trained adapter depends on (its cache key), the device it trains on included."""
         from dataclasses import asdict
         from importlib.metadata import version
 
         return {"base": models.weights_fingerprint(quant_path),
                 "pairs_sha256": sha256_json([p.to_dict() for p in pairs]),
                 "config": asdict(config), "distill_from": fp.fingerprint if config.distill_weight > 0 else None,
+                "runtime": rt.to_dict(),
                 "libraries": {**library_versions(), **{n: version(n) for n in ("trl", "peft")}}}
 
     def _training_problems(self, cell):

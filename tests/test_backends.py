@@ -140,6 +140,7 @@ def test_openai_backend_matches_hf_item_by_item(lab_model, data_dir, cache_dir, 
     server = pool.current
     openai_s = result.seconds["evaluate"] - server.startup_seconds  # generation only, not the server's start
     assert pool.started == 1 and server is not None and server.proc.poll() is None
+    assert server.spec()["dtype"] == "float32" and any("(cpu float32) listening on" in line for line in server._log)
 
     # hf: the same items in process, batched as the suite says
     model, tokenizer = models.load(lab_model.path)

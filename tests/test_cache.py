@@ -325,6 +325,20 @@ def test_auto_device_and_dtype_resolve_to_what_this_machine_has():
     assert runtime("cpu", "bfloat16") == Runtime("cpu", "bfloat16")
 
 
+def test_training_runs_on_the_runtime_device_in_its_precision():
+    """Restore's DPO and qmr align: TrainingArguments on the CPU in fp32, or on the GPU in mixed precision."""
+    from transformers import TrainingArguments
+
+    from pytest_qmr.backends import Runtime, runtime, trainer_device_args
+
+    assert trainer_device_args(Runtime("cpu", "float32")) == {"use_cpu": True, "bf16": False, "fp16": False}
+    assert trainer_device_args(Runtime("cuda", "bfloat16")) == {"use_cpu": False, "bf16": True, "fp16": False}
+    assert trainer_device_args(Runtime("cuda:1", "float16")) == {"use_cpu": False, "bf16": False, "fp16": True}
+    assert trainer_device_args() == trainer_device_args(runtime())
+    args = TrainingArguments(output_dir="/tmp/x", report_to=[], **trainer_device_args(runtime()))
+    assert args.device.type == runtime().device.split(":")[0]
+
+
 def test_a_bfloat16_cell_runs_in_bfloat16_and_an_fp32_baseline_refuses_to_gate_it(lab_model, repo_root, data_dir,
                                                                                    tmp_path):
     """generation.dtype is honoured by the hf backend, keys the cache apart, is recorded, and a

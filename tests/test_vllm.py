@@ -82,7 +82,8 @@ def test_vllm_arguments_map_generation_options():
                          "--dtype", "bfloat16", "--seed", "7"]
     rest = args[12:]
     assert rest[:2] == ["--gpu-memory-utilization", "0.15"]  # CPU: the RAM share for the KV cache
-    assert rest[2:] == ["--tensor-parallel-size", "2", "--enforce-eager", "--max-model-len", "2048",
+    assert rest[2:] == ["--tensor-parallel-size", "2", "--enforce-eager", "--no-enable-prefix-caching",
+                        "--max-model-len", "2048",
                         "--lora-modules", "a=/x", "b=/y", "--hf-overrides", '{"a": 2, "b": 1}']
     gpu = vllm_args(Path("/ck"), "m", 1, "bfloat16", 0, "cuda", {"data_parallel_size": 4})
     assert "--gpu-memory-utilization" not in gpu and gpu[-2:] == ["--data-parallel-size", "4"]
