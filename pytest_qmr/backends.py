@@ -207,6 +207,27 @@ def served_name(fingerprint: str) -> str:
     return f"qmr-{fingerprint}"
 
 
+def lora_served_name(fingerprint: str, adapter_key: str) -> str:
+    """The name of a LoRA adapter (content key ``adapter_key``) served on that checkpoint."""
+    return f"{served_name(fingerprint)}-lora-{adapter_key}"
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig.max_lora_rank choices
+
+
+def lora_options(name: str, adapter: Path) -> tuple[tuple[str, Any], ...]:
+    """``vllm serve`` options that serve the peft adapter in ``adapter`` as model ``name``:
+    ``--enable-lora --lora-modules name=DIR --max-lora-rank R`` (the smallest of vLLM's ranks
+    that holds the adapter's ``r``)."""
+    rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ModelError(f"{adapter}/adapter_config.json: r: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]} "
+                         f"(got {rank})")
+    return (("enable_lora", True), ("lora_modules", (f"{name}={Path(adapter).resolve()}",)),
+            ("max_lora_rank", fits[0]))
+
+
 def listed_models(endpoint: str, api_key: str | None) -> list[str]:
     """The model ids ``GET /v1/models`` lists (ModelError, one line, when it cannot be asked)."""
     import requests
@@ -222,11 +243,17 @@ def listed_models(endpoint: str, api_key: str | None) -> list[str]:
 
 
 def remote_model_name(endpoint: str, api_key: str | None, fingerprint: str, checkpoint: Path | str = "",
-                      env: Mapping[str, str] | None = None) -> str:
-    """The listed model that names ``fingerprint`` (``QMR_OPENAI_MODEL`` picks among several);
-    ModelError, one line, when none does: another model must never answer the cell."""
+                      env: Mapping[str, str] | None = None, exact: str | None = None) -> str:
+    """The listed model that names ``fingerprint`` (``QMR_OPENAI_MODEL`` picks among several), or
+    exactly ``exact`` (a LoRA adapter served beside its base); ModelError, one line, when none
+    does: another model must never answer the cell."""
     env = os.environ if env is None else env
     ids = listed_models(endpoint, api_key)
+    if exact is not None:
+        if exact in ids:
+            return exact
+        raise ModelError(f"backend vllm: {models_url(endpoint)} lists {', '.join(map(repr, ids[:5])) or 'nothing'}, "
+                         f"not the adapter {exact!r} it was started with")
     wanted = env.get(MODEL_ENV) or None
     matching = [i for i in ids if fingerprint in i and (wanted is None or i == wanted)]
     if len(matching) == 1:
@@ -256,7 +283,7 @@ def openai_lm(endpoint: str, model_name: str, api_key: str | None, eos: str | No
 
 def backend_lm(backend: str, path: Path, max_new_tokens: int, batch_size: int, seed: int = 0,
                trust_remote_code: bool = False, servers: ServerPool | None = None, *, endpoint: str | None = None,
-               vllm: VllmSettings | None = None, runtime: Runtime | None = None):
+               vllm: VllmSettings | None = None, runtime: Runtime | None = None, lora_name: str | None = None):
     """``(lm, render_prompt, served)`` for a server backend on checkpoint ``path`` (hf stays in the
     session, which holds the loaded model): lm-eval's ``local-chat-completions`` on
 
@@ -265,6 +292,9 @@ def backend_lm(backend: str, path: Path, max_new_tokens: int, batch_size: int, s
     * ``openai``: ``endpoint`` (the quantizer's ``generation.endpoints`` URL), else
       ``QMR_OPENAI_BASE_URL``, else ``qmr serve`` of ``path`` started in ``servers`` on
       ``runtime`` (default auto).
+
+    ``lora_name``: the requests go to that LoRA module of the vLLM server (its settings carry
+    ``enable_lora`` / ``lora_modules``, see :func:`lora_options`), which must list it.
 
     Whatever answers must list a model named after ``path``'s weights fingerprint, else ModelError
     (one line). ``served`` is ``{"endpoint", "model", "fingerprint", "engine"}``; ``engine`` is
@@ -287,7 +317,7 @@ def backend_lm(backend: str, path: Path, max_new_tokens: int, batch_size: int, s
         rt = runtime or Runtime("auto", "auto")
         server = servers.server_for(path, served_name(fingerprint), rt.device, rt.dtype)
         endpoint, key, concurrent, engine = server.url, server.api_key, 1, server.kind
-    name = remote_model_name(endpoint, key, fingerprint, path)  # ours are checked like any other server
+    name = remote_model_name(endpoint, key, fingerprint, path, exact=lora_name)  # ours are checked like any other
     lm = openai_lm(endpoint, name, key, tokenizer.eos_token, concurrent, max_new_tokens, seed)
     lm.qmr_servers = servers  # a pool made here lives (and its server runs) as long as the lm
     served = {"endpoint": endpoint, "model": name, "fingerprint": fingerprint, "engine": engine}

@@ -5,6 +5,7 @@ Lives in ``config.stash`` (no module globals), so xdist workers each hold their 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -151,7 +152,7 @@ class QmrSession:
                                     "checkpoint; use artifact: dense")
         return quantized.compressed_path, kind
 
-    def engine_dtype(self, cell, artifact: str, info: dict) -> str:
+    def engine_dtype(self, cell, artifact: str, info: dict, backend: str | None = None) -> str:
         """The dtype the cell's engine runs in: ``generation.dtype``, except that ``auto`` runs a
         compressed weight-only (W*A16) checkpoint in bfloat16 on vLLM's CPU build, which has no
         float32 kernel for packed int weights."""
@@ -159,7 +160,7 @@ class QmrSession:
 
         rt = self._runtime(cell)
         scheme = str((info.get("recipe") or {}).get("scheme") or "")
-        if (self._backend(cell) == "vllm" and cell.generation.dtype == "auto" and rt.device == "cpu"
+        if ((backend or self._backend(cell)) == "vllm" and cell.generation.dtype == "auto" and rt.device == "cpu"
                 and artifact == "compressed" and re.fullmatch(r"W\d+A16(_ASYM)?", scheme)):
             return "bfloat16"
         return rt.dtype
@@ -214,19 +215,20 @@ class QmrSession:
         return self.data_dir or cell.data_dir
 
     def _evaluator(self, path: Path, cell, adapter: Path | None = None, dtype: str | None = None,
-                   endpoint: str | None = None, stage: str = "evaluate") -> Evaluator:
-        """An Evaluator on the cell's ``generation.backend`` (hf | openai | vllm; pytest_qmr.backends),
+                   endpoint: str | None = None, stage: str = "evaluate", backend: str | None = None) -> Evaluator:
+        """An Evaluator on ``backend`` (default the cell's: hf | openai | vllm; pytest_qmr.backends),
         answering from the generation cache where it can: an hf model is loaded, and our own
         vLLM server started, only on a miss. ``dtype``: the engine's (default the cell's);
-        ``endpoint``: the user's URL for this checkpoint (backend openai, ``generation.endpoints``)."""
-        from .backends import Runtime, backend_lm, chat_prompt_renderer, served_name
-        from .cache import caching_lm
+        ``endpoint``: the user's URL for this checkpoint (backend openai, ``generation.endpoints``);
+        ``adapter``: a LoRA adapter on ``path`` (hf: peft; vllm: ``--enable-lora``)."""
+        from .backends import Runtime, backend_lm, chat_prompt_renderer, lora_options, lora_served_name, served_name
+        from .cache import adapter_sha, caching_lm
         from .measure import hf_lm
         from .servers import ServerPool
 
         gen, data_dir, trc = self._generation(cell), self._data_dir(cell), cell.model.trust_remote_code
         tokenizer = self._tokenizer(path, trc)
-        backend, rt = self._backend(cell, stage=stage), self._runtime(cell)
+        backend, rt = backend or self._backend(cell, stage=stage), self._runtime(cell)
         dtype = dtype or rt.dtype
         if backend == "hf":
 
@@ -237,26 +239,27 @@ class QmrSession:
             lm = caching_lm(make, self._identity(path, cell, adapter, dtype=dtype, backend=backend), self.generations,
                             tokenizer=tokenizer)
             return Evaluator(None, None, gen, data_dir, lm=lm, source=cell.tasks)
-        if adapter is not None:
-            raise models.ModelError(f"backend {backend}: a Restore adapter is evaluated with "
-                                    "generation.backend: hf")
+        if adapter is not None and backend != "vllm":
+            raise models.ModelError(f"backend {backend}: a Restore adapter is evaluated with backend hf or vllm")
         if self._servers is None:
             self._servers = ServerPool()  # one server, reused across consecutive cells of a checkpoint
         if backend == "vllm":  # our own server, named after the checkpoint: known before it starts
             settings = self._vllm_settings(cell, dtype)
             fingerprint = models.weights_fingerprint(path)
+            name = served_name(fingerprint) if adapter is None else lora_served_name(fingerprint, adapter_sha(adapter))
+            if adapter is not None:
+                settings = dataclasses.replace(settings, options=settings.options + lora_options(name, adapter))
             engine = f"vLLM {settings.version}"
-            served = {"endpoint": engine, "model": served_name(fingerprint), "fingerprint": fingerprint,
-                      "engine": engine, "dtype": dtype}
+            served = {"endpoint": engine, "model": name, "fingerprint": fingerprint, "engine": engine, "dtype": dtype}
             self._served[str(path)] = served
 
             def start():
                 lm, _, live = backend_lm("vllm", path, gen.max_new_tokens, gen.batch_size, cell.benchmark.seed, trc,
-                                         self._servers, vllm=settings)
+                                         self._servers, vllm=settings, lora_name=name if adapter else None)
                 self._served[str(path)] = {**live, "dtype": dtype}
                 return lm
 
-            identity = self._identity(path, cell, served=served, dtype=dtype, backend=backend)
+            identity = self._identity(path, cell, adapter, served=served, dtype=dtype, backend=backend)
             lm = caching_lm(start, identity, self.generations, tokenizer=tokenizer, api=True)
             return Evaluator(None, None, gen, data_dir, lm=lm, render_prompt=chat_prompt_renderer(tokenizer),
                              source=cell.tasks)
@@ -269,10 +272,11 @@ class QmrSession:
         return Evaluator(None, None, gen, data_dir, lm=lm, render_prompt=render_prompt, source=cell.tasks)
 
     def _evaluate(self, path: Path, cell, indices: list[int] | None, fp_correct: list[bool] | None,
-                  stage: str = "evaluate", adapter: Path | None = None, dtype: str | None = None):
+                  stage: str = "evaluate", adapter: Path | None = None, dtype: str | None = None,
+                  backend: str | None = None):
         endpoints = cell.generation.endpoints  # per quantizer; the FP model's baseline run: "fp"
         endpoint = endpoints.get("fp" if stage == "baseline" else cell.quantizer.name)
-        evaluator = self._evaluator(path, cell, adapter, dtype, endpoint, stage)
+        evaluator = self._evaluator(path, cell, adapter, dtype, endpoint, stage, backend)
         try:
             return self._run(evaluator, cell, indices, fp_correct, stage)
         finally:
@@ -649,7 +653,7 @@ class QmrSession:
             self._say(cell, "restore: adapter from cache (inputs unchanged, files verified)")
         adapter = cell_dir / "adapter"
         again = self._evaluate(quant_path, cell, [r.doc_index for r in records], None, stage="restore",
-                               adapter=adapter)
+                               adapter=adapter, backend="hf")  # the dense copy it was trained on
         atomic_write_jsonl(cell_dir / "restored_samples.jsonl", (r.to_dict() for r in again))
         quant = {r.item_id: r.correct for r in records}
         paired = [(quant[r.item_id], r.correct) for r in again if r.item_id in quant]
@@ -669,11 +673,36 @@ class QmrSession:
                                for name, recs in (("quantized", self._mmlu(cell, quant_path, None)),
                                                   ("restored", self._mmlu(cell, quant_path, adapter)))}
             outcome["mmlu"]["n"] = spec.mmlu_limit
+        if spec.deployed if spec.deployed is not None else self._backend(cell) == "vllm":
+            outcome["deployed"] = self._restore_deployed(cell, context, result, records, again, adapter)
         return outcome
+
+    def _restore_deployed(self, cell, context: CellContext, result: CellResult, records: list[SampleRecord],
+                          dense: list[SampleRecord], adapter: Path) -> dict:
+        """The restored model as a user deploys it: the compressed checkpoint with the adapter
+        through vLLM's LoRA support, on the same items as the dense re-measurement."""
+        if context.compressed is None:
+            return {"error": f"{cell.quantizer.method} writes no compressed checkpoint"}
+        dtype = self.engine_dtype(cell, "compressed", result.quantization or {}, backend="vllm")
+        self._say(cell, "restore: re-measuring the compressed checkpoint + adapter on vLLM")
+        try:
+            served = self._evaluate(context.compressed, cell, [r.doc_index for r in records], None,
+                                    stage="restore-deployed", adapter=adapter, dtype=dtype, backend="vllm")
+        except NotServable as exc:
+            return {"servable": False, "line": str(exc)}
+        atomic_write_jsonl(context.cell_dir / "restored_deployed_samples.jsonl", (r.to_dict() for r in served))
+        by_id = {r.item_id: r for r in dense}
+        n = max(len(served), 1)
+        return {"servable": True, "artifact": "compressed", "dtype": dtype,
+                "served": self._served.pop(str(context.compressed), None),
+                "restored_acc": sum(r.correct for r in served) / n, "n": len(served),
+                "dense_restored_acc": sum(r.correct for r in dense) / max(len(dense), 1),
+                "agreement_with_dense": sum(r.correct == by_id[r.item_id].correct for r in served) / n,
+                "text_identical_with_dense": sum(r.response == by_id[r.item_id].response for r in served) / n}
 
     def _mmlu(self, cell, path: Path, adapter: Path | None) -> list[SampleRecord]:
         """Restore's general-ability check: the first ``restore.mmlu_limit`` MMLU items."""
-        evaluator = self._evaluator(path, cell, adapter)
+        evaluator = self._evaluator(path, cell, adapter, backend="hf")  # the dense copy, with and without
         try:
             return evaluator.run("qmr_mmlu", limit=cell.restore.mmlu_limit)
         finally:

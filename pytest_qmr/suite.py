@@ -245,6 +245,9 @@ class RestoreSpec(_Spec):
     # (None: report only); a Restore that wins less, or cannot run, fails the cell as RestoreFailed
     min_gain: Annotated[float, Field(ge=-1, le=1)] | None = None
     mmlu_limit: Annotated[int, Field(ge=0)] = 0  # >0: MMLU items checked before/after (preservation)
+    # also re-measure as deployed: the compressed checkpoint + the adapter through vLLM (--enable-lora);
+    # None: when the cell's backend is vllm
+    deployed: bool | None = None
     train: dict[str, Any] = Field(default_factory=dict)  # RestoreConfig fields (beta, lora_r, max_steps...)
 
 

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from pytest_qmr.cache import adapter_sha
 from pytest_qmr.models import ModelError
 from pytest_qmr.servers import (NotServable, VllmSettings, not_servable_reason, vllm_args, vllm_python,
                                 vllm_version)
 from pytest_qmr.suite import SuiteError, parse_suite
 
 N_ITEMS = 20
+LORA_ITEMS = 8  # LoRA on vLLM's CPU build is slow (~4 s a generation on 2 cores)
 SUITE = """
 name: vllm
 data_dir: {data_dir}
@@ -171,6 +173,28 @@ def test_vllm_serves_what_the_cells_name(vllm_env, lab_model, data_dir, cache_di
         assert served_items.keys() == dense_items.keys()
         agree = sum(served_items[k].correct == dense_items[k].correct for k in served_items)
         same_text = sum(served_items[k].response == dense_items[k].response for k in served_items)
+
+        # the restored model as deployed: compressed checkpoint + a LoRA adapter through vLLM (--enable-lora)
+        from pytest_qmr import restore as rs
+
+        wrong = [r for r in served_items.values() if not r.correct and baseline[r.item_id]["correct"]][:4]
+        pairs = [rs.PreferencePair(r.prompt, baseline[r.item_id]["response"], r.response, r.item_id, None, None, 1,
+                                   "gold", "all-step") for r in wrong]
+        context = session._contexts[w4.cell_id]
+        adapter = tmp_path / "adapter"
+        rs.train_adapter(context.quantized, pairs, rs.RestoreConfig(max_steps=4, per_device_train_batch_size=2,
+                                                                    learning_rate=5e-3), adapter)
+        some = list(served_items.values())[:LORA_ITEMS]
+        dense_restored = session._evaluate(context.quantized, cells["rtn-w4g64"], [r.doc_index for r in some], None,
+                                           stage="restore", adapter=adapter, backend="hf")
+        deployed = session._restore_deployed(cells["rtn-w4g64"], context, w4, some, dense_restored, adapter)
+        assert deployed["servable"] is True and deployed["n"] == LORA_ITEMS and deployed["dtype"] == "bfloat16"
+        assert deployed["served"]["model"] == (f"qmr-{models.weights_fingerprint(compressed)}-lora-"
+                                               f"{adapter_sha(adapter)}")
+        lora_rows = [SampleRecord.from_dict(json.loads(line)) for line in
+                     (context.cell_dir / "restored_deployed_samples.jsonl").read_text().splitlines()]
+        changed = sum(r.response != served_items[r.item_id].response for r in lora_rows)
+        assert changed >= 1, "the adapter changed no output of the served checkpoint: was it applied?"
         w4_pid = session._servers.current.proc.pid
 
         # RTN-W3: no CPU kernel for 3-bit weights -> its own outcome, recorded, not a traceback and not a pass
@@ -187,7 +211,10 @@ def test_vllm_serves_what_the_cells_name(vllm_env, lab_model, data_dir, cache_di
     with capsys.disabled():
         print(f"\n[vllm {version}] {N_ITEMS} qmr_arith items: FP fp32 texts identical to hf {identical}/{N_ITEMS}; "
               f"RTN-W4 compressed (vLLM bf16) acc {w4.accuracy:.3f} vs dense copy (hf fp32) {dense.accuracy:.3f}, "
-              f"same correctness {agree}/{N_ITEMS}, same text {same_text}/{N_ITEMS}; RTN-W3: {w3.notes[0]}")
+              f"same correctness {agree}/{N_ITEMS}, same text {same_text}/{N_ITEMS}; RTN-W4 compressed + LoRA on "
+              f"vLLM: {changed}/{LORA_ITEMS} outputs changed by the adapter, acc {deployed['restored_acc']:.3f} vs "
+              f"dense + adapter on hf {deployed['dense_restored_acc']:.3f} (same correctness "
+              f"{deployed['agreement_with_dense']:.0%}); RTN-W3: {w3.notes[0]}")
 
 
 ORPHAN = """

@@ -289,7 +289,8 @@ def _cell_report(run_dir: Path, cell: CellResult, samples: list[SampleRecord], f
         cell_id=cell.cell_id, model=cell.model, quantizer=cell.quantizer, benchmark=cell.benchmark, task=cell.task,
         method=method, is_fp=method == "fp", accuracy=float(cell.accuracy), n=int(cell.n), outcome=cell.outcome,
         verdict=gate.verdict if gate else None, gate=gate.to_dict() if gate else None,
-        gate_line=gate.summary() if gate else "no gate (no paired FP comparison)",
+        gate_line=gate.summary() if gate else (cell.notes[0] if cell.outcome == "not_servable" and cell.notes
+                                               else "no gate (no paired FP comparison)"),
         seconds=dict(cell.seconds or {}), quantization=_quantization_summary(cell.quantization),
         error_profile=profile, error_profile_source=profile_source, restore=_restore_view(cell.restore),
         profile_violations=list(getattr(cell, "profile_violations", None) or []),

@@ -51,7 +51,14 @@ def _md_restore(restore: dict[str, Any]) -> str:
             line += f", {restore['recovered_share']:.0%} of the loss"
         line += ")"
     extra = [f"{k} {fmt(restore[k], '.3g')}" for k in ("pairs", "minutes", "p_value") if restore.get(k) is not None]
-    return line + ("; " + ", ".join(extra) if extra else "")
+    line += "; " + ", ".join(extra) if extra else ""
+    deployed = restore.get("deployed")
+    if deployed:
+        line += ("; deployed (compressed + adapter on vLLM): " + (
+            f"restored {fmt(deployed.get('restored_acc'))}, same correctness as the dense copy on "
+            f"{fmt(deployed.get('agreement_with_dense'), '.0%')}" if deployed.get("servable")
+            else md_escape(deployed.get("line") or deployed.get("error") or "not measured")))
+    return line
 
 
 def render_markdown(report: Report, *, max_items: int = 5) -> str:
@@ -73,6 +80,10 @@ def render_markdown(report: Report, *, max_items: int = 5) -> str:
     lines += ["", "Relative change vs FP on the paired items; ✅ pass ❌ fail ⚠️ inconclusive.", ""]
 
     flagged = [c for c in report.cells if not c.is_fp and c.verdict in ("fail", "inconclusive")]
+    unservable = [c for c in report.cells if c.outcome == "not_servable"]
+    if unservable:
+        lines += ["### Not servable", ""] + [f"- ⛔ **{md_escape(c.cell_id)}** — {md_escape(c.gate_line)}"
+                                             for c in unservable] + [""]
     if flagged:
         lines += ["### Failing and inconclusive cells", ""]
     for c in flagged:
