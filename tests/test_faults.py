@@ -480,7 +480,8 @@ def test_a_user_server_answers_only_the_cell_whose_checkpoint_it_names(replay_se
     result = session.run_cell(fp_cell)  # the FP cell, answered by a server that names the FP weights
     assert result.gate.verdict == "pass" and result.gate.fp_only == result.gate.quant_only == 0 and result.n == 8
     assert result.served == {"endpoint": f"{replay_server.url}/v1/chat/completions",
-                             "model": f"qmr-{lab_model.fingerprint}", "fingerprint": lab_model.fingerprint}
+                             "model": f"qmr-{lab_model.fingerprint}", "fingerprint": lab_model.fingerprint,
+                             "engine": "user server"}
     assert json.loads((tmp_path / "run" / "cells" / fp_cell.id / "result.json").read_text())["served"] == result.served
     asked = len(replay_server.requests)
     with pytest.raises(models.ModelError) as excinfo:  # another checkpoint: the same server must not answer it
