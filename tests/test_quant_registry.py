@@ -213,3 +213,36 @@ def test_recipe_file_builds_what_rtn_builds(lab_model, cache_dir, private_quant_
     again = quantize(lab_model.path, lab_model.fingerprint, QuantSpec(method="recipe", recipe=str(path)),
                      private_quant_cache)
     assert again.info["cache_hit"] is True and again.path == built.path
+
+
+def test_cli_quantizes_with_a_recipe_file(tmp_path, cache_dir, make_tiny_llama, capsys, one_torch_thread):
+    pytest.importorskip("llmcompressor")
+    from pytest_qmr import models
+    from pytest_qmr.cli import main
+    from pytest_qmr.quantize import INFO_FILE
+
+    model, _ = make_tiny_llama(tmp_path / "tiny", models.resolve("embedded:smollm2-135m", cache_dir).path)
+    recipe = tmp_path / "w4g32.yaml"
+    recipe.write_text(RECIPE.replace("group_size: 64", "group_size: 32"))  # the tiny Llama is 96 and 256 wide
+    assert main(["quantize", "--model", str(model), "--method", "recipe", "--recipe", str(recipe),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    entry = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    info = json.loads((entry / INFO_FILE).read_text())
+    assert info["method"] == "recipe" and info["calibration"] is None and info["group_sizes_used"] == {"32": 14}
+    assert main(["quantize", "--model", str(model), "--method", "recipe", "--recipe", str(tmp_path / "none.yaml"),
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "cannot read recipe file" in capsys.readouterr().err
+
+
+def test_a_recipe_quantizing_activations_is_refused(tmp_path, cache_dir, make_tiny_llama, one_torch_thread):
+    pytest.importorskip("llmcompressor")
+    from pytest_qmr import models
+    from pytest_qmr.quantize import QuantizeError, cache_entries, quantize
+
+    model, fingerprint = make_tiny_llama(tmp_path / "tiny", models.resolve("embedded:smollm2-135m", cache_dir).path)
+    recipe = tmp_path / "w8a8.yaml"
+    recipe.write_text("default_stage:\n  default_modifiers:\n    QuantizationModifier:\n"
+                      "      targets: [Linear]\n      ignore: [lm_head]\n      scheme: W8A8\n")
+    with pytest.raises(QuantizeError, match="quantizes activations .* which the dense copy cannot simulate") as excinfo:
+        quantize(model, fingerprint, QuantSpec(method="recipe", recipe=str(recipe)), tmp_path / "cache")
+    assert "\n" not in str(excinfo.value) and cache_entries(tmp_path / "cache") == []
