@@ -102,11 +102,15 @@ class Registry(Generic[T]):
         except (KeyError, TypeError):
             raise RegistryError(self.unknown(name, where)) from None
 
+    def closest(self, name: object) -> str | None:
+        """The registered name closest to ``name`` (a did-you-mean hint), or None."""
+        close = difflib.get_close_matches(str(name), self.names(), n=1)
+        return close[0] if close else None
+
     def unknown(self, name: object, where: str = "") -> str:
         """The one-line message for an unknown ``name`` (did-you-mean, else the known names)."""
-        known = self.names()
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+        close = self.closest(name)
+        hint = f"did you mean {close!r}?" if close else f"known: {', '.join(self.names())}"
         return f"{where + ': ' if where else ''}unknown {self.kind} {name!r} ({hint})"
 
     def names(self) -> tuple[str, ...]:
