@@ -642,13 +642,14 @@ def _check_restore(source: str, spec: SuiteSpec) -> None:
 
 
 def _check_locate(source: str, spec: SuiteSpec) -> None:
-    from .judges import ARITH, RULE
     from .locate import LocateError, Policy, validate_thresholds
+    from .registry import JUDGES
 
-    builtin = (RULE, ARITH)
     for j, name in enumerate(spec.locate.judges):
-        if name not in builtin and spec.locate.judge_config is None:
-            _fail(source, f"locate.judges[{j}]", f"not a built-in judge ({', '.join(builtin)}); "
+        if name not in JUDGES and spec.locate.judge_config is None:
+            close = JUDGES.closest(name)
+            hint = f"did you mean {close!r}?" if close else ", ".join(JUDGES.names())
+            _fail(source, f"locate.judges[{j}]", f"not a built-in judge ({hint}); "
                   "LLM judges need locate.judge_config", name)
     try:
         Policy.from_dict(spec.locate.policy)
@@ -829,7 +830,7 @@ def check_references(suite: Suite) -> None:
     """What the schema cannot see but collection must: every benchmark's ``task`` is a known
     lm-eval task (did-you-mean), and ``locate.judge_config`` is a readable, valid judge file.
     Found here, a typo costs one line at collection instead of a traceback after evaluation."""
-    from .judges import load_judge_settings
+    from .locate.judges import load_judge_settings
     from .measure import check_task, known_tasks
 
     for key, given, folder in suite.task_folders():
