@@ -64,7 +64,7 @@ def _build(name: str, settings: JudgeSettings | None) -> Judge:
     if name in JUDGES:
         judge = JUDGES.get(name)()
         if not isinstance(judge, Judge):
-            raise JudgeFileError(f"judge {name!r}: a {type(judge).__name__} does not follow the judge protocol "
+            raise JudgeFileError(f"judge {name!r}: {type(judge).__name__} does not follow the judge protocol "
                                  "(name, judge, submit, judge_many, close)")
         return judge
     if settings is not None and name in settings.judges:
