@@ -575,7 +575,7 @@ class QmrSession:
 
     def _locate(self, cell, baseline: bl.Baseline, records: list[SampleRecord], cell_dir: Path) -> dict:
         """First faulty step of every regressed item, with the suite's judges; rows go to located.jsonl."""
-        from .judges import build_judges, load_judge_settings
+        from .locate.judges import build_judges, load_judge_settings
         from .locate import Policy, default_policy, error_profile, locate_cell
 
         settings = load_judge_settings(cell.judge_config) if cell.judge_config is not None else None
@@ -588,7 +588,7 @@ class QmrSession:
                 judge.close()
         atomic_write_jsonl(cell_dir / "located.jsonl", rows)
         if cell.locate.review and rows:
-            from .review import write_review_queue
+            from .locate import write_review_queue
 
             write_review_queue(rows, cell_dir / "review", cell.locate.audit_rate, seed=cell.benchmark.seed)
         profile = error_profile(rows)

@@ -29,7 +29,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from .errors import QmrError
 from .fsutil import DATA_DIR_ENV, data_root
 from .measure import Scoring, TaskSource
-from .registry import QUANT_METHODS
+from .registry import JUDGES, QUANT_METHODS
 
 __all__ = [
     "SuiteError",
@@ -667,14 +667,18 @@ def _check_restore(source: str, spec: SuiteSpec) -> None:
         _fail(source, "restore.teacher", "must be gold, fp or endpoint:NAME (NAME from locate.judge_config)", teacher)
 
 
+def _judge_hint(name: str, configured: Sequence[str] = ()) -> str:
+    """Did-you-mean over the registered judges (``registry.JUDGES``) and ``configured``, else them all."""
+    close = JUDGES.closest(name, configured)
+    return f"did you mean {close!r}?" if close else ", ".join((*JUDGES.names(), *configured))
+
+
 def _check_locate(source: str, spec: SuiteSpec) -> None:
-    from .judges import ARITH, RULE
     from .locate import LocateError, Policy, validate_thresholds
 
-    builtin = (RULE, ARITH)
     for j, name in enumerate(spec.locate.judges):
-        if name not in builtin and spec.locate.judge_config is None:
-            _fail(source, f"locate.judges[{j}]", f"not a built-in judge ({', '.join(builtin)}); "
+        if name not in JUDGES and spec.locate.judge_config is None:
+            _fail(source, f"locate.judges[{j}]", f"not a built-in judge ({_judge_hint(name)}); "
                   "LLM judges need locate.judge_config", name)
     try:
         Policy.from_dict(spec.locate.policy)
@@ -854,9 +858,10 @@ def _yaml_message(source: str, exc: yaml.YAMLError, text: str) -> str:
 def check_references(suite: Suite) -> None:
     """What the schema cannot see but collection must: every benchmark's ``task`` is a known
     lm-eval task (did-you-mean), every quantizer's ``recipe`` is a file, and
-    ``locate.judge_config`` is a readable, valid judge file.
+    ``locate.judge_config`` is a readable, valid judge file that configures every
+    ``locate.judges`` name no judge is registered under (did-you-mean).
     Found here, a typo costs one line at collection instead of a traceback after evaluation."""
-    from .judges import load_judge_settings
+    from .locate.judges import load_judge_settings
     from .measure import check_task, known_tasks
 
     for key, given, folder in suite.task_folders():
@@ -875,6 +880,10 @@ def check_references(suite: Suite) -> None:
         if not judge_config.is_file():
             _fail(suite.source, "locate.judge_config", f"no such file ({judge_config})", given)
         try:
-            load_judge_settings(judge_config)
+            settings = load_judge_settings(judge_config)
         except QmrError as exc:
             _fail(suite.source, "locate.judge_config", str(exc), given)
+        for j, name in enumerate(suite.spec.locate.judges):
+            if name not in JUDGES and name not in settings.judges:
+                _fail(suite.source, f"locate.judges[{j}]", f"neither a built-in judge nor one of {given} "
+                      f"({_judge_hint(name, tuple(settings.judges))})", name)
