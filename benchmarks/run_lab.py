@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pytest_qmr import arith, rule_judge, taxonomy
-from pytest_qmr.arith_labeller import label
+from pytest_qmr import arith, taxonomy
+from pytest_qmr.locate.judges import rule as rule_judge
+from pytest_qmr.locate.judges.arith import label
 from pytest_qmr.fsutil import (atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, replace_marked,
                                sha256_text)
 from pytest_qmr.gate import compare

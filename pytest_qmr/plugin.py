@@ -18,7 +18,6 @@ from .errors import QmrError
 from .records import CellResult
 from .redact import install as install_redaction
 from .redact import redact
-from .suite import METHODS as QUANT_METHODS
 
 SESSION_KEY = pytest.StashKey["QmrSession"]()
 RESULT_PROPERTY = "qmr_result"
@@ -88,11 +87,21 @@ def _suite_args(config: pytest.Config) -> list[str]:
     return paths
 
 
+def register_method_markers(config: pytest.Config) -> None:
+    """One marker per registered quantization method (``-m gptq``). Called at configure time and
+    again when a suite file is collected, for a method a conftest.py below the rootdir registers."""
+    from .registry import QUANT_METHODS
+
+    known = {line.split(":", 1)[0].strip() for line in config.getini("markers")}
+    for method in QUANT_METHODS.names():
+        if method not in known:
+            config.addinivalue_line("markers", f"{method}: qmr cells quantized with method {method}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     install_redaction()  # before anything can log a key (lm-eval logs failed requests with their headers)
     config.addinivalue_line("markers", "qmr_cell: a model x quantizer x benchmark cell from a suite file")
-    for method in QUANT_METHODS:
-        config.addinivalue_line("markers", f"{method}: qmr cells quantized with method {method}")
+    register_method_markers(config)
     from .session import QmrSession
 
     run_dir = config.getoption("--qmr-run-dir")
@@ -211,6 +220,7 @@ class SuiteFile(pytest.File):
             check_references(suite)
         except QmrError as exc:
             raise self.CollectError(str(exc)) from None
+        register_method_markers(self.config)
         for cell in suite.cells():
             item = CellItem.from_parent(self, name=cell.id, cell=cell)
             item.add_marker(pytest.mark.qmr_cell)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
@@ -102,12 +102,18 @@ class Registry(Generic[T]):
         except (KeyError, TypeError):
             raise RegistryError(self.unknown(name, where)) from None
 
-    def unknown(self, name: object, where: str = "") -> str:
-        """The one-line message for an unknown ``name`` (did-you-mean, else the known names)."""
-        known = self.names()
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+    def unknown(self, name: object, where: str = "", also: Iterable[str] = ()) -> str:
+        """The one-line message for an unknown ``name`` (did-you-mean, else the known names);
+        ``also``: names valid beside the registered ones (e.g. judges configured in a file)."""
+        known = (*self.names(), *also)
+        close = self.closest(name, known)
+        hint = f"did you mean {close!r}?" if close else f"known: {', '.join(known)}"
         return f"{where + ': ' if where else ''}unknown {self.kind} {name!r} ({hint})"
+
+    def closest(self, name: object, also: Iterable[str] = ()) -> str | None:
+        """The registered name (or one of ``also``) that ``name`` is probably a typo of, if any."""
+        close = difflib.get_close_matches(str(name), (*self.names(), *also), n=1)
+        return close[0] if close else None
 
     def names(self) -> tuple[str, ...]:
         self._load()
@@ -131,7 +137,8 @@ def _where(obj: object) -> str:
 
 # One registry per extension point; the modules named register the built-in implementations.
 QUANT_METHODS: Registry = Registry("quantization method", "quant_methods", ("pytest_qmr.quantize.methods",))
-JUDGES: Registry = Registry("judge", "judges", ("pytest_qmr.locate.builtin_judges",))
+JUDGES: Registry = Registry("judge", "judges", ("pytest_qmr.locate.judges.rule",
+                                                 "pytest_qmr.locate.judges.arith"))
 TEACHERS: Registry = Registry("teacher", "teachers", ("pytest_qmr.restore.teachers",))
 PROBLEM_SOURCES: Registry = Registry("training-problem source", "problem_sources", ("pytest_qmr.restore.problems",))
 RESTORE_VARIANTS: Registry = Registry("Restore variant", "restore_variants", ("pytest_qmr.restore.variants",))

@@ -303,7 +303,7 @@ def label_trace(problem: TrainProblem, response: str) -> dict[str, Any]:
     correct = answers.is_equivalent(answers.extract_answer(response, problem.kind), problem.gold_answer,
                                     problem.kind)
     if problem.arith is not None:
-        from .arith_labeller import label
+        from .locate.judges.arith import label
 
         lab = label(problem.arith, response)
         if correct or lab.status == "correct":
@@ -313,9 +313,9 @@ def label_trace(problem: TrainProblem, response: str) -> dict[str, Any]:
         return {"correct": False, "first_error_step": lab.first_error_step, "primary_error_type": t,
                 "category": taxonomy.CATEGORY_OF.get(t) if t else None, "status": "accepted",
                 "label": lab.status, "explanation": lab.explanation}
-    from . import rule_judge
+    from .locate.judges import rule
 
-    verdict = rule_judge.judge(response)
+    verdict = rule.judge(response)
     located = not correct and verdict.status == "error"
     return {"correct": correct, "first_error_step": verdict.first_error_step if located else -1,
             "primary_error_type": verdict.primary_error_type if located else None,
@@ -426,7 +426,7 @@ class EndpointTeacher:
     an unusable single answer only drops that case."""
 
     def __init__(self, config) -> None:
-        from .judges import OpenAIJudge
+        from .locate.judges import OpenAIJudge
 
         self.config = config
         self.name = f"endpoint:{config.name}"
@@ -437,7 +437,7 @@ class EndpointTeacher:
         return [{"role": "user", "content": user}]
 
     def _one(self, cut: Cut) -> str | None:
-        from .judges import _Fatal, _Retry, redact
+        from .locate.judges.llm import _Fatal, _Retry, redact
 
         secret = self._client._secret()
         reason = "no attempt"
@@ -473,7 +473,7 @@ def make_teacher(spec: str, *, model: str | os.PathLike | None = None, judge_con
             raise RestoreError("teacher fp needs the full-precision model (--model)")
         return ModelTeacher(model, max_new_tokens, batch_size)
     if spec.startswith("endpoint:"):
-        from .judges import load_judge_settings
+        from .locate.judges import load_judge_settings
 
         name = spec.split(":", 1)[1]
         if not judge_config:

@@ -18,7 +18,7 @@ logged or echoed. The access log (stderr) holds method, path, status and seconds
 
 One model instance answers all requests: HTTP handling is threaded, generation is serialised
 by a lock (a CPU forward pass already uses all cores). :class:`ChatModel` is also the engine of
-the in-process ``kind: local`` judge (:mod:`pytest_qmr.judges`).
+the in-process ``kind: local`` judge (:mod:`pytest_qmr.locate.judges.local`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from . import models
 from .fsutil import atomic_write_json, atomic_write_jsonl, sha256_json, sha256_text
 from .measure import Evaluator, GenerationSettings, items_fingerprint
 from .calibration import CalibrationSpec
-from .quantize import QuantSpec, quantize
+from .quantize import QuantSpec, get_method, quantize
 from .records import CellContext, CellResult, GateResult, SampleRecord
 from .redact import redact_obj
 from .servers import NotServable
@@ -142,7 +142,7 @@ class QmrSession:
         ``compressed`` (the compressed-tensors checkpoint a user deploys) or ``dense`` (the
         fake-quant copy); ``quantizer.artifact``, default compressed with backend vllm."""
         q = cell.quantizer
-        if q.method in ("fp", "checkpoint"):
+        if not get_method(q.method).builds:
             return quantized.path, q.method
         kind = q.artifact or ("compressed" if self._backend(cell) == "vllm" else "dense")
         if kind == "dense":
@@ -399,6 +399,9 @@ class QmrSession:
             "baseline_sha256": sha256_file(baseline.source) if baseline.source else None,
             "judge_config_sha256": sha256_file(judge) if judge is not None and judge.is_file() else None,
             "libraries": library_versions(),
+            # method recipe: the recipe file's content (only then, so other cells keep their inputs hash)
+            **({"recipe_sha256": sha256_file(cell.recipe_file) if cell.recipe_file.is_file() else None}
+               if cell.recipe_file is not None else {}),
         }
 
     @staticmethod
@@ -457,7 +460,7 @@ class QmrSession:
 
         started = time.monotonic()
         q, spec = cell.quantizer, quant_spec(cell)
-        if q.method not in ("fp", "checkpoint"):
+        if get_method(q.method).builds:
             self._say(cell, f"quantize ({q.method})")
         quantized = quantize(fp.path, fp.fingerprint, spec, self.cache_dir, data_dir=self._data_dir(cell))
         self._contexts[cell.id] = CellContext(fp=fp, baseline=baseline, quantized=quantized.path,
@@ -572,7 +575,7 @@ class QmrSession:
 
     def _locate(self, cell, baseline: bl.Baseline, records: list[SampleRecord], cell_dir: Path) -> dict:
         """First faulty step of every regressed item, with the suite's judges; rows go to located.jsonl."""
-        from .judges import build_judges, load_judge_settings
+        from .locate.judges import build_judges, load_judge_settings
         from .locate import Policy, default_policy, error_profile, locate_cell
 
         settings = load_judge_settings(cell.judge_config) if cell.judge_config is not None else None
@@ -585,7 +588,7 @@ class QmrSession:
                 judge.close()
         atomic_write_jsonl(cell_dir / "located.jsonl", rows)
         if cell.locate.review and rows:
-            from .review import write_review_queue
+            from .locate import write_review_queue
 
             write_review_queue(rows, cell_dir / "review", cell.locate.audit_rate, seed=cell.benchmark.seed)
         profile = error_profile(rows)
@@ -825,7 +828,8 @@ def quant_spec(cell) -> QuantSpec:
     calibration = CalibrationSpec(**q.calibration.model_dump()) if q.calibration is not None else None
     return QuantSpec(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
                      ignore=tuple(q.ignore), path=q.path, calibration=calibration,
-                     options=tuple(sorted(q.options.items())))
+                     options=tuple(sorted(q.options.items())),
+                     recipe=str(cell.recipe_file) if cell.recipe_file is not None else None)
 
 
 def restore_shortfall(restore: dict, min_gain: float) -> str | None:

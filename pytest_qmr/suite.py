@@ -29,6 +29,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from .errors import QmrError
 from .fsutil import DATA_DIR_ENV, data_root
 from .measure import Scoring, TaskSource
+from .registry import JUDGES, QUANT_METHODS
 
 __all__ = [
     "SuiteError",
@@ -44,14 +45,10 @@ __all__ = [
     "load_suite",
     "parse_suite",
     "WEIGHT_BITS",
-    "METHODS",
     "DATA_DIR_ENV",
 ]
 
-METHODS = ("fp", "rtn", "gptq", "awq", "smoothquant", "checkpoint")
 WEIGHT_BITS = (2, 3, 4, 8)
-NEEDS_CALIBRATION = ("gptq", "awq", "smoothquant")
-NEEDS_BITS = ("rtn", "gptq", "awq")
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9.\-]*")
 
 
@@ -80,6 +77,15 @@ def _yaml_switch(value: Any) -> Any:
         return "off"
     if value is True:
         return "on"
+    return value
+
+
+def _check_method(value: str) -> str:
+    # the registered quantization methods (pytest_qmr.registry.QUANT_METHODS; importing them imports no torch)
+    if value not in QUANT_METHODS:
+        close = QUANT_METHODS.closest(value)
+        raise ValueError("must be one of " + ", ".join(QUANT_METHODS.names())
+                         + (f", did you mean {close!r}?" if close else ""))
     return value
 
 
@@ -116,13 +122,14 @@ class Calibration(_Spec):
 
 class QuantizerSpec(_Spec):
     name: Name
-    method: Literal["fp", "rtn", "gptq", "awq", "smoothquant", "checkpoint"]
+    method: Annotated[str, AfterValidator(_check_method)]
     bits: int | None = None  # weight bits; smoothquant is W8A8 (8, the default)
     group_size: Annotated[int, Field(ge=2)] | None = 128  # None: per-channel; a group of 1 is not quantization
     symmetric: bool | None = None  # None: the method's default (awq asymmetric, others symmetric)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     calibration: Calibration | None = None
     path: NonEmptyStr | None = None  # method=checkpoint only: local dir or hub id
+    recipe: NonEmptyStr | None = None  # method=recipe only: llmcompressor recipe YAML, relative to the suite file
     options: dict[str, Any] = Field(default_factory=dict)  # modifier settings, e.g. {n_grid: 10} for awq
     # benchmarks on which this quantizer is a known regression: those cells are strict xfails
     expect_fail_on: list[NonEmptyStr] = Field(default_factory=list)
@@ -141,9 +148,7 @@ class QuantizerSpec(_Spec):
 
     @property
     def effective_bits(self) -> int | None:
-        if self.method == "smoothquant" and self.bits is None:
-            return 8
-        return self.bits
+        return self.bits if self.bits is not None else QUANT_METHODS.get(self.method).fixed_bits
 
 
 class Thresholds(_Spec):
@@ -285,6 +290,7 @@ class Cell:
     restore: RestoreSpec
     locate: LocateSpec = LocateSpec()
     judge_config: Path | None = None  # absolute path of locate.judge_config
+    recipe_file: Path | None = None  # absolute path of the quantizer's recipe (method recipe)
     suite_file: str = ""  # how the suite file is named in messages
     tasks: TaskSource = field(default_factory=TaskSource)  # where the benchmark's task is found
     benchmark_index: int = 0  # position in the suite's benchmarks (messages name benchmarks[i])
@@ -304,7 +310,9 @@ class Cell:
                       if self.thresholds.sequential else {"sequential": False})
         return {
             "model": self.model.model_dump(),
-            "quantizer": self.quantizer.model_dump(exclude={"expect_fail_on", "expect_inconclusive_on"}),
+            # no recipe: left out, so records made before quantizers had one keep their inputs hash
+            "quantizer": self.quantizer.model_dump(exclude={"expect_fail_on", "expect_inconclusive_on",
+                                                            *(() if self.quantizer.recipe else ("recipe",))}),
             "benchmark": self.benchmark.model_dump(exclude={"thresholds", "quantizers"}),
             "thresholds": thresholds,
             "generation": self.generation.model_dump(),
@@ -394,6 +402,12 @@ class Suite:
             return None
         return (self.path.parent / Path(self.spec.locate.judge_config).expanduser()).resolve()
 
+    def recipe_file(self, quantizer: QuantizerSpec) -> Path | None:
+        """The quantizer's ``recipe`` (method recipe), relative to the suite file."""
+        if quantizer.recipe is None:
+            return None
+        return (self.path.parent / Path(quantizer.recipe).expanduser()).resolve()
+
     def thresholds_for(self, benchmark: BenchmarkSpec) -> Thresholds:
         if benchmark.thresholds is None:
             return self.spec.thresholds
@@ -421,6 +435,7 @@ class Suite:
                             restore=self.spec.restore,
                             locate=self.spec.locate,
                             judge_config=self.judge_config(),
+                            recipe_file=self.recipe_file(quantizer),
                             suite_file=self.source,
                             tasks=tasks,
                             benchmark_index=index,
@@ -510,6 +525,44 @@ def _fail(source: str, key: str, problem: str, value: Any, *, raw: bool = False)
     raise SuiteError(f"{source}: {key}: {problem} (got {shown})")
 
 
+def _check_method_fields(source: str, key: str, q: QuantizerSpec) -> None:
+    """What the quantizer's method (its QUANT_METHODS class) requires of and forbids in its fields."""
+    method = QUANT_METHODS.get(q.method)
+    for unused in method.unused:
+        if unused in q.model_fields_set:
+            _fail(source, f"{key}.{unused}", f"not used by method {q.method} ({method.unused_because}); remove it",
+                  getattr(q, unused))
+    if method.needs_bits and q.bits is None:
+        _fail(source, f"{key}.bits", f"required for method {q.method}: one of 2, 3, 4, 8", "nothing", raw=True)
+    if method.fixed_bits is not None and q.bits is not None and q.bits != method.fixed_bits:
+        _fail(source, f"{key}.bits", f"must be {method.fixed_bits} for method {q.method} ({method.scheme})", q.bits)
+    if q.bits is not None and q.bits not in WEIGHT_BITS:
+        _fail(source, f"{key}.bits", "must be one of 2, 3, 4, 8", q.bits)
+    if method.calibrated and q.calibration is None:
+        _fail(source, f"{key}.calibration",
+              f"required for method {q.method}, e.g. {{dataset: gsm8k, samples: 64, seq_len: 512, seed: 0}}",
+              "nothing", raw=True)
+    if method.requires is not None and getattr(q, method.requires[0]) is None:
+        _fail(source, f"{key}.{method.requires[0]}", f"required for method {q.method}: {method.requires[1]}",
+              "nothing", raw=True)
+    if q.options:
+        from .quantize import QuantizeError, method_settings
+
+        try:
+            method_settings(q.method, q.options)
+        except QuantizeError as exc:
+            bad = next((k for k in q.options if repr(k) in str(exc) or f" {k} " in str(exc)), next(iter(q.options)))
+            _fail(source, f"{key}.options.{bad}", str(exc).split(": ", 1)[1].split(" (got ")[0], q.options[bad])
+    owners: dict[str, list[str]] = {}  # a field some method requires -> the methods that take it
+    for name, cls in QUANT_METHODS.items():
+        if cls.requires is not None:
+            owners.setdefault(cls.requires[0], []).append(name)
+    for taken, names in owners.items():
+        if q.method not in names and getattr(q, taken, None) is not None:
+            _fail(source, f"{key}.{taken}", f"only allowed for method {' or '.join(names)}, not {q.method}",
+                  getattr(q, taken))
+
+
 def _check_semantics(source: str, spec: SuiteSpec) -> None:
     benchmark_names = [b.name for b in spec.benchmarks]
     for i, q in enumerate(spec.quantizers):
@@ -523,34 +576,7 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
             if name in q.expect_fail_on:
                 _fail(source, f"{key}.expect_inconclusive_on[{j}]",
                       "also in expect_fail_on: a cell expects one verdict", name)
-        if q.method == "fp":
-            for field in ("bits", "group_size", "symmetric", "ignore", "calibration", "path"):
-                if field in q.model_fields_set:
-                    _fail(source, f"{key}.{field}", "not used by method fp (full precision); remove it",
-                          getattr(q, field))
-        if q.method in NEEDS_BITS and q.bits is None:
-            _fail(source, f"{key}.bits", f"required for method {q.method}: one of 2, 3, 4, 8", "nothing", raw=True)
-        if q.method == "smoothquant" and q.bits is not None and q.bits != 8:
-            _fail(source, f"{key}.bits", "must be 8 for method smoothquant (W8A8)", q.bits)
-        if q.bits is not None and q.bits not in WEIGHT_BITS:
-            _fail(source, f"{key}.bits", "must be one of 2, 3, 4, 8", q.bits)
-        if q.method in NEEDS_CALIBRATION and q.calibration is None:
-            _fail(source, f"{key}.calibration",
-                  f"required for method {q.method}, e.g. {{dataset: gsm8k, samples: 64, seq_len: 512, seed: 0}}",
-                  "nothing", raw=True)
-        if q.method == "checkpoint" and q.path is None:
-            _fail(source, f"{key}.path", "required for method checkpoint: a local directory or hub id",
-                  "nothing", raw=True)
-        if q.options:
-            from .quantize import QuantizeError, method_settings
-
-            try:
-                method_settings(q.method, q.options)
-            except QuantizeError as exc:
-                bad = next((k for k in q.options if repr(k) in str(exc) or f" {k} " in str(exc)), next(iter(q.options)))
-                _fail(source, f"{key}.options.{bad}", str(exc).split(": ", 1)[1].split(" (got ")[0], q.options[bad])
-        if q.method != "checkpoint" and q.path is not None:
-            _fail(source, f"{key}.path", f"only allowed for method checkpoint, not {q.method}", q.path)
+        _check_method_fields(source, key, q)
 
     for section in ("models", "quantizers", "benchmarks"):
         seen: dict[str, int] = {}
@@ -598,7 +624,7 @@ def _check_engines(source: str, spec: SuiteSpec) -> None:
         if name not in names:
             _fail(source, f"generation.endpoints.{name}", f"not a quantizer of this suite ({', '.join(names)})", url)
     for i, q in enumerate(spec.quantizers):
-        if q.artifact == "compressed" and q.method in ("fp", "checkpoint"):
+        if q.artifact == "compressed" and not QUANT_METHODS.get(q.method).builds:
             _fail(source, f"quantizers[{i}].artifact", f"method {q.method} builds no compressed checkpoint "
                   "(its checkpoint is evaluated as it is); remove it", q.artifact)
 
@@ -641,14 +667,18 @@ def _check_restore(source: str, spec: SuiteSpec) -> None:
         _fail(source, "restore.teacher", "must be gold, fp or endpoint:NAME (NAME from locate.judge_config)", teacher)
 
 
+def _judge_hint(name: str, configured: Sequence[str] = ()) -> str:
+    """Did-you-mean over the registered judges (``registry.JUDGES``) and ``configured``, else them all."""
+    close = JUDGES.closest(name, configured)
+    return f"did you mean {close!r}?" if close else ", ".join((*JUDGES.names(), *configured))
+
+
 def _check_locate(source: str, spec: SuiteSpec) -> None:
-    from .judges import ARITH, RULE
     from .locate import LocateError, Policy, validate_thresholds
 
-    builtin = (RULE, ARITH)
     for j, name in enumerate(spec.locate.judges):
-        if name not in builtin and spec.locate.judge_config is None:
-            _fail(source, f"locate.judges[{j}]", f"not a built-in judge ({', '.join(builtin)}); "
+        if name not in JUDGES and spec.locate.judge_config is None:
+            _fail(source, f"locate.judges[{j}]", f"not a built-in judge ({_judge_hint(name)}); "
                   "LLM judges need locate.judge_config", name)
     try:
         Policy.from_dict(spec.locate.policy)
@@ -827,14 +857,20 @@ def _yaml_message(source: str, exc: yaml.YAMLError, text: str) -> str:
 
 def check_references(suite: Suite) -> None:
     """What the schema cannot see but collection must: every benchmark's ``task`` is a known
-    lm-eval task (did-you-mean), and ``locate.judge_config`` is a readable, valid judge file.
+    lm-eval task (did-you-mean), every quantizer's ``recipe`` is a file, and
+    ``locate.judge_config`` is a readable, valid judge file that configures every
+    ``locate.judges`` name no judge is registered under (did-you-mean).
     Found here, a typo costs one line at collection instead of a traceback after evaluation."""
-    from .judges import load_judge_settings
+    from .locate.judges import load_judge_settings
     from .measure import check_task, known_tasks
 
     for key, given, folder in suite.task_folders():
         if not folder.is_dir():
             _fail(suite.source, key, f"no such lm-eval task folder ({folder})", given)
+    for i, quantizer in enumerate(suite.quantizers):
+        recipe = suite.recipe_file(quantizer)
+        if recipe is not None and not recipe.is_file():
+            _fail(suite.source, f"quantizers[{i}].recipe", f"no such file ({recipe})", quantizer.recipe)
     known = known_tasks(suite.task_source())
     for i, benchmark in enumerate(suite.benchmarks):
         check_task(benchmark.task, f"{suite.source}: benchmarks[{i}].task", known)
@@ -844,6 +880,10 @@ def check_references(suite: Suite) -> None:
         if not judge_config.is_file():
             _fail(suite.source, "locate.judge_config", f"no such file ({judge_config})", given)
         try:
-            load_judge_settings(judge_config)
+            settings = load_judge_settings(judge_config)
         except QmrError as exc:
             _fail(suite.source, "locate.judge_config", str(exc), given)
+        for j, name in enumerate(suite.spec.locate.judges):
+            if name not in JUDGES and name not in settings.judges:
+                _fail(suite.source, f"locate.judges[{j}]", f"neither a built-in judge nor one of {given} "
+                      f"({_judge_hint(name, tuple(settings.judges))})", name)

@@ -10,9 +10,10 @@ from fractions import Fraction
 
 import pytest
 
-from pytest_qmr import arith, rule_judge
+from pytest_qmr import arith
 from pytest_qmr.arith import ArithProblem, ArithStep
-from pytest_qmr.arith_labeller import compute, label, processbench_f1
+from pytest_qmr.locate.judges import rule as rule_judge
+from pytest_qmr.locate.judges.arith import compute, label, processbench_f1
 from pytest_qmr.steps import cut_before, segment
 
 # 12 + 5 = 17, 17 * 2 = 34, 34 - 4 = 30

@@ -66,14 +66,14 @@ def one_line(text: str) -> str:
 def test_every_error_raised_on_purpose_is_a_qmr_error():
     from pytest_qmr.baselines import BaselineError
     from pytest_qmr.calibration import CalibrationError
-    from pytest_qmr.judges import JudgeFileError
+    from pytest_qmr.locate.judges import JudgeFileError
     from pytest_qmr.locate import LocateError
     from pytest_qmr.models import ModelError
     from pytest_qmr.plugin import CellFailed, CellInconclusive, GateFailed, ProfileViolated, RestoreFailed
     from pytest_qmr.quantize import QuantizeError
     from pytest_qmr.report import ReportError
     from pytest_qmr.restore import RestoreError
-    from pytest_qmr.review import ReviewError
+    from pytest_qmr.locate.review import ReviewError
     from pytest_qmr.suite import SuiteError
     from pytest_qmr.tasks.utils import DataError
 
@@ -682,7 +682,7 @@ def test_qmr_compare_two_real_runs(repo_root, data_dir, cache_dir, lab_model, tm
 
 def test_non_utf8_calibration_data_and_review_manifest_name_their_file(tmp_path):
     from pytest_qmr.calibration import CalibrationError, _gsm8k_rows
-    from pytest_qmr.review import MANIFEST, ReviewError, import_reviews
+    from pytest_qmr.locate.review import MANIFEST, ReviewError, import_reviews
 
     (tmp_path / "gsm8k").mkdir()
     train = tmp_path / "gsm8k" / "train.jsonl"

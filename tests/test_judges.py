@@ -20,9 +20,10 @@ import pytest
 
 from pytest_qmr import cli
 
-from pytest_qmr import judges
-from pytest_qmr.judges import (Case, JudgeConfig, JudgeFileError, JudgeOutputError, LocalJudge, OpenAIJudge,
-                               RuleJudge, build_messages, parse_judge_settings, parse_verdict, redact)
+from pytest_qmr.locate import judges
+from pytest_qmr.locate.judges import (Case, JudgeConfig, JudgeFileError, JudgeOutputError, LocalJudge,
+                                      OpenAIJudge, RuleJudge, build_messages, parse_judge_settings, parse_verdict,
+                                      redact)
 
 FAKE_KEY = "sk-qmrtest-ZX9Q-distinctive-7c1e5a0b44"
 KEY_ENV = "QMR_TEST_JUDGE_KEY"

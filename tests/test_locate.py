@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from pytest_qmr import cli, locate
-from pytest_qmr.judges import Vote
+from pytest_qmr.locate.judges import Vote
 from pytest_qmr.locate import (LocateError, Policy, check_profile, decide, error_profile, import_reviews,
                                regression_set, write_review_queue)
 from pytest_qmr.records import SampleRecord
-from pytest_qmr.review import ReviewError, case_dir_name, select_cases
+from pytest_qmr.locate.review import ReviewError, case_dir_name, select_cases
 
 
 def V(judge, t="computational_error", step=2, status=None, **kw):
@@ -165,7 +165,7 @@ ROWS = [
 
 
 def test_locate_rows_in_order_with_all_output_fields():
-    from pytest_qmr.judges import RuleJudge
+    from pytest_qmr.locate.judges import RuleJudge
 
     gpt = _ScriptedJudge("gpt", {"r1": V("x", step=2), "r2": V("x", "procedural_error", 1), "r3": U("x")},
                          delay={"r1": 0.2})
@@ -200,7 +200,7 @@ def test_locate_rows_in_order_with_all_output_fields():
     (ROWS, ["rule"], Policy("rule-only", primary="gpt"), "primary judge 'gpt'"),
 ])
 def test_locate_input_errors(rows, judges, policy, fragment):
-    from pytest_qmr.judges import RuleJudge
+    from pytest_qmr.locate.judges import RuleJudge
 
     with pytest.raises(LocateError, match=fragment):
         locate.locate(rows, [RuleJudge()], policy)
@@ -492,7 +492,7 @@ def test_cli_resumes_from_partial(tmp_path):
 def test_locate_cell_with_the_arith_labeller_and_rule_judge():
     """A cell's regressions judged by the exact arith labeller (primary) and the rule judge."""
     from pytest_qmr import arith
-    from pytest_qmr.judges import ArithJudge, RuleJudge
+    from pytest_qmr.locate.judges import ArithJudge, RuleJudge
     from pytest_qmr.locate import error_profile, locate_cell
 
     problems = [p for p in arith.generate("test", 500, 0) if len(p.steps) >= 3][:3]

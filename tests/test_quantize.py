@@ -300,7 +300,7 @@ def test_interrupted_quantization_leaves_no_entry(tiny_model, tmp_path, monkeypa
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash while saving")
 
-    monkeypatch.setattr(qz, "_save_compressed", crash)
+    monkeypatch.setattr(qz.build, "_save_compressed", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         quantize(*tiny_model, spec, tmp_path)
     quantized = tmp_path / "quantized"

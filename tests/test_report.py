@@ -21,7 +21,7 @@ from pytest_qmr import report as rp
 from pytest_qmr.cli import report as cli_report
 from pytest_qmr.fsutil import atomic_write_text
 from pytest_qmr.gate import evaluate_gate
-from pytest_qmr.judges import build_judges
+from pytest_qmr.locate.judges import build_judges
 from pytest_qmr.locate import error_profile, locate_cell
 from pytest_qmr.records import CellResult, SampleRecord
 from pytest_qmr.restore import RestoreResult

@@ -24,7 +24,7 @@ pytest.importorskip("trl")
 
 from pytest_qmr import arith, models, restore  # noqa: E402
 from pytest_qmr.cli import main  # noqa: E402
-from pytest_qmr.judges import JudgeConfig  # noqa: E402
+from pytest_qmr.locate.judges import JudgeConfig  # noqa: E402
 from pytest_qmr.restore import (  # noqa: E402
     EndpointTeacher, GoldTeacher, LeakageError, ModelTeacher, PreferencePair, RestoreConfig, RestoreError,
     RestoreResult, TrainProblem,

@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from pytest_qmr import rule_judge
-from pytest_qmr.rule_judge import check_text, judge
+from pytest_qmr.locate.judges import rule as rule_judge
+from pytest_qmr.locate.judges.rule import check_text, judge
 from pytest_qmr.steps import segment
 
 

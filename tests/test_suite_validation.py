@@ -120,7 +120,8 @@ CASES = {
     ),
     "bad enum method": (
         lambda d: d["quantizers"][1].update(method="rtnn"),
-        "quantizers[1].method: must be one of fp, rtn, gptq, awq, smoothquant, checkpoint (got 'rtnn')",
+        "quantizers[1].method: must be one of fp, rtn, gptq, awq, smoothquant, checkpoint, recipe, "
+        "did you mean 'rtn'? (got 'rtnn')",
     ),
     "bad enum backend": (
         lambda d: d["generation"].update(backend="tgi"),

@@ -110,13 +110,13 @@ def _quantize_after_barrier(model: str, fingerprint: str, root: str, barrier, bu
     from pytest_qmr import quantize as qz
     from pytest_qmr.fsutil import append_jsonl
 
-    real_build = qz._build
+    real_build = qz.build._build
 
     def counted_build(*args, **kwargs):
         append_jsonl(builds_log, [{"pid": os.getpid()}])
         return real_build(*args, **kwargs)
 
-    qz._build = counted_build
+    qz.build._build = counted_build
     barrier.wait(timeout=300)  # everyone asks at the same moment
     result = qz.quantize(Path(model), fingerprint, qz.QuantSpec(method="rtn", bits=4, group_size=32), Path(root))
     return {"hit": result.info["cache_hit"], "path": str(result.path), "sha": result.info.get("files")}

@@ -34,21 +34,31 @@ stage uses) is checked as if it were step ``len(steps) + 1`` whose operand must 
 response that answers before the last gold step skipped steps (even when they would have
 cancelled out, as ``* 2`` then ``/ 2`` do). A correct final answer with no faulty step is
 ``"correct"``, also when the gold steps it did not write as equations may be prose steps.
+
+As a Locate voter (:class:`ArithJudge`, registered as ``arith``) the label is ground truth for
+``qmr_arith`` cases: an error at its step and type, or no error, with confidence 1.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
 import sympy
 
-from pytest_qmr import answers, rule_judge, taxonomy
-from pytest_qmr.arith import ArithProblem
+from pytest_qmr import answers, taxonomy
+from pytest_qmr.arith import ArithProblem, generate
+from pytest_qmr.registry import JUDGES
 from pytest_qmr.steps import segment
+
+from . import rule
+from .base import NO_ERROR, Case, InlineJudge, Vote
+
+ARITH = "arith"  # the exact labeller of the CPU lab benchmark
 
 COMMUTATIVE = ("+", "*")
 STATUSES = ("correct", "error", "format_collapse")
@@ -97,7 +107,7 @@ def parse_step(text: str) -> tuple[str, list[Operation]]:
     """("ops", operations) | ("garbled", []) | ("prose", []) for one step's text."""
     operations: list[Operation] = []
     other = 0
-    for eq in rule_judge.equalities(text):
+    for eq in rule.equalities(text):
         left, right = eq.left.tokens, eq.right.tokens
         binary = (len(left) == 3 and left[0].kind == "num" and left[1].kind == "op" and left[1].text in "+-*/"
                   and left[2].kind == "num" and not any(t.percent for t in left))
@@ -109,7 +119,7 @@ def parse_step(text: str) -> tuple[str, list[Operation]]:
             other += 1
     if operations and not other:
         return "ops", operations
-    tokens = rule_judge.tokenize(rule_judge.normalise(text))
+    tokens = rule.tokenize(rule.normalise(text))
     has_math = any(t.kind == "eq" for t in tokens) or any(
         a.kind == "num" and b.kind == "op" and c.kind == "num"
         for a, b, c in zip(tokens, tokens[1:], tokens[2:], strict=False)
@@ -295,3 +305,32 @@ def processbench_f1(predictions: Sequence[int], labels: Sequence[int]) -> Proces
     else:
         f1 = 2 * error_acc * correct_acc / (error_acc + correct_acc)
     return ProcessBenchScore(error_acc, correct_acc, f1, len(err), len(ok))
+
+
+@JUDGES.register(ARITH)
+class ArithJudge(InlineJudge):
+    """Ground truth for ``qmr_arith`` cases: the exact labeller (:func:`label`).
+
+    Cases are matched to problems by id (``arith-<split>-<hash>``); any other case, and a
+    response whose format collapsed (no checkable step; not a taxonomy type), is an abstention.
+    """
+
+    name = ARITH
+
+    def __init__(self, n: int = 500, seed: int = 0):
+        self._problems = {p.id: p for split in ("test", "train") for p in generate(split, n, seed)}
+
+    def judge(self, case: Case) -> Vote:
+        problem = self._problems.get(case.id)
+        if problem is None:
+            return Vote(ARITH, "abstain", reason="not a qmr_arith problem", attempts=1)
+        t0 = time.perf_counter()
+        got = label(problem, case.response)
+        took = time.perf_counter() - t0
+        if got.status == "error":
+            return Vote(ARITH, "error", got.first_error_step, got.primary_error_type, got.explanation,
+                        1.0, attempts=1, latency_s=took)
+        if got.status == "correct":
+            return Vote(ARITH, NO_ERROR, explanation=got.explanation, confidence_score=1.0, attempts=1,
+                        latency_s=took)
+        return Vote(ARITH, "abstain", explanation=got.explanation, reason=got.status, attempts=1, latency_s=took)

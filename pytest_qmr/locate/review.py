@@ -31,11 +31,11 @@ from typing import Any
 
 from jinja2 import DictLoader, Environment
 
-from .errors import QmrError
-from . import taxonomy
-from .fsutil import atomic_write_json, atomic_write_text
+from .. import taxonomy
+from ..errors import QmrError
+from ..fsutil import atomic_write_json, atomic_write_text
+from ..steps import segment
 from .judges import NO_ERROR, TYPE_DEFINITIONS, JudgeOutput
-from .steps import segment
 
 VERDICT_FILE = "human_verdict.json"
 MANIFEST = "queue.json"

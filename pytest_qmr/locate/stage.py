@@ -10,7 +10,7 @@ two lists of :class:`~pytest_qmr.records.SampleRecord`. Output rows are the inpu
   proposal, which is NOT final: only ``accepted`` and ``human`` rows are);
 - ``status``: ``accepted`` / ``escalated`` / ``unjudged`` (``human`` after a review import),
   ``reason`` (why), ``agreement`` (share of voters that agree with the verdict), ``verdict_by``;
-- ``votes``: every judge's :class:`~pytest_qmr.judges.Vote` as a dict, by judge name;
+- ``votes``: every judge's :class:`~pytest_qmr.locate.judges.Vote` as a dict, by judge name;
 - ``n_steps``, ``policy``.
 
 Policies (:class:`Policy`), over the LLM judges' votes plus, with ``rule_vote`` on (the
@@ -33,7 +33,6 @@ A row is ``unjudged`` when no judge gave a verdict at all.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -41,15 +40,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
-from .errors import QmrError
-from . import taxonomy
-from .fsutil import atomic_write_jsonl, read_jsonl_strict
-from .judges import NO_ERROR, RULE, Case, Vote, build_judges, load_judge_settings
-from .records import SampleRecord
-from .review import ReviewError, import_reviews, write_review_queue  # noqa: F401  (re-exported)
+from .. import taxonomy
+from ..errors import QmrError
+from ..records import SampleRecord
+from .judges import NO_ERROR, RULE, Case, Judge, Vote
 
 POLICIES = ("paper", "majority", "unanimous", "rule-only")
 FINAL_STATUSES = ("accepted", "human")
@@ -175,14 +171,15 @@ def decide(votes: Mapping[str, Vote], policy: Policy) -> Decision:
                       summary + ("" if ok else f" ({policy.name} needed)"))
 
 
-def default_policy(judges: Sequence[Any]) -> Policy:
+def default_policy(judges: Sequence[Judge]) -> Policy:
     return Policy("paper" if any(j.name != RULE for j in judges) else "rule-only")
 
 
 # --------------------------------------------------------------------------------- the stage
 
 
-def _validate_rows(rows: Sequence[Mapping[str, Any]]) -> None:
+def validate_rows(rows: Sequence[Mapping[str, Any]]) -> None:
+    """LocateError (one line, naming the row) for a row that is not an object, lacks a field or repeats an id."""
     seen: set[str] = set()
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
@@ -235,7 +232,7 @@ _OUTPUT_KEYS = {"n_steps", "first_error_step", "primary_error_type", "category",
                 "pre_review_status", "human_review"}
 
 
-def locate(rows: Sequence[Mapping[str, Any]], judges: Sequence[Any], policy: Policy | None = None, *,
+def locate(rows: Sequence[Mapping[str, Any]], judges: Sequence[Judge], policy: Policy | None = None, *,
            previous: Mapping[str, Mapping[str, Any]] | None = None,
            on_row: Callable[[dict[str, Any]], None] | None = None, progress: bool = False) -> list[dict[str, Any]]:
     """Judge every row with every judge and decide with ``policy``; rows come back in input order.
@@ -247,7 +244,7 @@ def locate(rows: Sequence[Mapping[str, Any]], judges: Sequence[Any], policy: Pol
     """
     if not judges:
         raise LocateError("no judges given")
-    _validate_rows(rows)
+    validate_rows(rows)
     policy = policy or default_policy(judges)
     names = [j.name for j in judges]
     if policy.name == "rule-only" and RULE not in names:
@@ -300,7 +297,7 @@ def locate(rows: Sequence[Mapping[str, Any]], judges: Sequence[Any], policy: Pol
 
 
 def locate_cell(fp_items: Mapping[str, Mapping[str, Any]], quant_samples: Sequence[SampleRecord],
-                judges: Sequence[Any], policy: Policy | None = None) -> list[dict[str, Any]]:
+                judges: Sequence[Judge], policy: Policy | None = None) -> list[dict[str, Any]]:
     """Judged regression rows of one cell: FP side from the baseline's items (``correct``, ``response``)."""
     fp = [SampleRecord(item_id, int(v.get("doc_index", 0)), "", str(v.get("response", "")), v.get("extracted"), "",
                        bool(v.get("correct"))) for item_id, v in fp_items.items()]
@@ -494,13 +491,6 @@ def check_profile(profile: Mapping[str, Any], thresholds: Mapping[str, Any]) -> 
     return messages
 
 
-# --------------------------------------------------------------------------------- CLI
-
-
-def _summary(rows: Sequence[Mapping[str, Any]]) -> str:
-    return profile_summary(error_profile(rows))
-
-
 def profile_summary(p: Mapping[str, Any]) -> str:
     """One line for terminals and failure messages."""
     st = p["status"]
@@ -512,117 +502,3 @@ def profile_summary(p: Mapping[str, Any]) -> str:
             + f"; located {p['n_located']} ({cats}); no error {p['no_error']['count']}"
             + (f"; median first error step {med:g}" if med is not None else "")
             + (f"; judge agreement {agree:.0%} of {p['judges']['n_compared']}" if agree is not None else ""))
-
-
-def _cmd_judge(args: argparse.Namespace) -> int:
-    from .answers import KINDS, extract_answer, is_equivalent
-    from .fsutil import append_jsonl, read_jsonl
-
-    if args.kind not in KINDS:
-        raise LocateError(f"--kind must be one of {', '.join(KINDS)}")
-    rows = read_jsonl_strict(args.input, LocateError)
-    _validate_rows(rows)
-    if not args.all:
-        total = len(rows)
-        rows = [r for r in rows
-                if not is_equivalent(extract_answer(r["response"], args.kind), str(r["gold_answer"]), args.kind)]
-        print(f"qmr judge: {len(rows)} of {total} rows have a wrong answer ({args.kind}); "
-              f"{total - len(rows)} right ones skipped (--all judges them)", file=sys.stderr)
-    settings = load_judge_settings(args.judge_config) if args.judge_config else None
-    names = [n for n in args.judges.split(",") if n.strip()]
-    judges = build_judges(names, settings)
-    policy_data = dict(settings.policy) if settings else {}
-    if settings and settings.primary and "primary" not in policy_data:
-        policy_data["primary"] = settings.primary
-    if args.policy:
-        policy_data["name"] = args.policy
-    if args.primary:
-        policy_data["primary"] = args.primary
-    if args.no_rule_vote:
-        policy_data["rule_vote"] = False
-    policy_data.setdefault("name", default_policy(judges).name)
-    if not args.primary and policy_data.get("primary") not in (None, *names):
-        del policy_data["primary"]  # the config's primary is not among --judges: first LLM judge leads
-    policy = Policy.from_dict(policy_data)
-
-    out = Path(args.out)
-    partial = out.with_name(out.name + ".partial")
-    previous = {}
-    if partial.exists() and not args.fresh:
-        previous = {str(r.get("id")): r for r in read_jsonl(partial)}
-        print(f"qmr judge: resuming, {len(previous)} rows' votes from {partial}", file=sys.stderr)
-    elif partial.exists():
-        partial.unlink()
-    try:
-        judged = locate(rows, judges, policy, previous=previous, on_row=lambda r: append_jsonl(partial, [r]),
-                        progress=not args.no_progress)
-    finally:
-        for j in judges:
-            j.close()
-    atomic_write_jsonl(out, judged)
-    partial.unlink(missing_ok=True)
-    Path(str(partial) + ".lock").unlink(missing_ok=True)
-    print(f"qmr judge: {_summary(judged)} -> {out}", file=sys.stderr)
-    if args.profile:
-        from .fsutil import atomic_write_json
-
-        atomic_write_json(args.profile, error_profile(judged))
-    if args.review_dir:
-        cases = write_review_queue(judged, args.review_dir, audit_rate=args.audit_rate, seed=args.seed)
-        print(f"qmr judge: review queue of {len(cases)} cases -> {Path(args.review_dir) / 'index.html'}",
-              file=sys.stderr)
-    return 0
-
-
-def _cmd_review_build(args: argparse.Namespace) -> int:
-    rows = read_jsonl_strict(args.judged, LocateError)
-    cases = write_review_queue(rows, args.out, audit_rate=args.audit_rate, seed=args.seed)
-    print(f"qmr review: {len(cases)} cases -> {Path(args.out) / 'index.html'}", file=sys.stderr)
-    return 0
-
-
-def _cmd_review_import(args: argparse.Namespace) -> int:
-    rows = read_jsonl_strict(args.judged, LocateError)
-    merged = import_reviews(args.queue, rows)
-    atomic_write_jsonl(args.out, merged)
-    n = sum(r.get("status") == "human" for r in merged) - sum(r.get("status") == "human" for r in rows)
-    print(f"qmr review: {n} human verdicts merged; {_summary(merged)} -> {args.out}", file=sys.stderr)
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register ``qmr judge`` and ``qmr review {build,import}``."""
-    p = subparsers.add_parser("judge",
-                              help="locate the first faulty step of failed solutions with an ensemble of judges")
-    p.add_argument("--input", required=True,
-                   help="traces.jsonl: id, problem, response, gold_answer[, reference_response]")
-    p.add_argument("--judges", default=RULE, help="comma-separated: rule and judge names from --judge-config")
-    p.add_argument("--judge-config", default=None, help="judges.yaml (endpoints, models, api_key_env, retries)")
-    p.add_argument("--out", required=True, help="judged.jsonl")
-    p.add_argument("--all", action="store_true", help="judge every row, not only rows with a wrong answer")
-    p.add_argument("--kind", default="number", help="answer kind for picking wrong rows: number, latex, choice")
-    p.add_argument("--policy", default=None, choices=POLICIES,
-                   help="ensemble policy (default: paper with an LLM judge, rule-only without)")
-    p.add_argument("--primary", default=None, help="primary judge of the paper policy (default: first LLM judge)")
-    p.add_argument("--no-rule-vote", action="store_true", help="do not count rule-judge errors as votes")
-    p.add_argument("--review-dir", default=None, help="write a human review queue here")
-    p.add_argument("--audit-rate", type=float, default=0.02, help="share of accepted cases sampled for audit")
-    p.add_argument("--seed", type=int, default=0, help="seed of the audit sample")
-    p.add_argument("--profile", default=None, help="write the error profile (JSON) here")
-    p.add_argument("--fresh", action="store_true", help="ignore votes saved by an interrupted run")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_judge)
-
-    r = subparsers.add_parser("review", help="human review queue: build it, import filled-in verdicts")
-    rsub = r.add_subparsers(dest="review_command", required=True)
-    b = rsub.add_parser("build", help="write the review queue of a judged.jsonl")
-    b.add_argument("--judged", required=True)
-    b.add_argument("--out", required=True, help="queue directory")
-    b.add_argument("--audit-rate", type=float, default=0.02)
-    b.add_argument("--seed", type=int, default=0)
-    b.set_defaults(func=_cmd_review_build)
-    i = rsub.add_parser("import", help="merge filled human_verdict.json files into judged rows")
-    i.add_argument("--queue", required=True, help="queue directory")
-    i.add_argument("--judged", required=True, help="judged.jsonl the queue was built from")
-    i.add_argument("--out", required=True, help="merged judged.jsonl")
-    i.set_defaults(func=_cmd_review_import)

@@ -32,16 +32,26 @@ small pipeline:
 The verdict is "error" (first step with a false equality, reported as ``computational_error``),
 "no_error_found" (every checked equality holds; ``checked`` counts them) or "no_verdict" (nothing
 checkable was found: the judge does not guess).
+
+As a Locate voter (:class:`RuleJudge`, registered as ``rule``) it only ever reports
+``computational_error``; when it finds no false equality it abstains rather than clearing the
+response (no evidence about the other six types).
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 import sympy
 
 from pytest_qmr import steps as steps_mod
+from pytest_qmr.registry import JUDGES
+
+from .base import Case, InlineJudge, Vote
+
+RULE = "rule"
 
 # ---------------------------------------------------------------------------------------------
 # 1. normalisation
@@ -569,3 +579,23 @@ def judge(response: str) -> RuleVerdict:
         return RuleVerdict("no_verdict", explanation="no checkable equality found", steps_checked=steps_checked)
     return RuleVerdict("no_error_found", explanation=f"all {checked} checked equalities hold", checked=checked,
                        steps_checked=steps_checked)
+
+
+@JUDGES.register(RULE)
+class RuleJudge(InlineJudge):
+    """The sympy arithmetic judge as a voter (never unjudged, never raises)."""
+
+    name = RULE
+
+    def judge(self, case: Case) -> Vote:
+        t0 = time.perf_counter()
+        try:
+            verdict = judge(case.response)  # the module's checker
+        except Exception as exc:  # noqa: BLE001
+            return Vote(RULE, "unjudged", reason=f"rule judge failed ({type(exc).__name__})", attempts=1)
+        took = time.perf_counter() - t0
+        if verdict.status == "error":
+            return Vote(RULE, "error", verdict.first_error_step, verdict.primary_error_type, verdict.explanation,
+                        None, attempts=1, latency_s=took)
+        return Vote(RULE, "abstain", explanation=verdict.explanation, reason=verdict.status, attempts=1,
+                    latency_s=took)

@@ -1,0 +1,21 @@
+"""The Locate stage: for each item the FP model solved and the quantized model failed, the first
+faulty step of the quantized solution and its error type, decided by an ensemble of judges.
+
+- :mod:`.stage`: the stage itself (regression set, running the judges, the voting policies, the
+  error profile and its thresholds);
+- :mod:`.judges`: the judges, one module per built-in judge, registered in
+  :data:`pytest_qmr.registry.JUDGES`, and the LLM judges of a judge config file;
+- :mod:`.review`: the human review queue (write it, import the filled-in verdicts).
+
+``qmr judge`` and ``qmr review`` are in :mod:`pytest_qmr.cli.locate`.
+"""
+
+from .review import ReviewError, import_reviews, write_review_queue
+from .stage import (BIN_LABELS, FINAL_STATUSES, POLICIES, ROW_FIELDS, Decision, LocateError, Policy,
+                    check_profile, decide, default_policy, error_profile, locate, locate_cell, output_row,
+                    profile_summary, redecide, regression_set, validate_rows, validate_thresholds)
+
+__all__ = ["BIN_LABELS", "FINAL_STATUSES", "POLICIES", "ROW_FIELDS", "Decision", "LocateError", "Policy",
+           "ReviewError", "check_profile", "decide", "default_policy", "error_profile", "import_reviews",
+           "locate", "locate_cell", "output_row", "profile_summary", "redecide", "regression_set",
+           "validate_rows", "validate_thresholds", "write_review_queue"]
