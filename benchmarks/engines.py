@@ -103,7 +103,7 @@ def run(limit: int) -> dict:
                     continue
                 rows = samples(result)
                 if tokenizer is None:
-                    tokenizer = AutoTokenizer.from_pretrained(str(session._contexts[result.cell_id].fp.path))
+                    tokenizer = AutoTokenizer.from_pretrained(str(session.contexts[result.cell_id].fp.path))
                 startup = session._servers.current.startup_seconds if backend == "vllm" else 0.0
                 generate_s = result.seconds["evaluate"] - startup
                 if name == "fp" and backend == "hf":  # the FP run is the baseline's, made in that stage

@@ -336,7 +336,7 @@ def align_seconds(model: str) -> dict:
 def machine() -> dict:
     import torch
 
-    from pytest_qmr.session import library_versions
+    from pytest_qmr.pipeline import library_versions
 
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),

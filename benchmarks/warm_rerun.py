@@ -68,7 +68,7 @@ def prepare_checkpoints(cache_dir: Path, data_dir: Path) -> None:
     cached, as every rerun of a CI gate does, so cold is what a rerun costs today."""
     from pytest_qmr import models
     from pytest_qmr.quantize import quantize
-    from pytest_qmr.session import quant_spec
+    from pytest_qmr.pipeline import quant_spec
     from pytest_qmr.suite import load_suite
 
     for cell in load_suite(REPO / "suites" / "smoke.yaml").cells():

@@ -61,7 +61,9 @@ class DefaultRestore:
 
     @pytest.hookimpl(trylast=True)
     def pytest_qmr_restore(self, cell, result, records, context):
-        return self.session.restore_cell(cell, result, records, context)
+        from .restore_cell import restore_cell
+
+        return restore_cell(self.session, cell, result, records, context)
 
 
 @pytest.fixture
@@ -295,8 +297,7 @@ class CellItem(pytest.Item):
                 self.user_properties.append((f"qmr_{key}", getattr(result.gate, key)))
         if result.outcome == "not_servable":
             raise CellNotServable(result.notes[0])
-        for title, text in session.report_sections(result):
-            self.add_report_section("call", title, text)
+        self.add_report_section("call", "qmr", cell_section(result))
         shortfall = (result.restore or {}).get("shortfall")
         if shortfall:  # not a CellFailed: a suite that expects the cell to regress still needs the repair
             raise RestoreFailed(shortfall)
@@ -310,6 +311,38 @@ class CellItem(pytest.Item):
 
     def reportinfo(self):
         return self.path, None, f"qmr cell {self.cell.id}"
+
+
+def cell_section(result: CellResult) -> str:
+    """The cell's terminal section: verdict, notes, error profile, Restore, cache, records, seconds."""
+    from .locate import profile_summary
+
+    lines = [result.gate.summary()] if result.gate else []
+    lines += result.notes
+    if result.reused:
+        lines.append("reused from --qmr-resume (inputs unchanged)")
+    elif result.recomputed:
+        lines.append(f"recomputed despite --qmr-resume: {result.recomputed}")
+    if result.error_profile is not None:
+        lines.append("error profile: " + profile_summary(result.error_profile))
+    lines += [f"error profile threshold violated: {v}" for v in result.profile_violations]
+    r = result.restore or {}
+    if r.get("error"):
+        lines.append(f"restore: {r['error']}")
+    elif r.get("restored_acc") is not None:
+        recovered = "" if r.get("recovered") is None else f", recovered {r['recovered']:.0%} of the loss"
+        lines.append(f"restore: FP {r['fp_acc']:.3f} -> quantized {r['quant_acc']:.3f} -> restored "
+                     f"{r['restored_acc']:.3f} (McNemar vs quantized p={r['p_value']:.3g}{recovered}; "
+                     f"{r['pairs']} {r['variant']} pairs from the {r['teacher']} teacher, {r['steps']} DPO steps, "
+                     f"{r['minutes']:.1f} min)")
+    cached = [f"{stage} {c['items_from_cache']}/{c['items']}" for stage, c in result.cache.items()
+              if isinstance(c, dict) and c.get("items")]
+    if cached:
+        lines.append("from the generation cache (items): " + ", ".join(cached)
+                     + ("" if result.cache.get("enabled", True) else " (--qmr-no-cache)"))
+    lines.append(f"samples: {result.samples_path}")
+    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    return "\n".join(lines)
 
 
 def _failure(result: CellResult) -> CellFailed:

@@ -165,7 +165,7 @@ def test_openai_backend_matches_hf_item_by_item(lab_model, data_dir, cache_dir, 
     assert result.accuracy == sum(r.correct for r in local) / N_ITEMS
 
     # consecutive cells of the same checkpoint reuse the server
-    session._evaluator(lab_model.path, cell)
+    session.evaluator(lab_model.path, cell)
     assert pool.started == 1 and pool.current is server
 
     # the per-server key is required and never on the command line
@@ -181,7 +181,7 @@ def test_openai_backend_matches_hf_item_by_item(lab_model, data_dir, cache_dir, 
     # a user-given endpoint (QMR_OPENAI_BASE_URL / QMR_OPENAI_API_KEY) is used as is: no new server
     monkeypatch.setenv(backends.BASE_URL_ENV, server.url.replace("/v1/chat/completions", ""))
     monkeypatch.setenv(backends.API_KEY_ENV, server.api_key)
-    again = session._evaluator(lab_model.path, cell).run("qmr_arith", indices=[served[0].doc_index])
+    again = session.evaluator(lab_model.path, cell).run("qmr_arith", indices=[served[0].doc_index])
     assert pool.started == 1 and again[0].response == served[0].response
 
     assert not [f for f in (tmp_path / "run").rglob("*") if f.is_file() and server.api_key in f.read_text()]

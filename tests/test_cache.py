@@ -52,7 +52,7 @@ def _session(tmp_path: Path, generations: Path, use_cache: bool = True):
 
 def _run(session, path: Path, cell):
     """The cell's first items through the session's cached evaluator: (records, stats, model loaded?)."""
-    evaluator = session._evaluator(path, cell)
+    evaluator = session.evaluator(path, cell)
     records = evaluator.run(cell.benchmark.task, indices=list(range(N_ITEMS)), seed=cell.benchmark.seed)
     return records, evaluator.lm.stats, bool(session._loaded)
 

@@ -27,6 +27,7 @@ from pytest_qmr.errors import QmrError
 from pytest_qmr.fsutil import sha256_text
 from pytest_qmr.measure import ExpectedItem
 from pytest_qmr.records import CellResult, GateResult
+from pytest_qmr.plugin import cell_section
 from pytest_qmr.session import QmrSession
 from pytest_qmr.suite import load_suite
 
@@ -258,7 +259,7 @@ def test_a_baseline_that_no_longer_describes_the_cell_fails_before_generation(
     path.write_text(json.dumps(data))
     before = path.read_bytes()
     session = _session(tmp_path, committed_baselines, data_dir, cache_dir)
-    monkeypatch.setattr(session, "_evaluate", lambda *a, **k: pytest.fail("generated before checking the baseline"))
+    monkeypatch.setattr(session, "evaluate", lambda *a, **k: pytest.fail("generated before checking the baseline"))
     with pytest.raises(bl.BaselineError) as excinfo:
         session.run_cell(_cell(tmp_path, data_dir))
     message = one_line(str(excinfo.value))
@@ -271,7 +272,9 @@ def test_the_committed_baselines_describe_their_cells(repo_root, data_dir, cache
     """The identity check accepts the real baselines (the same prompts lm-eval will build)."""
     session = _session(tmp_path, repo_root / "baselines", data_dir, cache_dir)
     committed = json.loads((repo_root / "baselines" / MODEL / "arith.json").read_text())["n"]
-    assert session.fp_baseline(_cell(tmp_path, data_dir), lab_model).n == committed
+    from pytest_qmr.pipeline import fp_baseline
+
+    assert fp_baseline(session, _cell(tmp_path, data_dir), lab_model).n == committed
 
 
 def test_limit_above_the_dataset_names_its_size(committed_baselines, data_dir, cache_dir, lab_model, tmp_path):
@@ -557,7 +560,7 @@ def test_resume_reuses_only_what_the_suite_did_not_change(repo_root, data_dir, c
     assert not result.reused and result.n == 5
     assert result.recomputed == "inputs changed: spec.benchmark.limit 4 -> 5"
     assert "recomputed despite --qmr-resume: inputs changed: spec.benchmark.limit 4 -> 5" in \
-        changed.report_sections(result)[0][1]
+        cell_section(result)
     # a corrupt record is recomputed, not trusted and not a crash
     record = tmp_path / "run" / "cells" / result.cell_id / "result.json"
     record.write_text("{")
@@ -627,7 +630,9 @@ def test_samples_are_on_disk_before_locate_runs(repo_root, data_dir, cache_dir, 
     def locate_fails(*args, **kwargs):
         raise LocateError("judge 'grader': endpoint gone")
 
-    monkeypatch.setattr(session, "_locate", locate_fails)
+    from pytest_qmr import pipeline
+
+    monkeypatch.setattr(pipeline, "locate_cell", locate_fails)
     with pytest.raises(LocateError):
         session.run_cell(cell)
     samples = (tmp_path / "run" / "cells" / cell.id / "samples.jsonl").read_text().splitlines()

@@ -25,6 +25,7 @@ from pytest_qmr.locate.judges import build_judges
 from pytest_qmr.locate import error_profile, locate_cell
 from pytest_qmr.records import CellResult, SampleRecord
 from pytest_qmr.restore import RestoreResult
+from pytest_qmr.pipeline import write_cell
 from pytest_qmr.session import QmrSession
 
 THRESHOLDS = {"max_abs_drop": 0.05, "max_rel_drop": 0.10, "alpha": 0.05, "min_items": 16}
@@ -63,7 +64,7 @@ def _cell(session: QmrSession, model: str, quantizer: str, method: str, bench: s
     profile = None
     if located:
         fp_items = {r.item_id: {"correct": r.correct, "response": r.response, "extracted": r.extracted} for r in fp}
-        judged = locate_cell(fp_items, quant, build_judges(["rule"]))  # as QmrSession._locate does
+        judged = locate_cell(fp_items, quant, build_judges(["rule"]))  # as pipeline.locate_cell does
         atomic_write_text(cell_dir / "located.jsonl", "".join(json.dumps(r) + "\n" for r in judged))
         profile = error_profile(judged)
     result = CellResult(
@@ -72,7 +73,7 @@ def _cell(session: QmrSession, model: str, quantizer: str, method: str, bench: s
         samples_path=str(cell_dir / "samples.jsonl"), seconds={"evaluate": 1.5},
         quantization={"method": method, **(info or {})}, error_profile=profile, restore=restore,
         outcome=gate.verdict if gate.verdict != "inconclusive" else "fail")
-    session._write_cell(cell_dir, quant, result)
+    write_cell(cell_dir, quant, result)
     return result
 
 

@@ -558,7 +558,7 @@ def test_hookspec_registers_as_firstresult():
 
 
 def test_restore_shortfall_against_min_gain():
-    from pytest_qmr.session import restore_shortfall
+    from pytest_qmr.pipeline import restore_shortfall
 
     won = {"quant_acc": 0.25, "restored_acc": 0.30}
     assert restore_shortfall(won, 0.05) is None  # exactly the required gain (no float-rounding miss)

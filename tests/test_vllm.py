@@ -134,6 +134,7 @@ def test_vllm_serves_what_the_cells_name(vllm_env, lab_model, data_dir, cache_di
                                          one_torch_thread):
     from pytest_qmr import models
     from pytest_qmr.records import SampleRecord
+    from pytest_qmr.restore_cell import deployed_restore
     from pytest_qmr.session import QmrSession
     from pytest_qmr.suite import load_suite
 
@@ -163,7 +164,7 @@ def test_vllm_serves_what_the_cells_name(vllm_env, lab_model, data_dir, cache_di
         # RTN-W4: the compressed checkpoint through vLLM's int4 kernel (bfloat16), beside the dense copy on hf
         w4 = session.run_cell(cells["rtn-w4g64"])
         assert not _group_alive(first_pid), "the FP server was not stopped when the next checkpoint needed one"
-        compressed = session._contexts[w4.cell_id].compressed
+        compressed = session.contexts[w4.cell_id].compressed
         assert w4.artifact == "compressed" and w4.runtime["dtype"] == "bfloat16"
         assert w4.served["model"] == f"qmr-{models.weights_fingerprint(compressed)}"
         dense = session.run_cell(cells["rtn-w4g64-dense"])
@@ -180,14 +181,14 @@ def test_vllm_serves_what_the_cells_name(vllm_env, lab_model, data_dir, cache_di
         wrong = [r for r in served_items.values() if not r.correct and baseline[r.item_id]["correct"]][:4]
         pairs = [rs.PreferencePair(r.prompt, baseline[r.item_id]["response"], r.response, r.item_id, None, None, 1,
                                    "gold", "all-step") for r in wrong]
-        context = session._contexts[w4.cell_id]
+        context = session.contexts[w4.cell_id]
         adapter = tmp_path / "adapter"
         rs.train_adapter(context.quantized, pairs, rs.RestoreConfig(max_steps=4, per_device_train_batch_size=2,
                                                                     learning_rate=2e-3), adapter)
         some = list(served_items.values())[:LORA_ITEMS]
-        dense_restored = session._evaluate(context.quantized, cells["rtn-w4g64"], [r.doc_index for r in some], None,
+        dense_restored = session.evaluate(context.quantized, cells["rtn-w4g64"], [r.doc_index for r in some], None,
                                            stage="restore", adapter=adapter, backend="hf")
-        deployed = session._restore_deployed(cells["rtn-w4g64"], context, w4, some, dense_restored, adapter)
+        deployed = deployed_restore(session, cells["rtn-w4g64"], context, w4, some, dense_restored, adapter)
         assert deployed["servable"] is True and deployed["n"] == LORA_ITEMS and deployed["dtype"] == "bfloat16"
         assert deployed["served"]["model"] == (f"qmr-{models.weights_fingerprint(compressed)}-lora-"
                                                f"{adapter_sha(adapter)}")

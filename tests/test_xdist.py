@@ -148,6 +148,7 @@ def test_concurrent_quantizers_build_one_key_once(tiny_llama, tmp_path):
 
 def _write_cells(run_dir: str, worker: int, n: int, barrier) -> None:
     from pytest_qmr.records import CellResult, SampleRecord
+    from pytest_qmr.pipeline import write_cell
     from pytest_qmr.session import QmrSession
 
     session = QmrSession(rootdir=Path(run_dir), run_dir=Path(run_dir), baselines_dir=Path(run_dir))
@@ -157,7 +158,7 @@ def _write_cells(run_dir: str, worker: int, n: int, barrier) -> None:
         records = [SampleRecord(f"{cell_id}-item{j}", j, "p", "r" * 2000, "1", "1", True) for j in range(50)]
         result = CellResult(cell_id, "m", "q", "b", "t", 1.0, len(records), None,
                             str(Path(run_dir) / "cells" / cell_id / "samples.jsonl"))
-        session._write_cell(Path(run_dir) / "cells" / cell_id, records, result)
+        write_cell(Path(run_dir) / "cells" / cell_id, records, result)
         session.write_results()  # every worker rewrites results.json while the others write cells
 
 

@@ -1,0 +1,419 @@
+"""The cell pipeline: one model x quantizer x benchmark cell through the stages, records flowing one way.
+
+:class:`CellPipeline` runs one :class:`~pytest_qmr.suite.Cell` on a
+:class:`~pytest_qmr.session.QmrSession` (which holds what outlives a cell: the loaded model,
+tokenizers, servers, the generation cache):
+
+1. **resolve** the FP model (a safetensors directory with its weights fingerprint);
+2. **baseline**: the committed FP baseline, checked against the cell before anything generates
+   (fingerprint, generation settings, seed, scoring, dtype, and every item's id, prompt and gold);
+   with ``--qmr-update-baselines`` a fresh FP run written atomically;
+3. **reuse** (``--qmr-resume``): a finished cell whose recorded inputs hash is this one's;
+4. **quantize**: the quantizer's checkpoint (content-addressed, verified) and the
+   :class:`~pytest_qmr.records.CellContext` a Restore hook gets;
+5. **measure**: the cell's artifact on its backend, sequentially stopped once the verdict is
+   settled; ``samples.jsonl`` is written before anything else can fail;
+6. **gate** against the baseline, item by item;
+7. **locate** the first faulty step of every regressed item (``located.jsonl``, the error
+   profile, the review queue);
+8. **settle** the outcome (gate, error-profile thresholds, ``restore.min_gain``);
+9. **restore** through the ``pytest_qmr_restore`` hook when the suite asks, then settle again;
+10. **write** ``samples.jsonl`` and ``result.json``.
+
+An engine that has no kernel for the checkpoint ends the cell at step 5 with outcome
+``not_servable``. Every stage's wall time goes into ``result.seconds``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import baselines as bl
+from . import models
+from .calibration import CalibrationSpec
+from .fsutil import atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json, sha256_text
+from .quantize import QuantSpec, get_method, quantize
+from .records import CellContext, CellResult, GateResult, SampleRecord
+from .redact import redact_obj
+from .servers import NotServable
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("lm_eval", "transformers", "torch", "llmcompressor")}
+
+
+def quant_spec(cell) -> QuantSpec:
+    """What a cell's quantizer builds (its effective recipe keys the checkpoint cache)."""
+    q = cell.quantizer
+    calibration = CalibrationSpec(**q.calibration.model_dump()) if q.calibration is not None else None
+    return QuantSpec(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
+                     ignore=tuple(q.ignore), path=q.path, calibration=calibration,
+                     options=tuple(sorted(q.options.items())),
+                     recipe=str(cell.recipe_file) if cell.recipe_file is not None else None)
+
+
+def restore_shortfall(restore: dict, min_gain: float) -> str | None:
+    """Why a Restore did not win back ``restore.min_gain`` (None: it did)."""
+    if restore.get("error"):
+        return f"restore.min_gain {min_gain:g} required, but Restore did not run: {restore['error']}"
+    quant, restored = restore.get("quant_acc"), restore.get("restored_acc")
+    if not all(isinstance(v, (int, float)) for v in (quant, restored)):
+        return f"restore.min_gain {min_gain:g} required, but the Restore result has no quant_acc/restored_acc"
+    gain = restored - quant
+    if gain < min_gain - 1e-9:
+        return (f"Restore won back {gain:+.3f} (quantized {quant:.3f} -> restored {restored:.3f}), "
+                f"less than restore.min_gain {min_gain:g}")
+    return None
+
+
+def write_cell(cell_dir: Path, records: list[SampleRecord], result: CellResult) -> None:
+    """A cell's records, secrets masked, each file written atomically."""
+    atomic_write_jsonl(cell_dir / "samples.jsonl", (redact_obj(r.to_dict()) for r in records))
+    atomic_write_json(cell_dir / "result.json", redact_obj(result.to_dict()))
+
+
+# --------------------------------------------------------------------------------- baseline
+
+
+def scoring_provenance(cell) -> dict | None:
+    """The benchmark's metric and filter, when it names them (None: the task's defaults)."""
+    b = cell.benchmark
+    return {"metric": b.metric, "filter": b.filter} if (b.metric or b.filter) else None
+
+
+def stale(cell, source, problem: str) -> bl.BaselineError:
+    return bl.stale(str(source), problem, cell.model.name, cell.benchmark.name, cell.suite_file or None, cell.id)
+
+
+def too_few_items(cell, n: int) -> str:
+    return (f"{cell.suite_file or cell.suite}: benchmarks[{cell.benchmark.name!r}].limit: more than the {n} items "
+            f"task {cell.benchmark.task} has; set it to {n} or less, or null for all (got {cell.benchmark.limit})")
+
+
+def fp_baseline(session, cell, fp: models.ResolvedModel) -> bl.Baseline:
+    """The committed baseline, checked against the cell before any generation (fingerprint,
+    generation, seed, task, and each item's id, prompt and gold), or (with
+    --qmr-update-baselines) a fresh FP run written atomically."""
+    path = bl.baseline_path(session.baselines_dir, cell.model.name, cell.benchmark.name)
+    if not session.update_baselines:
+        baseline = bl.read_baseline(path, suite=cell.suite_file or None, cell=cell.id)
+        mismatches = bl.check_provenance(baseline, {
+            "model_fingerprint": fp.fingerprint,
+            "generation": session.generation_settings(cell).to_dict(),
+            "seed": cell.benchmark.seed,
+            "scoring": scoring_provenance(cell),
+            "dtype": session.runtime(cell).dtype,
+        })
+        if not mismatches:
+            indices = [int(v.get("doc_index", i)) for i, v in enumerate(baseline.items.values())]
+            mismatches = bl.check_items(baseline, cell.benchmark.task, session.expected(cell, fp, indices))
+        if mismatches:
+            more = f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
+            raise stale(cell, path, f"baseline no longer describes the cell ({'; '.join(mismatches[:3])}{more})")
+        return baseline
+    records = session.fp_run(cell, fp)
+    limit = cell.benchmark.limit
+    if limit is not None and len(records) < limit:
+        raise bl.BaselineError(too_few_items(cell, len(records)))
+    baseline = bl.Baseline.from_records(cell.model.name, cell.benchmark.name, cell.benchmark.task, records,
+                                        _provenance(session, fp, cell, records))
+    bl.write_baseline(path, baseline)
+    baseline.source = str(path)
+    return baseline
+
+
+def _provenance(session, fp: models.ResolvedModel, cell, records: list[SampleRecord]) -> dict:
+    from .measure import items_fingerprint
+
+    return {
+        "model_fingerprint": fp.fingerprint,
+        **items_fingerprint(records),
+        "generation": session.generation_settings(cell).to_dict(),
+        "limit": cell.benchmark.limit,
+        "seed": cell.benchmark.seed,
+        "scoring": scoring_provenance(cell),
+        **session.runtime(cell).to_dict(),
+        "libraries": library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def baseline_items(cell, baseline: bl.Baseline) -> tuple[list[int], list[bool]]:
+    """(doc indices, FP correctness) of the baseline items the cell evaluates, in doc order."""
+    ordered = sorted(baseline.items.items(), key=lambda kv: kv[1].get("doc_index", 0))
+    limit = cell.benchmark.limit
+    if limit is not None and limit > len(ordered):
+        provenance_limit = baseline.provenance.get("limit")
+        if provenance_limit is None or provenance_limit >= limit:  # the baseline took every item there is
+            raise bl.BaselineError(too_few_items(cell, len(ordered)))
+        raise stale(cell, baseline.source, f"baseline covers {len(ordered)} items, the cell asks for {limit}")
+    ordered = ordered[:limit] if limit is not None else ordered
+    return [int(v.get("doc_index", i)) for i, (_, v) in enumerate(ordered)], [bool(v["correct"]) for _, v in ordered]
+
+
+# --------------------------------------------------------------------------------- reuse
+
+
+def cell_inputs(cell, fp: models.ResolvedModel, baseline: bl.Baseline) -> dict:
+    """Everything a cell's records depend on: its spec, the FP weights, the baseline file,
+    the judge config and the library versions (what --qmr-resume must find unchanged)."""
+    judge = cell.judge_config
+    return {
+        "spec": cell.reuse_spec(),
+        "model_fingerprint": fp.fingerprint,
+        "baseline_sha256": sha256_file(baseline.source) if baseline.source else None,
+        "judge_config_sha256": sha256_file(judge) if judge is not None and judge.is_file() else None,
+        "libraries": library_versions(),
+        # method recipe: the recipe file's content (only then, so other cells keep their inputs hash)
+        **({"recipe_sha256": sha256_file(cell.recipe_file) if cell.recipe_file.is_file() else None}
+           if cell.recipe_file is not None else {}),
+    }
+
+
+def reusable(cell_dir: Path, inputs: dict) -> tuple[CellResult | None, str | None]:
+    """(the finished result, None) when ``inputs`` are those it recorded, else (None, why not)."""
+    from .fsutil import changed_keys
+
+    path = cell_dir / "result.json"
+    if not path.is_file():
+        return None, None
+    try:
+        result = CellResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        return None, f"{path} unreadable ({type(exc).__name__})"
+    if result.inputs_sha256 != sha256_json(inputs):
+        changes = changed_keys(result.inputs or {}, inputs)
+        if not changes:
+            return None, "the record has no inputs hash"
+        more = f" (+{len(changes) - 4} more)" if len(changes) > 4 else ""
+        return None, "inputs changed: " + "; ".join(changes[:4]) + more
+    if result.gate is None:  # not servable last time: the engine may have a kernel now
+        return None, f"the last run ended {result.outcome or 'without a gate'}"
+    return result, None
+
+
+# --------------------------------------------------------------------------------- gate, locate, settle
+
+
+def gate_cell(session, cell, baseline: bl.Baseline, records: list[SampleRecord],
+              fp_correct_all: list[bool]) -> GateResult:
+    """The cell's records against its baseline, item by item (a sequential stop's early verdict
+    where generation stopped before every planned item)."""
+    from .gate import evaluate_gate, final_verdict_if_known
+
+    changed = [r.item_id for r in records
+               if baseline.items.get(r.item_id, {}).get("prompt_sha256") not in (None, sha256_text(r.prompt))]
+    if changed:
+        raise stale(cell, baseline.source, f"items[{changed[0]!r}].prompt_sha256: the prompts of "
+                                           f"{len(changed)} generated items differ from the baseline's")
+    quant = {r.item_id: r.correct for r in records}
+    fp_vec, q_vec = bl.paired_vectors(baseline, list(quant), quant)
+    thresholds = session.thresholds(cell)
+    if cell.thresholds.sequential and len(records) < len(fp_correct_all):
+        early = final_verdict_if_known(fp_correct_all, [r.correct for r in records], thresholds)
+        if early is not None:
+            return early
+    gate = evaluate_gate(fp_vec, q_vec, thresholds)
+    gate.n_planned = len(fp_correct_all)
+    return gate
+
+
+def locate_cell(cell, baseline: bl.Baseline, records: list[SampleRecord], cell_dir: Path) -> dict:
+    """First faulty step of every regressed item, with the suite's judges; rows go to located.jsonl."""
+    from .locate import Policy, default_policy, error_profile
+    from .locate import locate_cell as judge_regressions
+    from .locate.judges import build_judges, load_judge_settings
+
+    settings = load_judge_settings(cell.judge_config) if cell.judge_config is not None else None
+    judges = build_judges(cell.locate.judges, settings)
+    try:
+        policy = Policy.from_dict(cell.locate.policy) if cell.locate.policy else default_policy(judges)
+        rows = judge_regressions(baseline.items, records, judges, policy)
+    finally:
+        for judge in judges:
+            judge.close()
+    atomic_write_jsonl(cell_dir / "located.jsonl", rows)
+    if cell.locate.review and rows:
+        from .locate import write_review_queue
+
+        write_review_queue(rows, cell_dir / "review", cell.locate.audit_rate, seed=cell.benchmark.seed)
+    profile = error_profile(rows)
+    profile["judges_used"] = list(cell.locate.judges)
+    profile["policy"] = policy.name
+    return profile
+
+
+def outcome_of(cell, gate: GateResult) -> str:
+    """pass / fail from the gate; an inconclusive gate counts as ``thresholds.inconclusive``."""
+    if gate.verdict in ("pass", "fail"):
+        return gate.verdict
+    return cell.thresholds.inconclusive
+
+
+def settle(cell, result: CellResult) -> None:
+    """Outcome from the gate and the suite's error-profile thresholds (a violation fails the cell);
+    a Restore short of ``restore.min_gain`` is noted for the plugin to raise."""
+    from .locate import check_profile
+
+    result.profile_violations = ([] if result.error_profile is None
+                                 else check_profile(result.error_profile, cell.thresholds.error_profile))
+    result.outcome = "fail" if result.profile_violations else outcome_of(cell, result.gate)
+    if cell.restore.may_pass and (result.restore or {}).get("restored_verdict") == "pass":
+        result.outcome = "pass"
+    if result.restore is not None:  # checked again on --qmr-resume, like the thresholds
+        result.restore.pop("shortfall", None)
+        if cell.restore.min_gain is not None:
+            result.restore["shortfall"] = restore_shortfall(result.restore, cell.restore.min_gain)
+
+
+# --------------------------------------------------------------------------------- the pipeline
+
+
+class CellPipeline:
+    """One cell through the stages (module docstring); :meth:`run` returns its :class:`CellResult`.
+
+    ``restore``: what runs Restore on a failing cell (the ``pytest_qmr_restore`` hook, or the
+    ``qmr_restore`` fixture a conftest overrides); None: Restore is not available."""
+
+    def __init__(self, session, cell, restore: Callable[..., Any] | None = None) -> None:
+        self.session, self.cell, self.restore_hook = session, cell, restore
+        self.cell_dir = session.run_dir / "cells" / cell.id
+        self.seconds: dict[str, float] = {}
+
+    def _timed(self, stage: str, started: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.monotonic() - started
+
+    def _rounded(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in self.seconds.items()}
+
+    def run(self) -> CellResult:
+        session, cell = self.session, self.cell
+        started = time.monotonic()
+        fp = models.resolve(cell.model.ref, session.cache_dir)
+        self._timed("resolve", started)
+
+        started = time.monotonic()
+        baseline = fp_baseline(session, cell, fp)
+        self._timed("baseline", started)
+        inputs = cell_inputs(cell, fp, baseline)
+        recomputed = None
+        if session.resume and not session.update_baselines:
+            reused, recomputed = reusable(self.cell_dir, inputs)
+            if reused is not None:  # the verdict follows the suite's current thresholds
+                reused.reused = True
+                settle(cell, reused)
+                return reused
+        indices, fp_correct_all = baseline_items(cell, baseline)
+
+        started = time.monotonic()
+        quantized = self._quantize(fp)
+        context = CellContext(fp=fp, baseline=baseline, quantized=quantized.path,
+                              compressed=quantized.compressed_path, cell_dir=self.cell_dir,
+                              run_dir=session.run_dir, data_dir=session.data_dir_of(cell))
+        session.contexts[cell.id] = context
+        self._timed("quantize", started)
+
+        started = time.monotonic()
+        path, artifact = session.artifact(cell, quantized)
+        dtype = session.engine_dtype(cell, artifact, quantized.info)
+        try:
+            records = self._measure(fp, path, indices, fp_correct_all, dtype)
+        except NotServable as exc:
+            self._timed("evaluate", started)
+            return self._not_servable(exc, quantized, artifact, dtype, inputs)
+        self._timed("evaluate", started)
+        atomic_write_jsonl(self.cell_dir / "samples.jsonl", (redact_obj(r.to_dict()) for r in records))
+
+        gate = gate_cell(session, cell, baseline, records, fp_correct_all)
+        profile, notes = self._locate(baseline, records)
+        result = CellResult(
+            cell_id=cell.id, model=cell.model.name, quantizer=cell.quantizer.name, benchmark=cell.benchmark.name,
+            task=cell.benchmark.task, accuracy=sum(r.correct for r in records) / max(len(records), 1),
+            n=len(records), gate=gate, samples_path=str(self.cell_dir / "samples.jsonl"), seconds=self._rounded(),
+            quantization=quantized.info, error_profile=profile, backend=session.backend(cell),
+            served=session.served.pop(str(path), None), artifact=artifact, inputs=inputs,
+            inputs_sha256=sha256_json(inputs), recomputed=recomputed, notes=notes,
+            cache=session.cache_record(cell), runtime={**session.runtime(cell).to_dict(), "dtype": dtype},
+        )
+        settle(cell, result)
+        if self.restore_hook is not None and cell.restores(failed=result.outcome == "fail"):
+            started = time.monotonic()
+            self._restore(result, records, context)
+            self._timed("restore", started)
+            result.seconds, result.cache = self._rounded(), session.cache_record(cell)
+            settle(cell, result)
+        write_cell(self.cell_dir, records, result)
+        return result
+
+    def _quantize(self, fp: models.ResolvedModel):
+        session, cell = self.session, self.cell
+        q = cell.quantizer
+        if get_method(q.method).builds:
+            session.say(cell, f"quantize ({q.method})")
+        quantized = quantize(fp.path, fp.fingerprint, quant_spec(cell), session.cache_dir,
+                             data_dir=session.data_dir_of(cell))
+        if quantized.info.get("cache_hit"):
+            session.say(cell, "quantize: checkpoint from cache (verified)")
+        return quantized
+
+    def _measure(self, fp: models.ResolvedModel, path: Path, indices: list[int], fp_correct_all: list[bool],
+                 dtype: str) -> list[SampleRecord]:
+        session, cell = self.session, self.cell
+        same_engine = session.backend(cell) == cell.generation.backend
+        if cell.quantizer.method == "fp" and same_engine and session.has_fp_run(cell):
+            return session.fp_run(cell, fp)  # the baseline run itself
+        return session.evaluate(path, cell, indices, fp_correct_all, dtype=dtype)
+
+    def _locate(self, baseline: bl.Baseline, records: list[SampleRecord]) -> tuple[dict | None, list[str]]:
+        """(error profile, notes): Locate on a quantized cell whose task generates steps."""
+        session, cell = self.session, self.cell
+        if cell.is_fp or not cell.locate.enabled:
+            return None, []
+        if session.output_types.get(cell.benchmark.task) == "multiple_choice":
+            return None, [f"locate: not run, task {cell.benchmark.task} is scored by log-likelihood "
+                          "(no generated steps to judge); the gate's verdict stands"]
+        started = time.monotonic()
+        session.say(cell, "locate")
+        profile = locate_cell(cell, baseline, records, self.cell_dir)
+        self._timed("locate", started)
+        return profile, []
+
+    def _restore(self, result: CellResult, records: list[SampleRecord], context: CellContext) -> None:
+        """Run the Restore hook; a RestoreError is recorded on the cell, not raised."""
+        from .restore import RestoreError, RestoreResult
+
+        try:
+            restored = self.restore_hook(cell=self.cell, result=result, records=records, context=context)
+        except RestoreError as exc:
+            restored = {"error": str(exc)}
+        if restored is not None:
+            result.restore = restored.to_dict() if isinstance(restored, RestoreResult) else dict(restored)
+
+    def _not_servable(self, exc: NotServable, quantized, artifact: str, dtype: str, inputs: dict) -> CellResult:
+        """The cell's engine refused its checkpoint: an outcome of its own, recorded, never a pass."""
+        session, cell = self.session, self.cell
+        scheme = (quantized.info.get("recipe") or {}).get("scheme")
+        reason = f"no kernel for {scheme} ({exc.reason})" if scheme else exc.reason
+        result = CellResult(
+            cell_id=cell.id, model=cell.model.name, quantizer=cell.quantizer.name, benchmark=cell.benchmark.name,
+            task=cell.benchmark.task, accuracy=0.0, n=0, gate=None, samples_path="", seconds=self._rounded(),
+            quantization=quantized.info, backend=session.backend(cell), artifact=artifact, outcome="not_servable",
+            inputs=inputs, inputs_sha256=sha256_json(inputs),
+            notes=[f"not servable by {exc.engine} on {exc.device}: {reason}"], cache=session.cache_record(cell),
+            runtime={**session.runtime(cell).to_dict(), "dtype": dtype},
+            servable={"servable": False, "engine": exc.engine, "device": exc.device, "scheme": scheme,
+                      "reason": exc.reason},
+        )
+        atomic_write_json(self.cell_dir / "result.json", redact_obj(result.to_dict()))
+        return result
+
+
+def run_cell(session, cell, restore: Callable[..., Any] | None = None) -> CellResult:
+    """Measure (and locate, and restore when the suite asks) one cell on ``session``."""
+    return CellPipeline(session, cell, restore).run()

@@ -1,0 +1,151 @@
+"""The built-in ``pytest_qmr_restore``: Silver Bullet repair of one failing cell.
+
+:func:`restore_cell` reads the cell's :class:`~pytest_qmr.records.CellContext` and answers
+through the session's engines (so every generation goes through the generation cache):
+
+1. the quantized model (the dense copy the adapter is trained on) answers ``restore.train_problems``
+   problems of the benchmark's training split (the training-problem source registered for the
+   cell's task), each labelled with its first faulty step;
+2. the teacher continues each failure from just before that step: ``pairs.jsonl``;
+3. trl's DPO trains a LoRA adapter (``adapter/``, cached by everything it depends on);
+4. the cell's items are re-measured with the adapter on the dense copy
+   (``restored_samples.jsonl``), gated against the baseline and paired with the quantized
+   answers (McNemar); with ``restore.mmlu_limit`` MMLU before and after; deployed (default with
+   backend vllm): the compressed checkpoint + adapter through vLLM's LoRA support
+   (``restored_deployed_samples.jsonl``).
+
+Returns the ``restore`` record of ``result.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import models
+from .fsutil import atomic_write_jsonl, sha256_json
+from .records import CellContext, CellResult, SampleRecord
+from .servers import NotServable
+
+
+def restore_cell(session, cell, result: CellResult, records: list[SampleRecord], context: CellContext) -> dict:
+    """The default pytest_qmr_restore (module docstring)."""
+    from . import restore as rs
+    from .cache import cached_adapter
+    from .gate import compare
+    from .pipeline import gate_cell
+
+    spec, gen, seed = cell.restore, session.generation_settings(cell), cell.benchmark.seed
+    cell_dir, fp, baseline, quant_path = context.cell_dir, context.fp, context.baseline, context.quantized
+    started = time.monotonic()
+    problems = training_problems(session, cell)
+    tokenizer = session.tokenizer(quant_path, cell.model.trust_remote_code)
+    session.say(cell, f"restore: mining {len(problems)} training problems")
+    traces = rs.mine_traces(quant_path, problems, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+                            tokenizer=tokenizer, generate=session.greedy(cell, quant_path))
+    teacher = rs.make_teacher(spec.teacher, model=fp.path, judge_config=cell.judge_config,
+                              max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size)
+    pairs = rs.build_pairs(traces, teacher, spec.variant, tokenizer=tokenizer, pool=traces, size=spec.max_pairs,
+                           seed=seed, eval_ids=[r.item_id for r in records], rejected_scope=spec.rejected_scope)
+    if spec.max_pairs is not None:  # build_pairs raises "nothing to restore" itself when none are left
+        pairs = pairs[:spec.max_pairs]
+    rs.write_pairs(cell_dir / "pairs.jsonl", pairs)
+    config = rs.RestoreConfig(**spec.train)
+    session.say(cell, f"restore: training on {len(pairs)} pairs")
+    runtime = session.runtime(cell)
+    card = cached_adapter(session.cache_dir, adapter_inputs(quant_path, fp, pairs, config, runtime),
+                          cell_dir / "adapter",
+                          lambda: rs.train_adapter(quant_path, pairs, config, cell_dir / "adapter",
+                                                   distill_from=fp.path, runtime=runtime),
+                          enabled=session.use_cache)
+    if card.get("cache_hit"):
+        session.say(cell, "restore: adapter from cache (inputs unchanged, files verified)")
+    adapter = cell_dir / "adapter"
+    again = session.evaluate(quant_path, cell, [r.doc_index for r in records], None, stage="restore",
+                             adapter=adapter, backend="hf")  # the dense copy it was trained on
+    atomic_write_jsonl(cell_dir / "restored_samples.jsonl", (r.to_dict() for r in again))
+    quant = {r.item_id: r.correct for r in records}
+    paired = [(quant[r.item_id], r.correct) for r in again if r.item_id in quant]
+    restored_gate = gate_cell(session, cell, baseline, again,
+                              [bool(baseline.items[r.item_id]["correct"]) for r in again])
+    outcome = rs.RestoreResult(
+        pairs=len(pairs), teacher=spec.teacher, variant=spec.variant, steps=card["steps"],
+        minutes=round((time.monotonic() - started) / 60, 2), adapter_path=card["adapter_path"],
+        fp_acc=result.gate.fp_acc if result.gate else None, quant_acc=result.accuracy,
+        restored_acc=sum(r.correct for r in again) / max(len(again), 1),
+        p_value=compare([q for q, _ in paired], [r for _, r in paired]).p_value,
+        n_eval=len(again), card=card,
+    ).to_dict()
+    outcome["restored_verdict"] = restored_gate.verdict
+    outcome["restored_gate"] = restored_gate.to_dict()
+    if spec.mmlu_limit:
+        outcome["mmlu"] = {name: sum(r.correct for r in recs) / max(len(recs), 1)
+                           for name, recs in (("quantized", _mmlu(session, cell, quant_path, None)),
+                                              ("restored", _mmlu(session, cell, quant_path, adapter)))}
+        outcome["mmlu"]["n"] = spec.mmlu_limit
+    if spec.deployed if spec.deployed is not None else session.backend(cell) == "vllm":
+        outcome["deployed"] = deployed_restore(session, cell, context, result, records, again, adapter)
+    return outcome
+
+
+def deployed_restore(session, cell, context: CellContext, result: CellResult, records: list[SampleRecord],
+              dense: list[SampleRecord], adapter: Path) -> dict:
+    """The restored model as a user deploys it: the compressed checkpoint with the adapter
+    through vLLM's LoRA support, on the same items as the dense re-measurement."""
+    if context.compressed is None:
+        return {"error": f"{cell.quantizer.method} writes no compressed checkpoint"}
+    dtype = session.engine_dtype(cell, "compressed", result.quantization or {}, backend="vllm")
+    session.say(cell, "restore: re-measuring the compressed checkpoint + adapter on vLLM")
+    try:
+        served = session.evaluate(context.compressed, cell, [r.doc_index for r in records], None,
+                                  stage="restore-deployed", adapter=adapter, dtype=dtype, backend="vllm")
+    except NotServable as exc:
+        return {"servable": False, "line": str(exc)}
+    atomic_write_jsonl(context.cell_dir / "restored_deployed_samples.jsonl", (r.to_dict() for r in served))
+    by_id = {r.item_id: r for r in dense}
+    n = max(len(served), 1)
+    return {"servable": True, "artifact": "compressed", "dtype": dtype,
+            "served": session.served.pop(str(context.compressed), None),
+            "restored_acc": sum(r.correct for r in served) / n, "n": len(served),
+            "dense_restored_acc": sum(r.correct for r in dense) / max(len(dense), 1),
+            "agreement_with_dense": sum(r.correct == by_id[r.item_id].correct for r in served) / n,
+            "text_identical_with_dense": sum(r.response == by_id[r.item_id].response for r in served) / n}
+
+
+def _mmlu(session, cell, path: Path, adapter: Path | None) -> list[SampleRecord]:
+    """Restore's general-ability check: the first ``restore.mmlu_limit`` MMLU items."""
+    evaluator = session.evaluator(path, cell, adapter, backend="hf")  # the dense copy, with and without
+    try:
+        return evaluator.run("qmr_mmlu", limit=cell.restore.mmlu_limit)
+    finally:
+        session.count(cell, "mmlu", evaluator.lm.stats)
+
+
+def adapter_inputs(quant_path: Path, fp: models.ResolvedModel, pairs, config, runtime) -> dict:
+    """Everything a trained adapter depends on (its cache key), the device it trains on included."""
+    from dataclasses import asdict
+    from importlib.metadata import version
+
+    from .pipeline import library_versions
+
+    return {"base": models.weights_fingerprint(quant_path),
+            "pairs_sha256": sha256_json([p.to_dict() for p in pairs]),
+            "config": asdict(config), "distill_from": fp.fingerprint if config.distill_weight > 0 else None,
+            "runtime": runtime.to_dict(),
+            "libraries": {**library_versions(), **{n: version(n) for n in ("trl", "peft")}}}
+
+
+def training_problems(session, cell):
+    """The training-split problems of the cell's task that Restore mines."""
+    from . import restore as rs
+
+    task, n, seed = cell.benchmark.task, cell.restore.train_problems, cell.benchmark.seed
+    if task == "qmr_arith":
+        return rs.arith_problems("train", n, seed)
+    if task == "qmr_gsm8k":
+        data_dir = session.data_dir_of(cell)
+        if data_dir is None:
+            raise rs.RestoreError("restore on qmr_gsm8k needs a data dir with gsm8k/train.jsonl")
+        return rs.gsm8k_problems(data_dir, "train", n, seed)
+    raise rs.RestoreError(f"restore: task {task} has no training split with step-aligned gold "
+                          "(supported: qmr_arith, qmr_gsm8k)")
