@@ -586,14 +586,14 @@ class QmrSession:
         finally:
             for judge in judges:
                 judge.close()
-        atomic_write_jsonl(cell_dir / "located.jsonl", rows)
+        atomic_write_jsonl(cell_dir / "located.jsonl", (row.to_dict() for row in rows))
         if cell.locate.review and rows:
             from .locate import write_review_queue
 
             write_review_queue(rows, cell_dir / "review", cell.locate.audit_rate, seed=cell.benchmark.seed)
         profile = error_profile(rows)
-        profile["judges_used"] = list(cell.locate.judges)
-        profile["policy"] = policy.name
+        profile.judges_used = list(cell.locate.judges)
+        profile.policy = policy.name
         return profile
 
     def _settle(self, cell, result: CellResult) -> None:
