@@ -215,8 +215,8 @@ def test_regression_set_picks_fp_right_quant_wrong():
              rec(4, False, "qa4")]
     rows = regression_set(fp, quant, problems={"q3": "What is 2 + 3?"})
     assert [r.id for r in rows] == ["q0", "q3"]
-    assert rows[0].to_dict() == {"id": "q0", "doc_index": 0, "problem": "prompt 0", "response": "qa0", "gold_answer": "5",
-                       "reference_response": "fp0", "extracted": None}
+    assert rows[0].to_dict() == {"id": "q0", "doc_index": 0, "problem": "prompt 0", "response": "qa0",
+                                 "gold_answer": "5", "reference_response": "fp0", "extracted": None}
     assert rows[1].problem == "What is 2 + 3?"
     assert regression_set([r.to_dict() for r in fp], [r.to_dict() for r in quant]) == regression_set(fp, quant)
 

@@ -68,7 +68,8 @@ def test_error_profile_of_a_committed_result_round_trips():
     profile = result.error_profile
     assert isinstance(profile, ErrorProfile)
     assert (profile.n, profile.n_located, profile.judges_used, profile.policy) == (13, 13, ["first-step"], "paper")
-    assert profile.types["formula_rule_error"] == {"count": 13, "share": 1.0} and profile.first_error_step["median"] == 1
+    assert profile.types["formula_rule_error"] == {"count": 13, "share": 1.0}
+    assert profile.first_error_step["median"] == 1
     assert result.to_dict() == data
     assert json.dumps(result.to_dict(), sort_keys=True) == json.dumps(data, sort_keys=True)
     assert list(profile.to_dict()) == PROFILE_KEYS
