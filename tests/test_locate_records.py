@@ -112,3 +112,11 @@ def test_located_rows_as_dicts_still_make_restore_pairs():
     assert (pair.item_id, pair.first_step, pair.error_type, pair.category) == (
         p.id, 2, "computational_error", "execution")
     assert pair.prompt == chat + s[0].text(1) + "\n" and pair.chosen.startswith(s[1].text(2))
+
+
+def test_a_final_step_without_a_known_type_is_no_error_as_before():
+    rows = [{"id": "x", "status": "accepted", "first_error_step": 2, "primary_error_type": None, "n_steps": 3},
+            {"id": "y", "status": "human", "first_error_step": 1, "primary_error_type": "typo_error", "n_steps": 3}]
+    assert not any(LocatedRow.from_dict(r).is_located for r in rows)
+    p = error_profile(rows)
+    assert (p.n_final, p.n_located, p.no_error["ids"]) == (2, 0, ["x", "y"])

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
+from .. import taxonomy
 from .judges import Vote
 
 INPUT_FIELDS = ("id", "doc_index", "problem", "response", "gold_answer", "reference_response", "extracted")
@@ -97,15 +98,20 @@ class LocatedRow:
 
     @property
     def is_located(self) -> bool:
-        """A final verdict naming a first faulty step (not "no error")."""
-        return self.final and isinstance(self.first_error_step, int) and self.first_error_step >= 1
+        """A final verdict naming a first faulty step and its error type (what the error profile
+        counts as located; a final row that is not located is a "no error" case)."""
+        return (self.final and self.primary_error_type in taxonomy.CATEGORY_OF
+                and isinstance(self.first_error_step, int) and self.first_error_step >= 1)
 
-    def with_verdict(self, **verdict: Any) -> "LocatedRow":
-        """This row with the verdict fields (every one of :data:`VERDICT_FIELDS`) set."""
-        missing = set(VERDICT_FIELDS) - set(verdict)
-        if missing or set(verdict) - set(VERDICT_FIELDS):
-            raise TypeError(f"with_verdict needs exactly the verdict fields (missing: {sorted(missing)})")
-        return replace(self, **verdict, keys=_merge(self.keys, VERDICT_FIELDS))
+    def with_verdict(self, *, n_steps: int, first_error_step: int, primary_error_type: str | None,
+                     category: str | None, explanation: str, confidence_score: float | None, status: str, reason: str,
+                     agreement: float | None, verdict_by: str | None, policy: str,
+                     votes: dict[str, Vote]) -> "LocatedRow":
+        """This row with a verdict: every one of :data:`VERDICT_FIELDS` set (and written)."""
+        return replace(self, n_steps=n_steps, first_error_step=first_error_step, primary_error_type=primary_error_type,
+                       category=category, explanation=explanation, confidence_score=confidence_score, status=status,
+                       reason=reason, agreement=agreement, verdict_by=verdict_by, policy=policy, votes=votes,
+                       keys=_merge(self.keys, VERDICT_FIELDS))
 
     def without_verdict(self) -> "LocatedRow":
         """The input row again: verdict and review fields cleared (for deciding once more)."""
