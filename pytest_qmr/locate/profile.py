@@ -6,7 +6,7 @@ and ``report.json``'s cells hold; :meth:`ErrorProfile.to_dict` is that JSON obje
 
     {"n": rows judged,
      "status": {"accepted", "human", "escalated", "unjudged": count},
-     "n_final": accepted + human rows, "n_located": final rows naming a first faulty step,
+     "n_final": accepted + human rows, "n_located": final rows naming a first faulty step and type,
      "categories": {category: {"count", "share"}},   # shares over the located errors
      "types": {type: {"count", "share"}},
      "no_error": {"count", "share", "ids"},           # final rows with no faulty step; share over n_final
