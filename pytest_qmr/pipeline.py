@@ -36,6 +36,7 @@ from . import baselines as bl
 from . import models
 from .calibration import CalibrationSpec
 from .fsutil import atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json, sha256_text
+from .locate.profile import ErrorProfile
 from .quantize import QuantSpec, get_method, quantize
 from .records import CellContext, CellResult, GateResult, SampleRecord
 from .redact import redact_obj
@@ -224,7 +225,7 @@ def gate_cell(session, cell, baseline: bl.Baseline, records: list[SampleRecord],
     return gate
 
 
-def locate_cell(cell, baseline: bl.Baseline, records: list[SampleRecord], cell_dir: Path) -> dict:
+def locate_cell(cell, baseline: bl.Baseline, records: list[SampleRecord], cell_dir: Path) -> ErrorProfile:
     """First faulty step of every regressed item, with the suite's judges; rows go to located.jsonl."""
     from .locate import Policy, default_policy, error_profile
     from .locate import locate_cell as judge_regressions
@@ -238,14 +239,14 @@ def locate_cell(cell, baseline: bl.Baseline, records: list[SampleRecord], cell_d
     finally:
         for judge in judges:
             judge.close()
-    atomic_write_jsonl(cell_dir / "located.jsonl", rows)
+    atomic_write_jsonl(cell_dir / "located.jsonl", (row.to_dict() for row in rows))
     if cell.locate.review and rows:
         from .locate import write_review_queue
 
         write_review_queue(rows, cell_dir / "review", cell.locate.audit_rate, seed=cell.benchmark.seed)
     profile = error_profile(rows)
-    profile["judges_used"] = list(cell.locate.judges)
-    profile["policy"] = policy.name
+    profile.judges_used = list(cell.locate.judges)
+    profile.policy = policy.name
     return profile
 
 
@@ -370,7 +371,7 @@ class CellPipeline:
             return session.fp_run(cell, fp)  # the baseline run itself
         return session.evaluate(path, cell, indices, fp_correct_all, dtype=dtype)
 
-    def _locate(self, baseline: bl.Baseline, records: list[SampleRecord]) -> tuple[dict | None, list[str]]:
+    def _locate(self, baseline: bl.Baseline, records: list[SampleRecord]) -> tuple[ErrorProfile | None, list[str]]:
         """(error profile, notes): Locate on a quantized cell whose task generates steps."""
         session, cell = self.session, self.cell
         if cell.is_fp or not cell.locate.enabled:

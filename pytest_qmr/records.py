@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from .baselines import Baseline
+    from .locate.profile import ErrorProfile
     from .models import ResolvedModel
 
 Verdict = Literal["pass", "fail", "inconclusive"]
@@ -102,7 +103,7 @@ class CellResult:
     backend: str = "hf"
     seconds: dict[str, float] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)
-    error_profile: dict[str, Any] | None = None
+    error_profile: ErrorProfile | None = None  # as a dict: ErrorProfile.to_dict()
     profile_violations: list[str] = field(default_factory=list)
     restore: dict[str, Any] | None = None
     outcome: str = ""
@@ -120,6 +121,8 @@ class CellResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if self.error_profile is not None:
+            data["error_profile"] = self.error_profile.to_dict()
         return data
 
     @classmethod
@@ -127,6 +130,10 @@ class CellResult:
         result = _from_dict(cls, data)
         if isinstance(result.gate, dict):
             result.gate = GateResult.from_dict(result.gate)
+        if isinstance(result.error_profile, dict):
+            from .locate.profile import ErrorProfile  # the locate package imports this module
+
+            result.error_profile = ErrorProfile.from_dict(result.error_profile)
         return result
 
 

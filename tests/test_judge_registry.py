@@ -102,6 +102,6 @@ def test_a_registered_judge_locates_a_real_cell(registered, tmp_path, data_dir, 
                and (r["first_error_step"], r["primary_error_type"], r["category"]) == (1, TYPE, "method")
                for r in rows)
     profile = result.error_profile
-    assert profile["judges_used"] == [NAME] and profile["policy"] == "paper"
-    assert profile["n_located"] == len(rows) == profile["types"][TYPE]["count"]
-    assert profile["types"][TYPE]["share"] == 1.0 and profile["first_error_step"]["histogram"] == {"1": len(rows)}
+    assert profile.judges_used == [NAME] and profile.policy == "paper"
+    assert profile.n_located == len(rows) == profile.types[TYPE]["count"]
+    assert profile.types[TYPE]["share"] == 1.0 and profile.first_error_step["histogram"] == {"1": len(rows)}

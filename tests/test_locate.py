@@ -171,26 +171,26 @@ def test_locate_rows_in_order_with_all_output_fields():
                          delay={"r1": 0.2})
     aux = _ScriptedJudge("aux", {"r1": V("x", step=2), "r2": V("x", "logical_reasoning_error", 2), "r3": U("x")})
     seen = []
-    out = locate.locate(ROWS, [RuleJudge(), gpt, aux], on_row=lambda r: seen.append(r["id"]))
-    assert [r["id"] for r in out] == ["r1", "r2", "r3"] and seen[-1] == "r1"  # r1 finished last
+    out = locate.locate(ROWS, [RuleJudge(), gpt, aux], on_row=lambda r: seen.append(r.id))
+    assert [r.id for r in out] == ["r1", "r2", "r3"] and seen[-1] == "r1"  # r1 finished last
     r1, r2, r3 = out
-    assert r1["extra"] == "kept" and r1["policy"] == "paper"
-    assert (r1["status"], r1["first_error_step"], r1["primary_error_type"], r1["category"]) == \
+    assert r1.extra["extra"] == "kept" and r1.policy == "paper"
+    assert (r1.status, r1.first_error_step, r1.primary_error_type, r1.category) == \
         ("accepted", 2, "computational_error", "execution")
-    assert list(r1["votes"]) == ["rule", "gpt", "aux"] and r1["votes"]["rule"]["status"] == "error"
-    assert r1["n_steps"] == 2 and r1["agreement"] == 1.0 and r1["confidence_score"] == 0.9
-    assert (r2["status"], r2["first_error_step"], r2["category"]) == ("escalated", 1, "method")
-    assert r2["votes"]["rule"]["status"] == "abstain"
-    assert (r3["status"], r3["first_error_step"], r3["primary_error_type"], r3["category"]) == \
+    assert list(r1.votes) == ["rule", "gpt", "aux"] and r1.votes["rule"].status == "error"
+    assert r1.n_steps == 2 and r1.agreement == 1.0 and r1.confidence_score == 0.9
+    assert (r2.status, r2.first_error_step, r2.category) == ("escalated", 1, "method")
+    assert r2.votes["rule"].status == "abstain"
+    assert (r3.status, r3.first_error_step, r3.primary_error_type, r3.category) == \
         ("unjudged", -1, None, None)
     # a resumed run reuses votes that were not unjudged, for unchanged cases
     gpt2 = _ScriptedJudge("gpt", gpt.answers)
-    again = locate.locate(ROWS, [RuleJudge(), gpt2, aux], previous={r["id"]: r for r in out})
-    assert gpt2.calls == ["r3"] and [r["status"] for r in again] == ["accepted", "escalated", "unjudged"]
+    again = locate.locate(ROWS, [RuleJudge(), gpt2, aux], previous={r.id: r for r in out})
+    assert gpt2.calls == ["r3"] and [r.status for r in again] == ["accepted", "escalated", "unjudged"]
     # another policy on the same votes, without asking any judge
     redo = locate.redecide(out, Policy("rule-only"))
-    assert [r["status"] for r in redo] == ["accepted", "escalated", "escalated"]
-    assert redo[0]["votes"] == out[0]["votes"] and redo[0]["policy"] == "rule-only"
+    assert [r.status for r in redo] == ["accepted", "escalated", "escalated"]
+    assert redo[0].votes == out[0].votes and redo[0].policy == "rule-only"
 
 
 @pytest.mark.parametrize("rows, judges, policy, fragment", [
@@ -214,10 +214,10 @@ def test_regression_set_picks_fp_right_quant_wrong():
     quant = [rec(0, False, "qa0"), rec(1, True, "qa1"), rec(2, False, "qa2"), rec(3, False, "qa3"),
              rec(4, False, "qa4")]
     rows = regression_set(fp, quant, problems={"q3": "What is 2 + 3?"})
-    assert [r["id"] for r in rows] == ["q0", "q3"]
-    assert rows[0] == {"id": "q0", "doc_index": 0, "problem": "prompt 0", "response": "qa0", "gold_answer": "5",
-                       "reference_response": "fp0", "extracted": None}
-    assert rows[1]["problem"] == "What is 2 + 3?"
+    assert [r.id for r in rows] == ["q0", "q3"]
+    assert rows[0].to_dict() == {"id": "q0", "doc_index": 0, "problem": "prompt 0", "response": "qa0",
+                                 "gold_answer": "5", "reference_response": "fp0", "extracted": None}
+    assert rows[1].problem == "What is 2 + 3?"
     assert regression_set([r.to_dict() for r in fp], [r.to_dict() for r in quant]) == regression_set(fp, quant)
 
 
@@ -245,30 +245,30 @@ PROFILE_ROWS = [
 
 def test_error_profile_numbers():
     p = error_profile(PROFILE_ROWS)
-    assert p["n"] == 8 and p["n_final"] == 6 and p["n_located"] == 5
-    assert p["status"] == {"accepted": 5, "human": 1, "escalated": 1, "unjudged": 1}
-    assert p["categories"] == {"conceptual": {"count": 1, "share": 0.2}, "reasoning": {"count": 0, "share": 0.0},
+    assert p.n == 8 and p.n_final == 6 and p.n_located == 5
+    assert p.status == {"accepted": 5, "human": 1, "escalated": 1, "unjudged": 1}
+    assert p.categories == {"conceptual": {"count": 1, "share": 0.2}, "reasoning": {"count": 0, "share": 0.0},
                                "method": {"count": 1, "share": 0.2}, "execution": {"count": 3, "share": 0.6}}
-    assert p["types"]["computational_error"] == {"count": 2, "share": 0.4}
-    assert p["types"]["formula_rule_error"] == {"count": 0, "share": 0.0}
-    assert sum(d["count"] for d in p["types"].values()) == 5
-    assert p["no_error"] == {"count": 1, "share": round(1 / 6, 4), "ids": ["e6"]}
-    assert p["first_error_step"] == {"histogram": {"1": 2, "2": 1, "3": 1, "5": 1}, "median": 2, "mean": 2.4}
+    assert p.types["computational_error"] == {"count": 2, "share": 0.4}
+    assert p.types["formula_rule_error"] == {"count": 0, "share": 0.0}
+    assert sum(d["count"] for d in p.types.values()) == 5
+    assert p.no_error == {"count": 1, "share": round(1 / 6, 4), "ids": ["e6"]}
+    assert p.first_error_step == {"histogram": {"1": 2, "2": 1, "3": 1, "5": 1}, "median": 2, "mean": 2.4}
     # (k-1)/n: 0/10, 1/4, 2/10, 4/5, 0/2 -> bins 0.0, 0.2, 0.2, 0.8, 0.0
-    bins = p["relative_first_error_step"]["bins"]
+    bins = p.relative_first_error_step["bins"]
     assert bins["0.0-0.1"] == 2 and bins["0.2-0.3"] == 2 and bins["0.8-0.9"] == 1 and sum(bins.values()) == 5
-    assert p["relative_first_error_step"]["median"] == 0.2
+    assert p.relative_first_error_step["median"] == 0.2
     # rows with >= 2 verdicts: e1..e7 (7); all agree in e1, e2, e3, e5, e6 -> 5/7
-    assert p["judges"]["agreement_rate"] == round(5 / 7, 4) and p["judges"]["n_compared"] == 7
-    assert p["judges"]["pairwise"] == {"a|b": round(5 / 7, 4)}
-    assert p["judges"]["unjudged"] == {"a": 1, "b": 1, "c": 1}
-    json.dumps(p)  # storable in CellResult.error_profile
+    assert p.judges["agreement_rate"] == round(5 / 7, 4) and p.judges["n_compared"] == 7
+    assert p.judges["pairwise"] == {"a|b": round(5 / 7, 4)}
+    assert p.judges["unjudged"] == {"a": 1, "b": 1, "c": 1}
+    json.dumps(p.to_dict())  # storable in CellResult.error_profile
 
 
 def test_error_profile_empty():
     p = error_profile([])
-    assert p["n_located"] == 0 and p["first_error_step"]["median"] is None
-    assert p["categories"]["execution"]["share"] == 0.0 and p["judges"]["agreement_rate"] is None
+    assert p.n_located == 0 and p.first_error_step["median"] is None
+    assert p.categories["execution"]["share"] == 0.0 and p.judges["agreement_rate"] is None
     assert check_profile(p, {"max_share.execution": 0.6, "min_median_first_error_step": 2}) == []
     assert check_profile(p, {"min_located": 1}) == [
         "number of located errors is 0 < min 1 (min_located; 0 located errors)"]
@@ -345,7 +345,7 @@ def test_review_queue_round_trip(tmp_path):
     assert blank == {"id": "esc/1", "primary_error_type": None, "error_step": None, "explanation": None,
                      "confidence_score": None, "reviewer": None}
     # nothing filled in: nothing changes
-    assert import_reviews(tmp_path / "q", rows) == rows
+    assert [r.to_dict() for r in import_reviews(tmp_path / "q", rows)] == rows
     (esc / "human_verdict.json").write_text(json.dumps({**blank, "primary_error_type": "procedural_error",
                                                         "error_step": 2, "explanation": "wrong operation",
                                                         "reviewer": "ann"}))
@@ -354,13 +354,13 @@ def test_review_queue_round_trip(tmp_path):
                                "explanation": "5.5 is \\frac{11}{2}", "confidence_score": 1}))
     merged = import_reviews(tmp_path / "q", rows)
     m0, m1 = merged[0], merged[1]
-    assert (m0["status"], m0["first_error_step"], m0["primary_error_type"], m0["category"]) == \
+    assert (m0.status, m0.first_error_step, m0.primary_error_type, m0.category) == \
         ("human", 2, "procedural_error", "method")
-    assert m0["pre_review_status"] == "escalated" and m0["human_review"]["reviewer"] == "ann"
-    assert m0["votes"] == rows[0]["votes"]
-    assert (m1["status"], m1["first_error_step"], m1["primary_error_type"]) == ("human", -1, None)
+    assert m0.pre_review_status == "escalated" and m0.human_review["reviewer"] == "ann"
+    assert m0.to_dict()["votes"] == rows[0]["votes"]
+    assert (m1.status, m1.first_error_step, m1.primary_error_type) == ("human", -1, None)
     assert rows[0]["status"] == "escalated"  # inputs untouched
-    assert error_profile(merged)["status"]["human"] == 2
+    assert error_profile(merged).status["human"] == 2
     # rebuilding the queue keeps filled-in verdicts
     write_review_queue(merged, tmp_path / "q", audit_rate=0.02, seed=0)
     assert json.loads((esc / "human_verdict.json").read_text())["reviewer"] == "ann"
@@ -392,10 +392,10 @@ def test_import_reviews_malformed_verdict_names_file_and_field(tmp_path, content
 def test_audit_sample_is_seeded_two_percent():
     rows = [{"id": f"a{i:03d}", "status": "accepted"} for i in range(250)] + [{"id": "e", "status": "escalated"}]
     pick = select_cases(rows, 0.02, seed=7)
-    audit = [r["id"] for r, why in pick if why == "audit"]
+    audit = [r.id for r, why in pick if why == "audit"]
     assert len(audit) == 5 and pick[0][1] == "escalated"
-    assert audit == [r["id"] for r, why in select_cases(list(reversed(rows)), 0.02, seed=7) if why == "audit"]
-    assert audit != [r["id"] for r, why in select_cases(rows, 0.02, seed=8) if why == "audit"]
+    assert audit == [r.id for r, why in select_cases(list(reversed(rows)), 0.02, seed=7) if why == "audit"]
+    assert audit != [r.id for r, why in select_cases(rows, 0.02, seed=8) if why == "audit"]
     assert [w for _, w in select_cases(rows, 0.0)] == ["escalated"]
 
 
@@ -512,15 +512,15 @@ def test_locate_cell_with_the_arith_labeller_and_rule_judge():
         SampleRecord(solved.id, 2, "prompt", solved.solution(), str(solved.answer), str(solved.answer), True),
         SampleRecord("arith-test-not-in-set", 9, "prompt", "Step 1: 1 + 1 = 3", "3", "2", False),
     ]
-    rows = {r["id"]: r for r in locate_cell(fp_items, quant, [ArithJudge(), RuleJudge()])}
+    rows = {r.id: r for r in locate_cell(fp_items, quant, [ArithJudge(), RuleJudge()])}
     assert set(rows) == {slip.id, wrong_op.id, "arith-test-not-in-set"}  # the solved item is no regression
-    assert (rows[slip.id]["first_error_step"], rows[slip.id]["primary_error_type"]) == (2, "computational_error")
-    assert rows[slip.id]["status"] == "accepted" and rows[slip.id]["agreement"] == 1.0  # rule judge agrees
-    assert (rows[wrong_op.id]["first_error_step"], rows[wrong_op.id]["primary_error_type"]) == (1, "procedural_error")
-    assert rows[wrong_op.id]["reference_response"] == wrong_op.solution()
+    assert (rows[slip.id].first_error_step, rows[slip.id].primary_error_type) == (2, "computational_error")
+    assert rows[slip.id].status == "accepted" and rows[slip.id].agreement == 1.0  # rule judge agrees
+    assert (rows[wrong_op.id].first_error_step, rows[wrong_op.id].primary_error_type) == (1, "procedural_error")
+    assert rows[wrong_op.id].reference_response == wrong_op.solution()
     # not a qmr_arith problem: the labeller abstains, the rule judge's slip is escalated, not accepted
-    assert rows["arith-test-not-in-set"]["status"] == "escalated"
+    assert rows["arith-test-not-in-set"].status == "escalated"
     profile = error_profile(list(rows.values()))
-    assert profile["n_located"] == 2
-    assert profile["categories"]["execution"]["count"] == 1 and profile["categories"]["method"]["count"] == 1
+    assert profile.n_located == 2
+    assert profile.categories["execution"]["count"] == 1 and profile.categories["method"]["count"] == 1
     assert locate_cell(fp_items, quant[2:3], [RuleJudge()]) == []  # nothing regressed, nothing judged

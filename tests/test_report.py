@@ -65,7 +65,7 @@ def _cell(session: QmrSession, model: str, quantizer: str, method: str, bench: s
     if located:
         fp_items = {r.item_id: {"correct": r.correct, "response": r.response, "extracted": r.extracted} for r in fp}
         judged = locate_cell(fp_items, quant, build_judges(["rule"]))  # as pipeline.locate_cell does
-        atomic_write_text(cell_dir / "located.jsonl", "".join(json.dumps(r) + "\n" for r in judged))
+        atomic_write_text(cell_dir / "located.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in judged))
         profile = error_profile(judged)
     result = CellResult(
         cell_id=cell_id, model=model, quantizer=quantizer, benchmark=bench, task=f"qmr_{bench}",

@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from ..fsutil import atomic_write_jsonl, read_jsonl_strict
-from ..locate import (POLICIES, LocateError, Policy, default_policy, error_profile, import_reviews, locate,
-                      profile_summary, validate_rows, write_review_queue)
+from ..locate import (POLICIES, LocatedRow, LocateError, Policy, default_policy, error_profile, import_reviews,
+                      locate, profile_summary, validate_rows, write_review_queue)
 from ..locate.judges import RULE, build_judges, load_judge_settings
 from ..registry import JUDGES
 
 __all__ = ["add_cli"]
 
 
-def _summary(rows: Sequence[Mapping[str, Any]]) -> str:
+def _summary(rows: Sequence[LocatedRow | Mapping[str, Any]]) -> str:
     return profile_summary(error_profile(rows))
 
 
@@ -63,19 +63,19 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     elif partial.exists():
         partial.unlink()
     try:
-        judged = locate(rows, judges, policy, previous=previous, on_row=lambda r: append_jsonl(partial, [r]),
-                        progress=not args.no_progress)
+        judged = locate(rows, judges, policy, previous=previous,
+                        on_row=lambda r: append_jsonl(partial, [r.to_dict()]), progress=not args.no_progress)
     finally:
         for j in judges:
             j.close()
-    atomic_write_jsonl(out, judged)
+    atomic_write_jsonl(out, (r.to_dict() for r in judged))
     partial.unlink(missing_ok=True)
     Path(str(partial) + ".lock").unlink(missing_ok=True)
     print(f"qmr judge: {_summary(judged)} -> {out}", file=sys.stderr)
     if args.profile:
         from ..fsutil import atomic_write_json
 
-        atomic_write_json(args.profile, error_profile(judged))
+        atomic_write_json(args.profile, error_profile(judged).to_dict())
     if args.review_dir:
         cases = write_review_queue(judged, args.review_dir, audit_rate=args.audit_rate, seed=args.seed)
         print(f"qmr judge: review queue of {len(cases)} cases -> {Path(args.review_dir) / 'index.html'}",
@@ -93,8 +93,8 @@ def _cmd_review_build(args: argparse.Namespace) -> int:
 def _cmd_review_import(args: argparse.Namespace) -> int:
     rows = read_jsonl_strict(args.judged, LocateError)
     merged = import_reviews(args.queue, rows)
-    atomic_write_jsonl(args.out, merged)
-    n = sum(r.get("status") == "human" for r in merged) - sum(r.get("status") == "human" for r in rows)
+    atomic_write_jsonl(args.out, (r.to_dict() for r in merged))
+    n = sum(r.status == "human" for r in merged) - sum(r.get("status") == "human" for r in rows)
     print(f"qmr review: {n} human verdicts merged; {_summary(merged)} -> {args.out}", file=sys.stderr)
     return 0
 

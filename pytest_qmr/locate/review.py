@@ -13,8 +13,10 @@ Pages are rendered by jinja2 with autoescaping on, so whatever a model wrote (``
 included) shows as text. A ``human_verdict.json`` that already exists is never overwritten,
 so rebuilding a queue keeps the work done in it.
 
-:func:`import_reviews` merges the filled-in verdicts back (status ``human``); verdicts still all
-null are pending and leave their row as it was. A malformed file gives one line naming the
+:func:`import_reviews` merges the filled-in verdicts back (status ``human``,
+:meth:`~pytest_qmr.locate.records.LocatedRow.reviewed`); verdicts still all null are pending and
+leave their row as it was. Rows are :class:`~pytest_qmr.locate.records.LocatedRow` records (or
+mappings, read as :meth:`~pytest_qmr.locate.records.LocatedRow.from_dict`). A malformed file gives one line naming the
 file and the field; all such lines are reported together.
 """
 
@@ -36,6 +38,7 @@ from ..errors import QmrError
 from ..fsutil import atomic_write_json, atomic_write_text
 from ..steps import segment
 from .judges import NO_ERROR, TYPE_DEFINITIONS, JudgeOutput
+from .records import LocatedRow, as_rows
 
 VERDICT_FILE = "human_verdict.json"
 MANIFEST = "queue.json"
@@ -146,55 +149,57 @@ def case_dir_name(case_id: str) -> str:
     return f"{slug}-{hashlib.sha256(case_id.encode('utf-8')).hexdigest()[:8]}"
 
 
-def select_cases(rows: Sequence[Mapping[str, Any]], audit_rate: float = 0.02, seed: int = 0,
-                 include_unjudged: bool = True) -> list[tuple[Mapping[str, Any], str]]:
+def select_cases(rows: Sequence[LocatedRow | Mapping[str, Any]], audit_rate: float = 0.02, seed: int = 0,
+                 include_unjudged: bool = True) -> list[tuple[LocatedRow, str]]:
     """(row, why) for the queue: escalated, unjudged, then the seeded audit sample of accepted rows."""
     if not 0 <= audit_rate <= 1:
         raise ReviewError(f"audit_rate must be in 0..1, got {audit_rate}")
-    picked = [(r, "escalated") for r in rows if r.get("status") == "escalated"]
+    rows = as_rows(rows)
+    picked = [(r, "escalated") for r in rows if r.status == "escalated"]
     if include_unjudged:
-        picked += [(r, "unjudged") for r in rows if r.get("status") == "unjudged"]
-    accepted = sorted((r for r in rows if r.get("status") == "accepted"), key=lambda r: str(r.get("id")))
+        picked += [(r, "unjudged") for r in rows if r.status == "unjudged"]
+    accepted = sorted((r for r in rows if r.status == "accepted"), key=lambda r: r.item_id)
     k = min(len(accepted), math.ceil(audit_rate * len(accepted) - 1e-9)) if audit_rate > 0 else 0
     picked += [(r, "audit") for r in random.Random(seed).sample(accepted, k)]
     return picked
 
 
-def _proposal(row: Mapping[str, Any]) -> str:
-    step = row.get("first_error_step")
+def _proposal(row: LocatedRow) -> str:
+    step = row.first_error_step
     if isinstance(step, int) and step > 0:
-        return f"step {step}: {row.get('primary_error_type')}"
-    return "none" if row.get("status") == "unjudged" else "no error"
+        return f"step {step}: {row.primary_error_type}"
+    return "none" if row.status == "unjudged" else "no error"
 
 
 def empty_verdict(case_id: str) -> dict[str, Any]:
     return {"id": case_id, **{f: None for f in VERDICT_FIELDS}, "reviewer": None}
 
 
-def write_review_queue(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, audit_rate: float = 0.02,
+def write_review_queue(rows: Sequence[LocatedRow | Mapping[str, Any]], out_dir: str | Path, audit_rate: float = 0.02,
                        seed: int = 0, include_unjudged: bool = True) -> list[dict[str, Any]]:
     """Write the review queue folder (see the module doc); returns the manifest's case list."""
     out = Path(out_dir)
+    rows = as_rows(rows)
     selected = select_cases(rows, audit_rate, seed, include_unjudged)
     types = [(t, taxonomy.CATEGORY_OF[t], TYPE_DEFINITIONS[t]) for t in taxonomy.TYPES]
     cases = []
     for row, why in selected:
-        case_id = str(row.get("id"))
+        case_id = row.item_id
         name = case_dir_name(case_id)
         folder = out / "cases" / name
-        votes = [(n, v) for n, v in (row.get("votes") or {}).items()]
+        votes = [(n, v.to_dict()) for n, v in row.votes.items()]
         html = _ENV.get_template("case.html").render(
-            row=dict(row), why=why, label="verdict" if row.get("status") in ("accepted", "human") else "proposal",
-            steps=segment(str(row.get("response") or "")),
-            ref_steps=segment(str(row.get("reference_response") or "")), votes=votes, css=_CSS,
+            row=row.to_dict(), why=why, label="verdict" if row.final else "proposal",
+            steps=segment(str(row.response or "")),
+            ref_steps=segment(str(row.reference_response or "")), votes=votes, css=_CSS,
             verdict_file=VERDICT_FILE, no_error=NO_ERROR, types=types)
         atomic_write_text(folder / "case.html", html)
         if not (folder / VERDICT_FILE).exists():
             atomic_write_json(folder / VERDICT_FILE, empty_verdict(case_id))
-        cases.append({"id": case_id, "dir": name, "why": why, "status": row.get("status"),
-                      "proposal": _proposal(row), "reason": row.get("reason") or ""})
+        cases.append({"id": case_id, "dir": name, "why": why, "status": row.status,
+                      "proposal": _proposal(row), "reason": row.reason or ""})
     counts = {w: sum(c["why"] == w for c in cases) for w in ("escalated", "unjudged", "audit")}
-    n_accepted = sum(r.get("status") == "accepted" for r in rows)
+    n_accepted = sum(r.status == "accepted" for r in rows)
     atomic_write_text(out / "index.html", _ENV.get_template("index.html").render(
         cases=cases, counts=counts, audit_rate=audit_rate, n_accepted=n_accepted, seed=seed, css=_CSS,
         verdict_file=VERDICT_FILE))
@@ -235,7 +240,7 @@ def _read_verdict(path: Path, case_id: str, n_steps: int) -> dict[str, Any] | No
             "explanation": out.explanation, "confidence_score": out.confidence_score, "reviewer": reviewer}
 
 
-def import_reviews(queue_dir: str | Path, judged_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def import_reviews(queue_dir: str | Path, judged_rows: Sequence[LocatedRow | Mapping[str, Any]]) -> list[LocatedRow]:
     """``judged_rows`` with every filled-in verdict of the queue merged (status ``human``).
 
     The human verdict replaces the row's verdict fields; the votes stay, the status before the
@@ -253,19 +258,20 @@ def import_reviews(queue_dir: str | Path, judged_rows: Sequence[Mapping[str, Any
                           f"{exc.start})") from None
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ReviewError(f"{manifest_path}: not a review queue manifest") from None
-    rows = [dict(r) for r in judged_rows]
-    by_id = {str(r.get("id")): r for r in rows}
+    rows = as_rows(judged_rows)
+    by_id = {r.item_id: i for i, r in enumerate(rows)}
     errors = []
     for case in cases:
         case_id = str(case.get("id"))
         path = queue / "cases" / str(case.get("dir")) / VERDICT_FILE
-        row = by_id.get(case_id)
-        if row is None:
+        index = by_id.get(case_id)
+        if index is None:
             errors.append(f"{path}: field 'id': no judged row has id {case_id!r}")
             continue
-        n_steps = row.get("n_steps")
+        row = rows[index]
+        n_steps = row.n_steps
         if not isinstance(n_steps, int):
-            n_steps = len(segment(str(row.get("response") or "")))
+            n_steps = len(segment(str(row.response or "")))
         try:
             verdict = _read_verdict(path, case_id, n_steps)
         except ReviewError as exc:
@@ -275,19 +281,15 @@ def import_reviews(queue_dir: str | Path, judged_rows: Sequence[Mapping[str, Any
             continue
         t = verdict["primary_error_type"]
         is_error = t != NO_ERROR
-        if row.get("status") != "human":
-            row["pre_review_status"] = row.get("status")
-        row.update({
-            "first_error_step": verdict["error_step"] if is_error else -1,
-            "primary_error_type": t if is_error else None,
-            "category": taxonomy.CATEGORY_OF[t] if is_error else None,
-            "explanation": verdict["explanation"],
-            "confidence_score": verdict["confidence_score"],
-            "status": "human",
-            "verdict_by": "human",
-            "reason": f"human review ({case.get('why')})",
-            "human_review": {"reviewer": verdict["reviewer"], "file": str(path.relative_to(queue))},
-        })
+        rows[index] = row.reviewed(
+            first_error_step=verdict["error_step"] if is_error else -1,
+            primary_error_type=t if is_error else None,
+            category=taxonomy.CATEGORY_OF[t] if is_error else None,
+            explanation=verdict["explanation"],
+            confidence_score=verdict["confidence_score"],
+            reason=f"human review ({case.get('why')})",
+            human_review={"reviewer": verdict["reviewer"], "file": str(path.relative_to(queue))},
+        )
     if errors:
         raise ReviewError("\n".join(errors))
     return rows

@@ -22,7 +22,7 @@ JSON schema (``schema_version`` :data:`SCHEMA_VERSION`), the fields of :class:`R
      "cells": [{"cell_id", "model", "quantizer", "benchmark", "task", "method", "is_fp",
                 "accuracy", "n", "outcome", "verdict": str | null, "gate": GateResult dict | null,
                 "gate_line": str, "seconds": {stage: s}, "quantization": {selected info},
-                "error_profile": locate.error_profile dict | null,
+                "error_profile": locate.ErrorProfile.to_dict() | null,
                 "error_profile_source": "result" | "located.jsonl" | null,
                 "profile_violations": [str],        # error-profile thresholds the cell broke
                 "restore": dict | null,             # restore.RestoreResult.to_dict() as recorded, plus

@@ -14,7 +14,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import taxonomy
 from ..fsutil import read_jsonl
@@ -22,6 +22,9 @@ from ..records import CellResult, SampleRecord
 from .formatting import one_line
 from .records import (SCHEMA_VERSION, VERDICTS, BaselineComparison, CellReport, RegressedItem, Report, ReportError,
                       Table1Entry, Table1Row)
+
+if TYPE_CHECKING:
+    from ..locate import LocatedRow
 
 _PROVENANCE_COMPARED = ("model_fingerprint", "generation", "seed", "limit", "data_sha256", "prompt_sha256")
 
@@ -155,7 +158,7 @@ def _faulty_step(response: str, k: int | None) -> str | None:
 
 
 def _regressions(quant: list[SampleRecord], fp_items: dict[str, dict[str, Any]],
-                 located: dict[str, dict[str, Any]] | None) -> list[RegressedItem]:
+                 located: dict[str, LocatedRow] | None) -> list[RegressedItem]:
     """FP right, quantized wrong (:func:`pytest_qmr.locate.regression_set`, the rows Locate judges),
     in the quantized run's order; judged fields from ``located``.
 
@@ -166,10 +169,9 @@ def _regressions(quant: list[SampleRecord], fp_items: dict[str, dict[str, Any]],
     fp = [SampleRecord(item_id, v.get("doc_index"), "", str(v.get("response") or ""), v.get("extracted"), "",
                        bool(v.get("correct"))) for item_id, v in fp_items.items()]
     rows = regression_set(fp, quant)
-    seen = {row["id"] for row in rows}
-    out = [_regressed_item(row, fp_items[row["id"]].get("extracted")) for row in rows]
-    out += [_regressed_item({**row, "id": row_id}, None) for row_id, row in (located or {}).items()
-            if row_id not in seen]
+    seen = {row.item_id for row in rows}
+    out = [_regressed_item(row, fp_items[row.item_id].get("extracted")) for row in rows]
+    out += [_regressed_item(row, None) for row_id, row in (located or {}).items() if row_id not in seen]
     for item in out:
         row = (located or {}).get(item.item_id)
         if row is not None:
@@ -177,26 +179,26 @@ def _regressions(quant: list[SampleRecord], fp_items: dict[str, dict[str, Any]],
     return out
 
 
-def _regressed_item(row: dict[str, Any], fp_extracted: str | None) -> RegressedItem:
+def _regressed_item(row: LocatedRow, fp_extracted: str | None) -> RegressedItem:
     """A Locate input (or judged) row as a :class:`RegressedItem`, not yet judged."""
-    def text(key: str) -> str:
-        return "" if row.get(key) is None else str(row[key])
+    def text(value: Any) -> str:
+        return "" if value is None else str(value)
 
     return RegressedItem(
-        item_id=row["id"], doc_index=row.get("doc_index"), prompt=text("problem"), gold=text("gold_answer"),
-        fp_response=text("reference_response"), fp_extracted=fp_extracted, quant_response=text("response"),
-        quant_extracted=row.get("extracted"))
+        item_id=row.item_id, doc_index=row.doc_index, prompt=text(row.problem), gold=text(row.gold_answer),
+        fp_response=text(row.reference_response), fp_extracted=fp_extracted, quant_response=text(row.response),
+        quant_extracted=row.extracted)
 
 
-def _add_judgement(item: RegressedItem, row: dict[str, Any]) -> None:
+def _add_judgement(item: RegressedItem, row: LocatedRow) -> None:
     """The judged fields of a located.jsonl row, and the text of the first faulty step."""
-    k = row.get("first_error_step")
-    item.status = row.get("status")
+    k = row.first_error_step
+    item.status = row.status
     item.first_error_step = k if isinstance(k, int) else None
-    item.n_steps = row.get("n_steps")
-    item.primary_error_type = row.get("primary_error_type")
-    item.category = row.get("category") or taxonomy.CATEGORY_OF.get(item.primary_error_type or "")
-    item.explanation = row.get("explanation")
+    item.n_steps = row.n_steps
+    item.primary_error_type = row.primary_error_type
+    item.category = row.category or taxonomy.CATEGORY_OF.get(item.primary_error_type or "")
+    item.explanation = row.explanation
     item.faulty_step = _faulty_step(item.quant_response, item.first_error_step)
 
 
@@ -264,13 +266,14 @@ def _compare_baseline(model: str, benchmark: str, cells: list[CellResult], fp_ce
 
 def _cell_report(run_dir: Path, cell: CellResult, samples: list[SampleRecord], fp_items: dict[str, dict] | None,
                  max_items: int) -> CellReport:
-    from ..locate import error_profile
+    from ..locate import LocatedRow, error_profile
 
     method = _method(cell)
     notes: list[str] = list(cell.notes)  # what a stage recorded it could not do on this task
     located_path = run_dir / "cells" / cell.cell_id / "located.jsonl"
     located_rows = read_jsonl(located_path) if located_path.is_file() else None
-    located = None if located_rows is None else {str(r.get("id")): r for r in located_rows if r.get("id") is not None}
+    located = None if located_rows is None else {str(r.get("id")): LocatedRow.from_dict(r) for r in located_rows
+                                                 if r.get("id") is not None}
     profile, profile_source = cell.error_profile, "result" if cell.error_profile else None
     if profile is None and located_rows:
         profile, profile_source = error_profile(located_rows), "located.jsonl"
@@ -292,7 +295,8 @@ def _cell_report(run_dir: Path, cell: CellResult, samples: list[SampleRecord], f
         gate_line=gate.summary() if gate else (cell.notes[0] if cell.outcome == "not_servable" and cell.notes
                                                else "no gate (no paired FP comparison)"),
         seconds=dict(cell.seconds or {}), quantization=_quantization_summary(cell.quantization),
-        error_profile=profile, error_profile_source=profile_source, restore=_restore_view(cell.restore),
+        error_profile=None if profile is None else profile.to_dict(), error_profile_source=profile_source,
+        restore=_restore_view(cell.restore),
         profile_violations=list(getattr(cell, "profile_violations", None) or []),
         located=located is not None, regressions_total=len(regressions), regressions=regressions[:max_items],
         notes=notes)
