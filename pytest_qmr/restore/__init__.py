@@ -38,11 +38,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from .errors import QmrError
-from . import answers, arith, taxonomy
-from .fsutil import (atomic_directory, atomic_write_json, atomic_write_jsonl, data_root, read_jsonl_strict,
+from ..errors import QmrError
+from .. import answers, arith, taxonomy
+from ..fsutil import (atomic_directory, atomic_write_json, atomic_write_jsonl, data_root, read_jsonl_strict,
                      sha256_text)
-from .steps import cut_before, is_final_answer_line, segment
+from ..steps import cut_before, is_final_answer_line, segment
 
 FINAL_STATUSES = ("accepted", "human")  # as pytest_qmr.locate: only these verdicts are final
 #: variant -> the one category it keeps (None: every category)
@@ -160,7 +160,7 @@ class RestoreResult:
 
 def user_turn(problem: str, kind: str = "number") -> str:
     """The user message of ``problem``: itself when it already carries an instruction."""
-    from .tasks.utils import build_prompt
+    from ..tasks.utils import build_prompt
 
     if any(i in problem for i in _INSTRUCTIONS):
         return problem
@@ -259,7 +259,7 @@ def gsm8k_problems(data_dir: str | os.PathLike, split: str = "train", n: int | N
                    seed: int = 0) -> list[TrainProblem]:
     """GSM8K problems of a local split, ids as the qmr_gsm8k task gives them (train vs test
     overlap is caught by id), ``n`` drawn at random with ``seed``."""
-    from .tasks.utils import _gsm8k_docs, _read_jsonl
+    from ..tasks.utils import _gsm8k_docs, _read_jsonl
 
     rows = _read_jsonl(Path(data_dir) / "gsm8k" / f"{split}.jsonl", ("question", "answer"))
     docs = _gsm8k_docs(rows)
@@ -303,7 +303,7 @@ def label_trace(problem: TrainProblem, response: str) -> dict[str, Any]:
     correct = answers.is_equivalent(answers.extract_answer(response, problem.kind), problem.gold_answer,
                                     problem.kind)
     if problem.arith is not None:
-        from .locate.judges.arith import label
+        from ..locate.judges.arith import label
 
         lab = label(problem.arith, response)
         if correct or lab.status == "correct":
@@ -313,7 +313,7 @@ def label_trace(problem: TrainProblem, response: str) -> dict[str, Any]:
         return {"correct": False, "first_error_step": lab.first_error_step, "primary_error_type": t,
                 "category": taxonomy.CATEGORY_OF.get(t) if t else None, "status": "accepted",
                 "label": lab.status, "explanation": lab.explanation}
-    from .locate.judges import rule
+    from ..locate.judges import rule
 
     verdict = rule.judge(response)
     located = not correct and verdict.status == "error"
@@ -332,7 +332,7 @@ def mine_traces(model_path: str | os.PathLike, problems: Sequence[TrainProblem],
     ``prompt``, ``solution`` and ``correct``; :func:`build_pairs` keeps the located failures.
     ``generate`` (with the model's ``tokenizer``) replaces :func:`generate_greedy` on the loaded
     model, e.g. by one that answers from the generation cache (:mod:`pytest_qmr.cache`)."""
-    from .models import load
+    from ..models import load
 
     if generate is None:
         model, tokenizer = model_and_tokenizer or load(Path(model_path))
@@ -405,7 +405,7 @@ class ModelTeacher:
     model_and_tokenizer: Any = None
 
     def continue_many(self, cuts: Sequence[Cut]) -> list[str | None]:
-        from .models import load
+        from ..models import load
 
         if self.model_and_tokenizer is None:
             self.model_and_tokenizer = load(Path(self.model_path))
@@ -426,7 +426,7 @@ class EndpointTeacher:
     an unusable single answer only drops that case."""
 
     def __init__(self, config) -> None:
-        from .locate.judges import OpenAIJudge
+        from ..locate.judges import OpenAIJudge
 
         self.config = config
         self.name = f"endpoint:{config.name}"
@@ -437,7 +437,7 @@ class EndpointTeacher:
         return [{"role": "user", "content": user}]
 
     def _one(self, cut: Cut) -> str | None:
-        from .locate.judges.llm import _Fatal, _Retry, redact
+        from ..locate.judges.llm import _Fatal, _Retry, redact
 
         secret = self._client._secret()
         reason = "no attempt"
@@ -473,7 +473,7 @@ def make_teacher(spec: str, *, model: str | os.PathLike | None = None, judge_con
             raise RestoreError("teacher fp needs the full-precision model (--model)")
         return ModelTeacher(model, max_new_tokens, batch_size)
     if spec.startswith("endpoint:"):
-        from .locate.judges import load_judge_settings
+        from ..locate.judges import load_judge_settings
 
         name = spec.split(":", 1)[1]
         if not judge_config:
@@ -690,9 +690,9 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from .align import _stop_after, scoring_completions_only
-    from .backends import trainer_device_args
-    from .models import load
+    from ..align import _stop_after, scoring_completions_only
+    from ..backends import trainer_device_args
+    from ..models import load
 
     if not pairs:
         raise RestoreError("nothing to restore: no preference pairs")
@@ -834,7 +834,7 @@ def _check_saved(trained, model_path: Path, saved: Path, tokenizer, probe: str) 
     import torch
     from peft import PeftModel
 
-    from .models import load
+    from ..models import load
 
     ids = tokenizer(probe, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :256]
     trained.eval()
@@ -853,7 +853,7 @@ def load_restored(model_path: str | os.PathLike, adapter_dir: str | os.PathLike,
     ``device`` in ``dtype`` (default fp32 on the CPU)."""
     from peft import PeftModel
 
-    from .models import load
+    from ..models import load
 
     model, tokenizer = load(Path(model_path), device=device, dtype=dtype)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
@@ -891,7 +891,7 @@ class AblationConfig:
 
 
 def _accuracy(model, tokenizer, n_test: int, config: AblationConfig) -> list[bool]:
-    from .measure import Evaluator, GenerationSettings
+    from ..measure import Evaluator, GenerationSettings
 
     ev = Evaluator(model, tokenizer, GenerationSettings(config.max_new_tokens, config.batch_size), None)
     return [r.correct for r in ev.run("qmr_arith", limit=n_test, seed=config.seed)]
@@ -901,9 +901,9 @@ def ablate(config: AblationConfig, restore: RestoreConfig, work_dir: str | os.Pa
            cache: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """quantize -> mine the train split -> pairs per variant (same budget) -> DPO each ->
     evaluate each on the same qmr_arith test items. One row per model variant."""
-    from .gate import compare
-    from .models import load, resolve
-    from .quantize import QuantSpec, quantize
+    from ..gate import compare
+    from ..models import load, resolve
+    from ..quantize import QuantSpec, quantize
 
     work = Path(work_dir)
     base = resolve(config.model, Path(cache) if cache else None)
@@ -978,7 +978,7 @@ def _solutions(source: str | None, data_dir: str | None) -> dict[str, str]:
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
-    from .models import load, resolve
+    from ..models import load, resolve
 
     rows = _read_rows(args.judged)
     model = resolve(args.model).path if args.model else None
@@ -1007,7 +1007,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
-    from .models import resolve
+    from ..models import resolve
 
     config = RestoreConfig()
     for item in args.set or []:
