@@ -745,18 +745,11 @@ class QmrSession:
                 "libraries": {**library_versions(), **{n: version(n) for n in ("trl", "peft")}}}
 
     def _training_problems(self, cell):
-        from . import restore as rs
+        """The cell's training problems from the source registered for its task (PROBLEM_SOURCES)."""
+        from .restore import training_problems
 
-        task, n, seed = cell.benchmark.task, cell.restore.train_problems, cell.benchmark.seed
-        if task == "qmr_arith":
-            return rs.arith_problems("train", n, seed)
-        if task == "qmr_gsm8k":
-            data_dir = self._data_dir(cell)
-            if data_dir is None:
-                raise rs.RestoreError("restore on qmr_gsm8k needs a data dir with gsm8k/train.jsonl")
-            return rs.gsm8k_problems(data_dir, "train", n, seed)
-        raise rs.RestoreError(f"restore: task {task} has no training split with step-aligned gold "
-                              "(supported: qmr_arith, qmr_gsm8k)")
+        return training_problems(cell.benchmark.task, cell.restore.train_problems, cell.benchmark.seed,
+                                 self._data_dir(cell))
 
     @staticmethod
     def _outcome(cell, gate: GateResult) -> str:
