@@ -185,7 +185,7 @@ def _load(
         if paths:
             logger.warning("%s: %s; trying hub dataset %s", name, where, hub_id)
         try:
-            raw = {split: rows for split, rows in read_hub().items() if split in keep}
+            raw = {split: rows for split, rows in read_hub().items() if not splits or split in keep}
         except Exception as err:  # noqa: BLE001 - turn any hub failure into one readable line
             raise DataError(f"{name}: {where}, and hub dataset {hub_id} failed ({_first_line(err)})") from None
     return datasets.DatasetDict({split: datasets.Dataset.from_list(normalize(rows)) for split, rows in raw.items()})
