@@ -118,6 +118,40 @@ def test_registered_teacher_and_variant_make_pairs(registered):
     assert [p.item_id for p in build_pairs(rows, teacher, "all-step")] == ["arith-train-0", "arith-train-1"]
 
 
+def test_a_variant_registered_as_a_class_and_the_endpoint_teacher_by_name(tmp_path):
+    @RESTORE_VARIANTS.register("execution-only")
+    @dataclass(frozen=True)
+    class ExecutionOnly(Variant):
+        category: str | None = "execution"
+
+    try:
+        rows = [{**_row(1, "arith-train-1", "Step 1: 3 + 5 = 9\nThe answer is 9."), "category": "method"},
+                _row(1, "arith-train-0", "Step 1: 3 + 5 = 9\nThe answer is 9.")]
+        [pair] = build_pairs(rows, GoldTeacher({"arith-train-0": "Step 1: 3 + 4 = 7\nThe answer is 7."}),
+                             "execution-only")
+        assert (pair.variant, pair.category, pair.chosen) == ("execution-only", "execution",
+                                                              "Step 1: 3 + 4 = 7\nThe answer is 7.")
+    finally:
+        RESTORE_VARIANTS.remove("execution-only")
+    config = tmp_path / "judges.yaml"
+    config.write_text(json.dumps({"judges": [{"name": "loop", "base_url": "http://127.0.0.1:9", "model": "m"}]}))
+    teacher = make_teacher("endpoint:loop", judge_config=str(config))
+    try:
+        assert teacher.name == "endpoint:loop"
+    finally:
+        teacher.close()
+    with pytest.raises(RestoreError, match=r"^teacher endpoint:loop needs --judge-config naming an endpoint 'loop'$"):
+        make_teacher("endpoint:loop")
+    with pytest.raises(RestoreError, match=r"^teacher endpoint:lop: no openai-kind endpoint 'lop' in "):
+        make_teacher("endpoint:lop", judge_config=str(config))
+    with pytest.raises(RestoreError, match=r"^teacher 'endpoint': expected endpoint:NAME$"):
+        make_teacher("endpoint")
+    with pytest.raises(RestoreError, match=r"^teacher 'gold:x': gold takes no argument \(expected gold\)$"):
+        make_teacher("gold:x")
+    with pytest.raises(RestoreError, match=r"^teacher fp needs the full-precision model \(--model\)$"):
+        make_teacher("fp")
+
+
 def test_a_registered_problem_source_serves_its_task():
     PROBLEM_SOURCES.add("my_arith", lambda n, seed, data_dir: training_problems("qmr_arith", n, seed))
     try:

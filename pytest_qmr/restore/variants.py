@@ -93,11 +93,14 @@ class RandomDraw(Variant):
 
 
 def get_variant(name: str) -> Variant:
-    """The registered variant ``name``; :class:`RestoreError` (did-you-mean) for an unknown one."""
+    """The registered variant ``name`` (a registered class is instantiated with no arguments);
+    :class:`RestoreError` (did-you-mean) for an unknown one."""
     try:
         variant = RESTORE_VARIANTS.get(name)
     except RegistryError as exc:
         raise RestoreError(str(exc)) from None
+    if isinstance(variant, type):
+        variant = variant()
     if not (callable(getattr(variant, "candidates", None)) and hasattr(variant, "resume")):
         raise RestoreError(f"Restore variant {name!r}: {type(variant).__name__} is not a Variant "
                            "(keeps, candidates, resume)")
