@@ -8,9 +8,11 @@ so a changed data file or tokenizer can never reuse a checkpoint calibrated on o
 
 Datasets:
 
-``gsm8k``      GSM8K train split: ``<data dir>/gsm8k/train.jsonl`` where the data dir is the
+``gsm8k``      GSM8K train split, the ``qmr_gsm8k`` task's ``training_split`` as lm-eval reads
+               it (:func:`pytest_qmr.splits.task_docs`, the reader Restore's training problems
+               use too): ``<data dir>/gsm8k/train.jsonl`` where the data dir is the
                ``data_dir`` argument or ``QMR_DATA_DIR``; only when neither is set does it fall
-               back to the hub (``datasets.load_dataset("openai/gsm8k", "main")``). A data dir
+               back to the hub (the task's loader: ``openai/gsm8k``, ``main``). A data dir
                that lacks the file is an error naming the path, never a silent hub download.
 ``qmr_arith``  generated in-process from :func:`pytest_qmr.arith.generate` (train split), with
                the same user turn (:func:`pytest_qmr.arith.prompt`) the benchmark uses.
@@ -92,35 +94,20 @@ def validate(spec: CalibrationSpec) -> None:
 
 
 def _gsm8k_rows(data_dir: Path | None) -> tuple[list[dict], str]:
-    if data_dir is not None:
-        path = data_dir / GSM8K_TRAIN
-        if not path.is_file():
-            raise CalibrationError(f"calibration data {path} not found (data dir {data_dir} has no {GSM8K_TRAIN})")
-        rows = []
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise CalibrationError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-                                   f"{exc.start})") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append({"question": row["question"], "answer": row["answer"]})
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CalibrationError(f"{path}:{number}: not a GSM8K row with question and answer") from None
-        return rows, str(path)
-    try:
-        from datasets import load_dataset
+    from .splits import MissingSplitFile, task_docs
 
-        train = load_dataset("openai/gsm8k", "main", split="train")
-    except Exception as exc:  # offline, no cache ...
-        raise CalibrationError(
-            f"gsm8k calibration: no data dir (pass one or set QMR_DATA_DIR) and the hub copy is unavailable "
-            f"({type(exc).__name__})"
-        ) from None
-    return [{"question": r["question"], "answer": r["answer"]} for r in train], "hub:openai/gsm8k"
+    try:
+        docs, source = task_docs("qmr_gsm8k", data_dir, "train", GSM8K_TRAIN)
+    except MissingSplitFile as exc:
+        raise CalibrationError(f"calibration data {exc.path} not found (data dir {exc.data_dir} has no "
+                               f"{GSM8K_TRAIN})") from None
+    except QmrError as exc:  # the task loader's DataError (lm-eval imports tasks/utils.py as its own module)
+        if data_dir is None:  # offline, no cache ...
+            raise CalibrationError(f"gsm8k calibration: no data dir (pass one or set QMR_DATA_DIR) and the hub "
+                                   f"copy is unavailable ({exc})") from None
+        raise CalibrationError(str(exc)) from None
+    return [{"question": d["question"], "answer": d["answer"]} for d in docs], (
+        source if data_dir is not None else "hub:openai/gsm8k")
 
 
 def _conversations(spec: CalibrationSpec, data_dir: Path | None) -> tuple[list[tuple[str, str]], str]:

@@ -61,7 +61,7 @@ class DefaultRestore:
 
     @pytest.hookimpl(trylast=True)
     def pytest_qmr_restore(self, cell, result, records, context):
-        from .restore_cell import restore_cell
+        from .restore.cell import restore_cell
 
         return restore_cell(self.session, cell, result, records, context)
 

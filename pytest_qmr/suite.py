@@ -240,8 +240,8 @@ class RestoreSpec(_Spec):
     when: Annotated[Literal["off", "on-fail", "always"], BeforeValidator(_yaml_switch)] = "off"
     quantizers: list[Name] | None = None  # only these quantizers' cells (None: all)
     benchmarks: list[Name] | None = None  # only these benchmarks' cells (None: all)
-    teacher: NonEmptyStr = "gold"  # gold | fp | endpoint:NAME (NAME from locate.judge_config)
-    variant: Literal["all-step", "ce-step", "me-step", "ee-step", "all-ns", "rand-ns"] = "all-step"
+    teacher: NonEmptyStr = "gold"  # a registered teacher (registry.TEACHERS): gold | fp | endpoint:NAME
+    variant: NonEmptyStr = "all-step"  # a registered Restore variant (registry.RESTORE_VARIANTS)
     rejected_scope: Literal["rest", "step"] = "rest"  # step: reject only the faulty step (Step-DPO style)
     train_problems: PositiveInt = 200  # training-split problems the quantized model is mined on
     max_pairs: PositiveInt | None = None
@@ -643,7 +643,8 @@ def _check_family(source: str, spec: SuiteSpec) -> None:
 def _check_restore(source: str, spec: SuiteSpec) -> None:
     from dataclasses import fields
 
-    from .restore import RestoreConfig, RestoreError
+    from .registry import RESTORE_VARIANTS
+    from .restore import RestoreConfig, RestoreError, spec_problem
 
     r = spec.restore
     for section, names in (("quantizers", [q.name for q in spec.quantizers]),
@@ -662,9 +663,10 @@ def _check_restore(source: str, spec: SuiteSpec) -> None:
         RestoreConfig(**r.train)
     except (RestoreError, TypeError, ValueError) as exc:
         _fail(source, "restore.train", str(exc), r.train)
-    teacher = r.teacher
-    if teacher not in ("gold", "fp") and not (teacher.startswith("endpoint:") and spec.locate.judge_config):
-        _fail(source, "restore.teacher", "must be gold, fp or endpoint:NAME (NAME from locate.judge_config)", teacher)
+    if (problem := spec_problem(r.teacher, spec.locate.judge_config)) is not None:
+        _fail(source, "restore.teacher", problem, r.teacher)
+    if r.variant not in RESTORE_VARIANTS:
+        _fail(source, "restore.variant", RESTORE_VARIANTS.unknown(r.variant), r.variant)
 
 
 def _judge_hint(name: str, configured: Sequence[str] = ()) -> str:

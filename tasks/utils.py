@@ -10,6 +10,8 @@ only its own keys:
   ...); else the ``QMR_DATA_DIR`` environment variable; else, or where the file is absent,
   the hub dataset (online users).
 - ``arith_n`` (default 500) and ``arith_seed`` (default 0): size and seed of ``qmr_arith``.
+- ``qmr_splits`` (``qmr_gsm8k``): only these splits, comma-separated (``train``): the training
+  split is read without the test file (:mod:`pytest_qmr.splits`: Restore's problems, calibration).
 
 Every doc carries ``qmr_id`` (stable across runs and machines), ``qmr_gold`` (the gold answer
 as a string), ``qmr_kind`` (the ``pytest_qmr.answers`` kind) and ``qmr_question``.
@@ -110,20 +112,22 @@ def _read_jsonl(path: Path, required: Iterable[str]) -> list[dict]:
     required = tuple(required)
     rows = []
     try:
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from None
-                missing = [k for k in required if not isinstance(row, dict) or k not in row]
-                if missing:
-                    raise DataError(f"{path}: line {lineno}: missing field(s) {', '.join(missing)}")
-                rows.append(row)
-    except (OSError, UnicodeDecodeError) as err:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
         raise DataError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
+    except UnicodeDecodeError as err:  # the offset is the file's, as every reader here says it
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    for lineno, line in enumerate(text.split("\n"), 1):  # only newlines end a row, as a text file reads
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from None
+        missing = [k for k in required if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise DataError(f"{path}: line {lineno}: missing field(s) {', '.join(missing)}")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -163,18 +167,25 @@ def _load(
     hub_id: str,
     read_hub: Callable[[], dict[str, list[dict]]],
     normalize: Callable[[list[dict]], list[dict]],
+    splits: str | None = None,
 ) -> datasets.DatasetDict:
-    """Local files when ``data_dir``/QMR_DATA_DIR has them, else the hub; normalized docs."""
+    """Local files when ``data_dir``/QMR_DATA_DIR has them, else the hub; normalized docs.
+    ``splits`` (comma-separated): only those splits; the first of them (else ``test``) decides
+    between the local files and the hub."""
+    keep = [s for s in local if s in splits.split(",")] if splits else list(local)
+    if not keep:
+        raise DataError(f"{name}: no split {splits!r} (splits: {', '.join(local)})")
+    anchor = "test" if "test" in keep else keep[0]
     root = data_root(data_dir)
-    paths = {split: root / rel for split, rel in local.items()} if root else {}
-    if paths and paths["test"].exists():
+    paths = {split: root / local[split] for split in keep} if root else {}
+    if paths and paths[anchor].exists():
         raw = {split: read_local(path) for split, path in paths.items() if path.exists()}
     else:
-        where = f"no local file {paths['test']}" if paths else f"no data_dir or ${DATA_DIR_ENV}"
+        where = f"no local file {paths[anchor]}" if paths else f"no data_dir or ${DATA_DIR_ENV}"
         if paths:
             logger.warning("%s: %s; trying hub dataset %s", name, where, hub_id)
         try:
-            raw = read_hub()
+            raw = {split: rows for split, rows in read_hub().items() if not splits or split in keep}
         except Exception as err:  # noqa: BLE001 - turn any hub failure into one readable line
             raise DataError(f"{name}: {where}, and hub dataset {hub_id} failed ({_first_line(err)})") from None
     return datasets.DatasetDict({split: datasets.Dataset.from_list(normalize(rows)) for split, rows in raw.items()})
@@ -273,11 +284,11 @@ def _arith_docs(problems: list[arith.ArithProblem]) -> list[dict]:
 # --------------------------------------------------------------------------- loaders
 
 
-def load_gsm8k(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
+def load_gsm8k(data_dir: str | None = None, qmr_splits: str | None = None, **_: Any) -> datasets.DatasetDict:
     return _load(
         "qmr_gsm8k", data_dir, {"test": "gsm8k/test.jsonl", "train": "gsm8k/train.jsonl"},
         lambda p: _read_jsonl(p, ("question", "answer")),
-        "openai/gsm8k", lambda: _hub_splits("openai/gsm8k", "main"), _gsm8k_docs,
+        "openai/gsm8k", lambda: _hub_splits("openai/gsm8k", "main"), _gsm8k_docs, qmr_splits,
     )
 
 

@@ -134,7 +134,7 @@ def test_vllm_serves_what_the_cells_name(vllm_env, lab_model, data_dir, cache_di
                                          one_torch_thread):
     from pytest_qmr import models
     from pytest_qmr.records import SampleRecord
-    from pytest_qmr.restore_cell import deployed_restore
+    from pytest_qmr.restore.cell import deployed_restore
     from pytest_qmr.session import QmrSession
     from pytest_qmr.suite import load_suite
 

@@ -22,40 +22,46 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import models
-from .fsutil import atomic_write_jsonl, sha256_json
-from .records import CellContext, CellResult, SampleRecord
-from .servers import NotServable
+from .. import models
+from ..fsutil import atomic_write_jsonl, sha256_json
+from ..records import CellContext, CellResult, SampleRecord
+from ..servers import NotServable
+from .problems import training_problems
+from .records import RestoreResult
+from .teachers import make_teacher
+from .train import RestoreConfig, train_adapter
 
 
 def restore_cell(session, cell, result: CellResult, records: list[SampleRecord], context: CellContext) -> dict:
     """The default pytest_qmr_restore (module docstring)."""
-    from . import restore as rs
-    from .cache import cached_adapter
-    from .gate import compare
-    from .pipeline import gate_cell
+    from ..cache import cached_adapter
+    from ..gate import compare
+    from ..pipeline import gate_cell
+    from .mining import mine_traces
+    from .pairs import build_pairs
+    from .records import write_pairs
 
     spec, gen, seed = cell.restore, session.generation_settings(cell), cell.benchmark.seed
     cell_dir, fp, baseline, quant_path = context.cell_dir, context.fp, context.baseline, context.quantized
     started = time.monotonic()
-    problems = training_problems(session, cell)
+    problems = training_problems(cell.benchmark.task, spec.train_problems, seed, session.data_dir_of(cell))
     tokenizer = session.tokenizer(quant_path, cell.model.trust_remote_code)
     session.say(cell, f"restore: mining {len(problems)} training problems")
-    traces = rs.mine_traces(quant_path, problems, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+    traces = mine_traces(quant_path, problems, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
                             tokenizer=tokenizer, generate=session.greedy(cell, quant_path))
-    teacher = rs.make_teacher(spec.teacher, model=fp.path, judge_config=cell.judge_config,
+    teacher = make_teacher(spec.teacher, model=fp.path, judge_config=cell.judge_config,
                               max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size)
-    pairs = rs.build_pairs(traces, teacher, spec.variant, tokenizer=tokenizer, pool=traces, size=spec.max_pairs,
+    pairs = build_pairs(traces, teacher, spec.variant, tokenizer=tokenizer, pool=traces, size=spec.max_pairs,
                            seed=seed, eval_ids=[r.item_id for r in records], rejected_scope=spec.rejected_scope)
     if spec.max_pairs is not None:  # build_pairs raises "nothing to restore" itself when none are left
         pairs = pairs[:spec.max_pairs]
-    rs.write_pairs(cell_dir / "pairs.jsonl", pairs)
-    config = rs.RestoreConfig(**spec.train)
+    write_pairs(cell_dir / "pairs.jsonl", pairs)
+    config = RestoreConfig(**spec.train)
     session.say(cell, f"restore: training on {len(pairs)} pairs")
     runtime = session.runtime(cell)
     card = cached_adapter(session.cache_dir, adapter_inputs(quant_path, fp, pairs, config, runtime),
                           cell_dir / "adapter",
-                          lambda: rs.train_adapter(quant_path, pairs, config, cell_dir / "adapter",
+                          lambda: train_adapter(quant_path, pairs, config, cell_dir / "adapter",
                                                    distill_from=fp.path, runtime=runtime),
                           enabled=session.use_cache)
     if card.get("cache_hit"):
@@ -68,7 +74,7 @@ def restore_cell(session, cell, result: CellResult, records: list[SampleRecord],
     paired = [(quant[r.item_id], r.correct) for r in again if r.item_id in quant]
     restored_gate = gate_cell(session, cell, baseline, again,
                               [bool(baseline.items[r.item_id]["correct"]) for r in again])
-    outcome = rs.RestoreResult(
+    outcome = RestoreResult(
         pairs=len(pairs), teacher=spec.teacher, variant=spec.variant, steps=card["steps"],
         minutes=round((time.monotonic() - started) / 60, 2), adapter_path=card["adapter_path"],
         fp_acc=result.gate.fp_acc if result.gate else None, quant_acc=result.accuracy,
@@ -126,7 +132,7 @@ def adapter_inputs(quant_path: Path, fp: models.ResolvedModel, pairs, config, ru
     from dataclasses import asdict
     from importlib.metadata import version
 
-    from .pipeline import library_versions
+    from ..pipeline import library_versions
 
     return {"base": models.weights_fingerprint(quant_path),
             "pairs_sha256": sha256_json([p.to_dict() for p in pairs]),
@@ -134,18 +140,3 @@ def adapter_inputs(quant_path: Path, fp: models.ResolvedModel, pairs, config, ru
             "runtime": runtime.to_dict(),
             "libraries": {**library_versions(), **{n: version(n) for n in ("trl", "peft")}}}
 
-
-def training_problems(session, cell):
-    """The training-split problems of the cell's task that Restore mines."""
-    from . import restore as rs
-
-    task, n, seed = cell.benchmark.task, cell.restore.train_problems, cell.benchmark.seed
-    if task == "qmr_arith":
-        return rs.arith_problems("train", n, seed)
-    if task == "qmr_gsm8k":
-        data_dir = session.data_dir_of(cell)
-        if data_dir is None:
-            raise rs.RestoreError("restore on qmr_gsm8k needs a data dir with gsm8k/train.jsonl")
-        return rs.gsm8k_problems(data_dir, "train", n, seed)
-    raise rs.RestoreError(f"restore: task {task} has no training split with step-aligned gold "
-                          "(supported: qmr_arith, qmr_gsm8k)")
