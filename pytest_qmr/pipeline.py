@@ -227,18 +227,11 @@ def gate_cell(session, cell, baseline: bl.Baseline, records: list[SampleRecord],
 
 def locate_cell(cell, baseline: bl.Baseline, records: list[SampleRecord], cell_dir: Path) -> ErrorProfile:
     """First faulty step of every regressed item, with the suite's judges; rows go to located.jsonl."""
-    from .locate import Policy, default_policy, error_profile
+    from .locate import ensemble, error_profile
     from .locate import locate_cell as judge_regressions
-    from .locate.judges import build_judges, load_judge_settings
 
-    settings = load_judge_settings(cell.judge_config) if cell.judge_config is not None else None
-    judges = build_judges(cell.locate.judges, settings)
-    try:
-        policy = Policy.from_dict(cell.locate.policy) if cell.locate.policy else default_policy(judges)
+    with ensemble(cell.locate.judges, cell.locate.policy, cell.judge_config) as (judges, policy):
         rows = judge_regressions(baseline.items, records, judges, policy)
-    finally:
-        for judge in judges:
-            judge.close()
     atomic_write_jsonl(cell_dir / "located.jsonl", (row.to_dict() for row in rows))
     if cell.locate.review and rows:
         from .locate import write_review_queue

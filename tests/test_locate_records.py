@@ -76,9 +76,11 @@ def test_error_profile_of_a_committed_result_round_trips():
     # the located rows of that cell give the same profile today (the session adds judges_used and policy)
     rows = [LocatedRow.from_dict(json.loads(line)) for line in _lines("located.jsonl")]
     assert [json.dumps(r.to_dict(), ensure_ascii=False) for r in rows] == _lines("located.jsonl")
-    again = error_profile(rows)
-    assert list(again.to_dict()) == PROFILE_KEYS[:-2]
-    again.judges_used, again.policy = ["first-step"], "paper"
+    again = error_profile(rows)  # today's profile also counts untyped faulty steps (none in this cell)
+    keys = PROFILE_KEYS[:-2]
+    assert list(again.to_dict()) == [*keys[:keys.index("no_error") + 1], "untyped", *keys[keys.index("no_error") + 1:]]
+    assert again.untyped == {"count": 0, "share": 0.0, "ids": []}
+    again.judges_used, again.policy, again.untyped = ["first-step"], "paper", None
     assert json.dumps(again.to_dict(), sort_keys=True) == json.dumps(data["error_profile"], sort_keys=True)
     assert again == profile
     # the checks and the summary read the record, and a mapping the same way
@@ -114,9 +116,16 @@ def test_located_rows_as_dicts_still_make_restore_pairs():
     assert pair.prompt == chat + s[0].text(1) + "\n" and pair.chosen.startswith(s[1].text(2))
 
 
-def test_a_final_step_without_a_known_type_is_no_error_as_before():
+def test_a_final_step_without_a_type_is_untyped_and_one_of_an_unknown_type_no_error():
+    """The arith judge's format collapse (a step, no type) is counted apart, not as "no error"."""
     rows = [{"id": "x", "status": "accepted", "first_error_step": 2, "primary_error_type": None, "n_steps": 3},
-            {"id": "y", "status": "human", "first_error_step": 1, "primary_error_type": "typo_error", "n_steps": 3}]
+            {"id": "y", "status": "human", "first_error_step": 1, "primary_error_type": "typo_error", "n_steps": 3},
+            {"id": "z", "status": "escalated", "first_error_step": 1, "primary_error_type": None, "n_steps": 3}]
     assert not any(LocatedRow.from_dict(r).is_located for r in rows)
+    assert [LocatedRow.from_dict(r).is_untyped for r in rows] == [True, False, False]  # z is not final
     p = error_profile(rows)
-    assert (p.n_final, p.n_located, p.no_error["ids"]) == (2, 0, ["x", "y"])
+    assert (p.n_final, p.n_located, p.no_error["ids"], p.untyped) == (
+        2, 0, ["y"], {"count": 1, "share": 0.5, "ids": ["x"]})
+    assert check_profile(p, {"max_share.untyped": 0.25}) == [
+        "share of untyped is 0.5 > max 0.25 (max_share.untyped; 1 of 2 final cases)"]
+    assert profile_summary(p).endswith("; no error 1; untyped 1")

@@ -69,9 +69,10 @@ def _by_ops(*ops: str) -> arith.ArithProblem:
 
 
 def _row(p: arith.ArithProblem, response: str, **extra) -> dict:
-    """A case row as mine_traces writes it: the exact arith labeller's verdict on ``response``."""
-    return {"id": p.id, "problem": p.question, "response": response, "gold_answer": str(p.answer),
-            "solution": p.solution(), **restore.label_trace(TrainProblem.from_arith(p), response), **extra}
+    """A case row as mine_traces writes it: Locate's verdict (arith labeller, rule judge) on ``response``."""
+    row = {"id": p.id, "problem": p.question, "response": response, "gold_answer": str(p.answer),
+           "solution": p.solution()}
+    return {**restore.label_traces([row], [TrainProblem.from_arith(p)])[0], **extra}
 
 
 def computational(p: arith.ArithProblem) -> str:
@@ -326,6 +327,40 @@ def test_model_teacher_failing_everywhere_is_one_line_error(tiny, tokenizer):
     with pytest.raises(RestoreError, match=r"^teacher fp gave no continuation whose final answer verifies for any of 3"
                                            r" cases"):
         restore.build_pairs(rows, teacher, tokenizer=tokenizer)
+
+
+def test_mining_is_the_cells_locate():
+    """One Locate: a mined trace gets the verdict a cell's Locate gives with the same judges and
+    policy, the suite's judges decide what is a case, and a collapsed format is a case at its step."""
+    from pytest_qmr import locate
+
+    p = _by_ops("+", "*")
+    s = p.steps
+    collapsed = f"{s[0].text(1)}\nStep 2: {s[1].a} * = {s[1].result}\nThe answer is {p.answer + 3}."
+    rows = [{"id": p.id, "problem": p.question, "response": r, "gold_answer": str(p.answer),
+             "solution": p.solution()} for r in (collapsed, computational(p), p.solution())]
+    problem = TrainProblem.from_arith(p)
+    # outside a cell: arith + rule on qmr_arith problems (one call per response: ids are unique in a call)
+    mined = [restore.label_traces([row], [problem])[0] for row in rows]
+    with locate.ensemble(["arith", "rule"]) as (judges, policy):
+        located = [locate.locate([row], judges, policy)[0] for row in rows[:2]]
+    verdict = ("first_error_step", "primary_error_type", "category", "status", "verdict_by")
+    assert [tuple(m[k] for k in verdict) for m in mined[:2]] == [tuple(getattr(r, k) for k in verdict)
+                                                                  for r in located]
+    assert [tuple(m[k] for k in verdict) for m in mined] == [
+        (2, None, None, "accepted", "arith"),  # the format collapses at step 2: no type, but the step is known
+        (2, "computational_error", "execution", "accepted", "arith"),
+        (-1, None, None, "accepted", None)]
+    assert [m["correct"] for m in mined] == [False, False, True]
+    assert [restore.is_case(m) for m in mined] == [True, True, False]
+    # a suite whose locate.judges is [rule] sees no false equality in the collapse: escalated, no case
+    (rule_only,) = restore.label_traces(rows[:1], [problem], judges=["rule"])
+    assert rule_only["status"] == "escalated" and not restore.is_case(rule_only)
+    # problems the arith judge does not know by default (another seed) are made known to it
+    other = restore.arith_problems("train", 2, seed=7)
+    wrong = [{"id": q.id, "problem": q.question, "response": computational(q.arith), "gold_answer": q.gold_answer,
+              "solution": q.solution} for q in other]
+    assert [r["verdict_by"] for r in restore.label_traces(wrong, other)] == ["arith", "arith"]
 
 
 def test_mine_traces_labels_every_response(tiny):

@@ -14,10 +14,10 @@ faulty step of the quantized solution and its error type, decided by an ensemble
 from .profile import BIN_LABELS, ErrorProfile, check_profile, error_profile, profile_summary, validate_thresholds
 from .records import FINAL_STATUSES, LocatedRow
 from .review import ReviewError, import_reviews, write_review_queue
-from .stage import (POLICIES, ROW_FIELDS, Decision, LocateError, Policy, decide, default_policy, locate, locate_cell,
-                    output_row, redecide, regression_set, validate_rows)
+from .stage import (POLICIES, ROW_FIELDS, Decision, LocateError, Policy, decide, default_policy, ensemble, locate,
+                    locate_cell, output_row, redecide, regression_set, validate_rows)
 
 __all__ = ["BIN_LABELS", "FINAL_STATUSES", "POLICIES", "ROW_FIELDS", "Decision", "ErrorProfile", "LocateError",
-           "LocatedRow", "Policy", "ReviewError", "check_profile", "decide", "default_policy", "error_profile",
-           "import_reviews", "locate", "locate_cell", "output_row", "profile_summary", "redecide", "regression_set",
-           "validate_rows", "validate_thresholds", "write_review_queue"]
+           "LocatedRow", "Policy", "ReviewError", "check_profile", "decide", "default_policy", "ensemble",
+           "error_profile", "import_reviews", "locate", "locate_cell", "output_row", "profile_summary", "redecide",
+           "regression_set", "validate_rows", "validate_thresholds", "write_review_queue"]

@@ -10,6 +10,8 @@ and ``report.json``'s cells hold; :meth:`ErrorProfile.to_dict` is that JSON obje
      "categories": {category: {"count", "share"}},   # shares over the located errors
      "types": {type: {"count", "share"}},
      "no_error": {"count", "share", "ids"},           # final rows with no faulty step; share over n_final
+     "untyped": {"count", "share", "ids"},            # final rows with a faulty step but no type (a collapsed
+                                                      # format); share over n_final; absent in older profiles
      "first_error_step": {"histogram": {"k": count}, "median", "mean"},
      "relative_first_error_step": {"bins": {"0.0-0.1": count, ...}, "median"},
      "judges": {"agreement_rate", "n_compared", "pairwise": {"a|b": rate}, "unjudged": {judge: count}},
@@ -81,12 +83,17 @@ class ErrorProfile:
     first_error_step: StepStats
     relative_first_error_step: RelativeStepStats
     judges: JudgeAgreement
+    untyped: NoErrorShare | None = None  # None: a profile of a writer that did not count them
     judges_used: list[str] | None = None  # a cell's profile: the suite's locate.judges
     policy: str | None = None  # a cell's profile: the policy that decided
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer writer, kept as read
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: copy.deepcopy(getattr(self, name)) for name in _REQUIRED}
+        if self.untyped is not None:  # after no_error, where a reader looks for it
+            out = {**{k: v for k, v in out.items() if k in _REQUIRED[:_REQUIRED.index("no_error") + 1]},
+                   "untyped": copy.deepcopy(self.untyped),
+                   **{k: v for k, v in out.items() if k in _REQUIRED[_REQUIRED.index("no_error") + 1:]}}
         if self.judges_used is not None:
             out["judges_used"] = list(self.judges_used)
         if self.policy is not None:
@@ -102,9 +109,9 @@ class ErrorProfile:
             return data
         empty = error_profile([]) if any(k not in data for k in _REQUIRED) else None
         known = {k: copy.deepcopy(data[k]) if k in data else getattr(empty, k) for k in _REQUIRED}
-        return cls(**known, judges_used=data.get("judges_used"), policy=data.get("policy"),
-                   extra={k: copy.deepcopy(v) for k, v in data.items()
-                          if k not in (*_REQUIRED, "judges_used", "policy")})
+        return cls(**known, untyped=copy.deepcopy(data.get("untyped")), judges_used=data.get("judges_used"),
+                   policy=data.get("policy"), extra={k: copy.deepcopy(v) for k, v in data.items()
+                                                     if k not in (*_REQUIRED, "untyped", "judges_used", "policy")})
 
 
 BIN_LABELS = tuple(f"{i / 10:.1f}-{(i + 1) / 10:.1f}" for i in range(10))
@@ -126,7 +133,8 @@ def error_profile(rows: Iterable[LocatedRow | Mapping[str, Any]]) -> ErrorProfil
     status = Counter(str(r.status) for r in rows)
     final = [r for r in rows if r.final]
     located = [r for r in final if r.is_located]
-    no_error = [r for r in final if not r.is_located]
+    untyped = [r for r in final if r.is_untyped]
+    no_error = [r for r in final if not r.is_located and not r.is_untyped]
     n = len(located)
     type_counts = Counter(r.primary_error_type for r in located)
     cat_counts = Counter(taxonomy.CATEGORY_OF[r.primary_error_type] for r in located)  # type: ignore[index]
@@ -170,6 +178,8 @@ def error_profile(rows: Iterable[LocatedRow | Mapping[str, Any]]) -> ErrorProfil
                for t in taxonomy.TYPES},
         no_error={"count": len(no_error), "share": _share(len(no_error), len(final)),
                   "ids": [r.item_id for r in no_error]},
+        untyped={"count": len(untyped), "share": _share(len(untyped), len(final)),
+                 "ids": [r.item_id for r in untyped]},
         first_error_step={
             "histogram": {str(k): step_hist[k] for k in sorted(step_hist)},
             "median": statistics.median(steps) if steps else None,
@@ -188,7 +198,8 @@ def error_profile(rows: Iterable[LocatedRow | Mapping[str, Any]]) -> ErrorProfil
     )
 
 
-_SHARE_NAMES = (*taxonomy.CATEGORIES, *taxonomy.TYPES, NO_ERROR)
+UNTYPED = "untyped"
+_SHARE_NAMES = (*taxonomy.CATEGORIES, *taxonomy.TYPES, NO_ERROR, UNTYPED)
 _SCALAR_KEYS = {
     "min_median_first_error_step": ("min", "median first error step"),
     "max_median_first_error_step": ("max", "median first error step"),
@@ -220,8 +231,10 @@ def _profile_value(profile: ErrorProfile, key: str) -> tuple[float | None, str]:
     n_loc = profile.n_located
     if key.startswith(("max_share.", "min_share.")):
         name = key.split(".", 1)[1]
-        if name == NO_ERROR:
-            d = profile.no_error
+        if name in (NO_ERROR, UNTYPED):
+            d = profile.no_error if name == NO_ERROR else profile.untyped
+            if d is None:  # an older profile that did not count untyped errors
+                return None, ""
             return d["share"], f"{d['count']} of {profile.n_final} final cases"
         share = profile.categories.get(name) or profile.types[name]
         return share["share"], f"{share['count']} of {n_loc} located errors"
@@ -249,7 +262,8 @@ def _profile_value(profile: ErrorProfile, key: str) -> tuple[float | None, str]:
 def check_profile(profile: ErrorProfile | Mapping[str, Any], thresholds: Mapping[str, Any]) -> list[str]:
     """Readable messages for every threshold the profile violates ([] when all hold).
 
-    Keys: ``max_share.NAME`` / ``min_share.NAME`` (NAME a category, a type or ``no_error``),
+    Keys: ``max_share.NAME`` / ``min_share.NAME`` (NAME a category, a type, ``no_error`` or
+    ``untyped``),
     ``min|max_median_first_error_step``, ``min|max_mean_first_error_step``,
     ``min|max_median_relative_first_error_step``, ``min_judge_agreement``,
     ``max_escalated_share``, ``max_unjudged_share``, ``min_located``. An unknown key raises
@@ -282,5 +296,6 @@ def profile_summary(profile: ErrorProfile | Mapping[str, Any]) -> str:
     return (f"{p.n} judged: {st['accepted']} accepted, {st['escalated']} escalated, {st['unjudged']} unjudged"
             + (f", {st['human']} human" if st["human"] else "")
             + f"; located {p.n_located} ({cats}); no error {p.no_error['count']}"
+            + (f"; untyped {p.untyped['count']}" if p.untyped and p.untyped["count"] else "")
             + (f"; median first error step {med:g}" if med is not None else "")
             + (f"; judge agreement {agree:.0%} of {p.judges['n_compared']}" if agree is not None else ""))

@@ -99,8 +99,16 @@ class LocatedRow:
     @property
     def is_located(self) -> bool:
         """A final verdict naming a first faulty step and its error type (what the error profile
-        counts as located; a final row that is not located is a "no error" case)."""
+        counts as located; a final row that is neither located nor :attr:`is_untyped` is a
+        "no error" case)."""
         return (self.final and self.primary_error_type in taxonomy.CATEGORY_OF
+                and isinstance(self.first_error_step, int) and self.first_error_step >= 1)
+
+    @property
+    def is_untyped(self) -> bool:
+        """A final verdict naming a first faulty step but no error type: the response stops
+        following the step format there (the arith judge's ``format_collapse``)."""
+        return (self.final and self.primary_error_type is None
                 and isinstance(self.first_error_step, int) and self.first_error_step >= 1)
 
     def with_verdict(self, *, n_steps: int, first_error_step: int, primary_error_type: str | None,

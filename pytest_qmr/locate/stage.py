@@ -40,9 +40,11 @@ A row is ``unjudged`` when no judge gave a verdict at all.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from concurrent.futures import as_completed
 from dataclasses import dataclass, fields
 from typing import Any
@@ -178,6 +180,23 @@ def decide(votes: Mapping[str, Vote], policy: Policy) -> Decision:
 
 def default_policy(judges: Sequence[Judge]) -> Policy:
     return Policy("paper" if any(j.name != RULE for j in judges) else "rule-only")
+
+
+@contextmanager
+def ensemble(names: Sequence[str], policy: Mapping[str, Any] | None = None,
+             judge_config: str | os.PathLike | None = None) -> Iterator[tuple[list[Judge], Policy]]:
+    """(judges, policy) as a suite's ``locate:`` names them — built-in judges by name, LLM judges from
+    ``judge_config`` — and closed afterwards: the one place a cell's Locate and Restore's mining
+    get their ensemble, so both decide alike."""
+    from .judges import build_judges, load_judge_settings
+
+    settings = load_judge_settings(judge_config) if judge_config is not None else None
+    judges = build_judges(names, settings)
+    try:
+        yield judges, Policy.from_dict(policy) if policy else default_policy(judges)
+    finally:
+        for judge in judges:
+            judge.close()
 
 
 # --------------------------------------------------------------------------------- the stage

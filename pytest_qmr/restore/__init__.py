@@ -20,7 +20,7 @@ Every name other modules use is importable from here (``from pytest_qmr.restore 
 from __future__ import annotations
 
 from .ablate import AblationConfig, ablate, format_table
-from .mining import generate_greedy, label_trace, mine_traces
+from .mining import generate_greedy, label_traces, mine_traces
 from .pairs import REJECTED_SCOPES, build_pairs, check_leakage, cut_case, first_step_of, select_cases
 from .problems import (CHAT_USER, GoldSolution, TrainProblem, arith_problems, chat_prompt, gsm8k_problems,
                        gsm8k_solution, row_prompt, training_problems, user_turn)
@@ -39,7 +39,7 @@ __all__ = [
     "TeacherOptions", "TrainProblem", "Variant",
     "ablate", "arith_problems", "build_pairs", "chat_prompt", "check_leakage", "cut_case", "drop_cut_eos",
     "first_step_of", "format_table", "generate_greedy", "get_variant", "gsm8k_problems", "gsm8k_solution",
-    "is_case", "label_trace", "load_restored", "make_teacher", "merge_to_dir", "mine_traces", "read_pairs",
+    "is_case", "label_traces", "load_restored", "make_teacher", "merge_to_dir", "mine_traces", "read_pairs",
     "recovered_share", "row_prompt", "select_cases", "spec_problem", "stopped_by_itself", "teacher_forms",
     "train_adapter", "training_problems", "user_turn", "write_pairs",
 ]

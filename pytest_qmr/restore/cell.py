@@ -5,7 +5,8 @@ through the session's engines (so every generation goes through the generation c
 
 1. the quantized model (the dense copy the adapter is trained on) answers ``restore.train_problems``
    problems of the benchmark's training split (the training-problem source registered for the
-   cell's task), each labelled with its first faulty step;
+   cell's task), each failure located at its first faulty step by the suite's own ``locate:``
+   judges and policy (the same Locate stage as the cell's);
 2. the teacher continues each failure from just before that step: ``pairs.jsonl``;
 3. trl's DPO trains a LoRA adapter (``adapter/``, cached by everything it depends on);
 4. the cell's items are re-measured with the adapter on the dense copy
@@ -48,11 +49,12 @@ def restore_cell(session, cell, result: CellResult, records: list[SampleRecord],
     tokenizer = session.tokenizer(quant_path, cell.model.trust_remote_code)
     session.say(cell, f"restore: mining {len(problems)} training problems")
     traces = mine_traces(quant_path, problems, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
-                            tokenizer=tokenizer, generate=session.greedy(cell, quant_path))
+                         tokenizer=tokenizer, generate=session.greedy(cell, quant_path), judges=cell.locate.judges,
+                         policy=cell.locate.policy, judge_config=cell.judge_config)  # the cell's own Locate
     teacher = make_teacher(spec.teacher, model=fp.path, judge_config=cell.judge_config,
-                              max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size)
+                           max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size)
     pairs = build_pairs(traces, teacher, spec.variant, tokenizer=tokenizer, pool=traces, size=spec.max_pairs,
-                           seed=seed, eval_ids=[r.item_id for r in records], rejected_scope=spec.rejected_scope)
+                        seed=seed, eval_ids=[r.item_id for r in records], rejected_scope=spec.rejected_scope)
     if spec.max_pairs is not None:  # build_pairs raises "nothing to restore" itself when none are left
         pairs = pairs[:spec.max_pairs]
     write_pairs(cell_dir / "pairs.jsonl", pairs)

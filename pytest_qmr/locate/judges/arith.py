@@ -36,7 +36,8 @@ cancelled out, as ``* 2`` then ``/ 2`` do). A correct final answer with no fault
 ``"correct"``, also when the gold steps it did not write as equations may be prose steps.
 
 As a Locate voter (:class:`ArithJudge`, registered as ``arith``) the label is ground truth for
-``qmr_arith`` cases: an error at its step and type, or no error, with confidence 1.
+``qmr_arith`` cases: an error at its step and type, no error, or — a collapsed format — an error at
+its step with no type, each with confidence 1.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -311,14 +312,22 @@ def processbench_f1(predictions: Sequence[int], labels: Sequence[int]) -> Proces
 class ArithJudge(InlineJudge):
     """Ground truth for ``qmr_arith`` cases: the exact labeller (:func:`label`).
 
-    Cases are matched to problems by id (``arith-<split>-<hash>``); any other case, and a
-    response whose format collapsed (no checkable step; not a taxonomy type), is an abstention.
+    Cases are matched to problems by id (``arith-<split>-<hash>``): the first ``n`` problems of
+    each split for ``seed``, and any made known with :meth:`know` (Restore's mining passes the
+    training problems it asked); any other case is an abstention. A response whose format
+    collapsed (a garbled equation at step k, no parseable step, no final answer) is a faulty step
+    k **without a type** — the taxonomy has none for it — reason ``format_collapse``: where the
+    solution breaks first is known exactly, what kind of mistake it is is not.
     """
 
     name = ARITH
 
     def __init__(self, n: int = 500, seed: int = 0):
         self._problems = {p.id: p for split in ("test", "train") for p in generate(split, n, seed)}
+
+    def know(self, problems: Iterable[ArithProblem]) -> None:
+        """Judge these problems too (cases are matched to them by id)."""
+        self._problems.update((p.id, p) for p in problems)
 
     def judge(self, case: Case) -> Vote:
         problem = self._problems.get(case.id)
@@ -333,4 +342,5 @@ class ArithJudge(InlineJudge):
         if got.status == "correct":
             return Vote(ARITH, NO_ERROR, explanation=got.explanation, confidence_score=1.0, attempts=1,
                         latency_s=took)
-        return Vote(ARITH, "abstain", explanation=got.explanation, reason=got.status, attempts=1, latency_s=took)
+        return Vote(ARITH, "error", got.first_error_step, None, got.explanation, 1.0, reason=got.status, attempts=1,
+                    latency_s=took)
