@@ -26,10 +26,10 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from .errors import QmrError
-from .fsutil import DATA_DIR_ENV, data_root
-from .measure import Scoring, TaskSource
-from .registry import JUDGES, QUANT_METHODS
+from ..errors import QmrError
+from ..fsutil import DATA_DIR_ENV, data_root
+from ..measure import Scoring, TaskSource
+from ..registry import JUDGES, QUANT_METHODS
 
 __all__ = [
     "SuiteError",
@@ -546,7 +546,7 @@ def _check_method_fields(source: str, key: str, q: QuantizerSpec) -> None:
         _fail(source, f"{key}.{method.requires[0]}", f"required for method {q.method}: {method.requires[1]}",
               "nothing", raw=True)
     if q.options:
-        from .quantize import QuantizeError, method_settings
+        from ..quantize import QuantizeError, method_settings
 
         try:
             method_settings(q.method, q.options)
@@ -611,8 +611,8 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
 
 def _check_engines(source: str, spec: SuiteSpec) -> None:
     """generation.vllm options, generation.endpoints names, and artifacts that exist."""
-    from .models import ModelError
-    from .servers import check_vllm_options
+    from ..models import ModelError
+    from ..servers import check_vllm_options
 
     try:
         check_vllm_options(spec.generation.vllm)
@@ -643,8 +643,8 @@ def _check_family(source: str, spec: SuiteSpec) -> None:
 def _check_restore(source: str, spec: SuiteSpec) -> None:
     from dataclasses import fields
 
-    from .registry import RESTORE_VARIANTS
-    from .restore import RestoreConfig, RestoreError, spec_problem
+    from ..registry import RESTORE_VARIANTS
+    from ..restore import RestoreConfig, RestoreError, spec_problem
 
     r = spec.restore
     for section, names in (("quantizers", [q.name for q in spec.quantizers]),
@@ -676,7 +676,7 @@ def _judge_hint(name: str, configured: Sequence[str] = ()) -> str:
 
 
 def _check_locate(source: str, spec: SuiteSpec) -> None:
-    from .locate import LocateError, Policy, validate_thresholds
+    from ..locate import LocateError, Policy, validate_thresholds
 
     for j, name in enumerate(spec.locate.judges):
         if name not in JUDGES and spec.locate.judge_config is None:
@@ -863,8 +863,8 @@ def check_references(suite: Suite) -> None:
     ``locate.judge_config`` is a readable, valid judge file that configures every
     ``locate.judges`` name no judge is registered under (did-you-mean).
     Found here, a typo costs one line at collection instead of a traceback after evaluation."""
-    from .locate.judges import load_judge_settings
-    from .measure import check_task, known_tasks
+    from ..locate.judges import load_judge_settings
+    from ..measure import check_task, known_tasks
 
     for key, given, folder in suite.task_folders():
         if not folder.is_dir():
