@@ -56,16 +56,9 @@ _MISS = object()
 
 def engine_versions(backend: str) -> dict[str, str | None]:
     """Versions of the libraries a response depends on (a new lm-eval or torch regenerates)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from .versions import ENGINE, package_versions
 
-    names = ["lm_eval", "transformers", "torch"] + (["vllm"] if backend == "vllm" else [])
-    out: dict[str, str | None] = {}
-    for name in names:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
+    return package_versions((*ENGINE, "vllm") if backend == "vllm" else ENGINE)
 
 
 def _plain(value: Any) -> Any:

@@ -41,12 +41,12 @@ from .quantize import QuantSpec, get_method, quantize
 from .records import CellContext, CellResult, GateResult, SampleRecord
 from .redact import redact_obj
 from .servers import NotServable
+from .versions import RECORDS, package_versions
 
 
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("lm_eval", "transformers", "torch", "llmcompressor")}
+def library_versions() -> dict[str, str | None]:
+    """The library versions a baseline's provenance and a cell's reuse inputs record."""
+    return package_versions(RECORDS)
 
 
 def quant_spec(cell) -> QuantSpec:

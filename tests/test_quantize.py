@@ -530,7 +530,9 @@ def test_cli_quantize_and_cache(tiny_model, tmp_path, capsys):
     import argparse
 
     parser = argparse.ArgumentParser(prog="qmr")
-    qz.add_cli(parser.add_subparsers(dest="command", required=True))
+    from pytest_qmr.cli import quantize as cli_quantize
+
+    cli_quantize.add_cli(parser.add_subparsers(dest="command", required=True))
 
     def run(*argv) -> str:
         args = parser.parse_args(list(argv))

@@ -25,11 +25,10 @@ Each method is one module of :mod:`pytest_qmr.quantize.methods` registered in
 
 Modules: :mod:`.spec` (QuantSpec, the effective recipe, the cache key), :mod:`.build` (the build
 and what a cache entry holds), :mod:`.entries` (entry integrity, listing, clearing),
-:mod:`.methods` (one file per method), :mod:`.cli` (``qmr quantize``).
+:mod:`.methods` (one file per method); ``qmr quantize`` is :mod:`pytest_qmr.cli.quantize`.
 """
 
 from .build import quantize
-from .cli import add_cli
 from .entries import cache_entries, clear_cache, verify_entry
 from .methods import QuantMethod, fit_group_size, get_method
 from .methods.awq import awq_cpu_workaround
@@ -43,6 +42,6 @@ def build_recipe(model, recipe: dict) -> tuple[list, dict[str, int | None]]:
 
 
 __all__ = ["COMPRESSED_DIR", "FORMAT_VERSION", "INFO_FILE", "WEIGHT_BITS", "QuantMethod", "QuantSpec", "QuantizeError",
-           "QuantizedModel", "add_cli", "awq_cpu_workaround", "build_recipe", "cache_entries", "cache_key",
+           "QuantizedModel", "awq_cpu_workaround", "build_recipe", "cache_entries", "cache_key",
            "clear_cache", "effective_recipe", "fit_group_size", "get_method", "library_versions", "method_settings",
            "quantize", "verify_entry"]

@@ -20,6 +20,7 @@ from typing import Any
 from ..calibration import CalibrationError, CalibrationSpec
 from ..errors import QmrError
 from ..fsutil import sha256_text
+from ..versions import QUANTIZATION, package_versions
 
 WEIGHT_BITS = (2, 3, 4, 8)
 FORMAT_VERSION = 2  # bump when what a cache entry holds (or how it is built) changes
@@ -65,16 +66,9 @@ class QuantizedModel:
         return path if path.is_dir() else None
 
 
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "llmcompressor", "compressed-tensors"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "absent"
-    return out
+def library_versions() -> dict[str, str | None]:
+    """The library versions a quantized checkpoint depends on (part of its cache key)."""
+    return package_versions(QUANTIZATION)
 
 
 def method_settings(method: str, options: Mapping[str, Any] | Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:

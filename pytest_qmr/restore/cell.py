@@ -132,13 +132,12 @@ def _mmlu(session, cell, path: Path, adapter: Path | None) -> list[SampleRecord]
 def adapter_inputs(quant_path: Path, fp: models.ResolvedModel, pairs, config, runtime) -> dict:
     """Everything a trained adapter depends on (its cache key), the device it trains on included."""
     from dataclasses import asdict
-    from importlib.metadata import version
 
-    from ..pipeline import library_versions
+    from ..versions import ADAPTER, package_versions
 
     return {"base": models.weights_fingerprint(quant_path),
             "pairs_sha256": sha256_json([p.to_dict() for p in pairs]),
             "config": asdict(config), "distill_from": fp.fingerprint if config.distill_weight > 0 else None,
             "runtime": runtime.to_dict(),
-            "libraries": {**library_versions(), **{n: version(n) for n in ("trl", "peft")}}}
+            "libraries": package_versions(ADAPTER)}
 
