@@ -171,7 +171,6 @@ def private_quant_cache(tmp_path, cache_dir) -> Path:
     return root
 
 
-@pytest.mark.slow
 def test_new_method_runs_through_a_real_cell(new_method, lab_model, data_dir, repo_root, private_quant_cache, tmp_path,
                                              one_torch_thread):
     from pytest_qmr.session import QmrSession
@@ -191,7 +190,6 @@ def test_new_method_runs_through_a_real_cell(new_method, lab_model, data_dir, re
     assert result.quantization["group_sizes_used"] == {"64": 4 * 30}  # q, k, v, o in each of 30 layers
 
 
-@pytest.mark.slow
 def test_recipe_file_builds_what_rtn_builds(lab_model, cache_dir, private_quant_cache, tmp_path, one_torch_thread):
     from safetensors.torch import load_file
 

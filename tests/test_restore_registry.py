@@ -161,7 +161,6 @@ def test_a_registered_problem_source_serves_its_task():
         PROBLEM_SOURCES.remove("my_arith")
 
 
-@pytest.mark.slow
 def test_a_registered_teacher_and_variant_restore_a_real_cell(registered, tmp_path, data_dir, cache_dir, repo_root,
                                                                lab_model):
     from pytest_qmr.restore.cell import restore_cell
