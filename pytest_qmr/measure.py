@@ -139,14 +139,12 @@ def expected_items(task: str, indices: list[int], tokenizer, data_dir: Path | No
     """The prompts and golds lm-eval will build for ``indices`` of ``task`` (no model runs):
     the same ``build_all_requests`` path as :meth:`Evaluator.run`, with the tokenizer's chat
     template applied as lm-eval's HFLM applies it."""
-    from lm_eval.tasks import get_task_dict
-
     from .cache import render_chat
 
     def chat_template(history, add_generation_prompt: bool = True) -> str:
         return render_chat(tokenizer, history, add_generation_prompt)
 
-    task_obj = get_task_dict([task], task_manager(data_dir, source=source))[task]
+    task_obj = task_manager(data_dir, source=source).load(task)["tasks"][task]
     if task_obj.get_config("num_fewshot") is None:
         task_obj.set_config(key="num_fewshot", value=0)
     task_obj.set_fewshot_seed(seed=seed)

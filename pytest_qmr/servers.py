@@ -89,8 +89,9 @@ def auth_header(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def _stop_process(proc: subprocess.Popen | None, group: bool = False) -> None:
-    """SIGTERM (the whole process group with ``group``), then SIGKILL; pipes closed."""
+def _stop_process(proc: subprocess.Popen | None, group: bool = False, reader: threading.Thread | None = None) -> None:
+    """SIGTERM (the whole process group with ``group``), then SIGKILL; pipes closed, once ``reader``
+    (the thread draining stdout) has read to the end: closing a pipe under it fails its read."""
     if proc is None:
         return
     if proc.poll() is None:
@@ -102,6 +103,8 @@ def _stop_process(proc: subprocess.Popen | None, group: bool = False) -> None:
             proc.wait(15)
     if group:  # the engine's children may outlive a leader that exited first
         _signal(proc, signal.SIGKILL, group)
+    if reader is not None:
+        reader.join(10)
     for stream in (proc.stdin, proc.stdout):
         try:
             stream.close()
@@ -129,6 +132,7 @@ class _Server:
         self.proc: subprocess.Popen | None = None
         self.startup_seconds = 0.0
         self._log: collections.deque[str] = collections.deque(maxlen=400)
+        self._reader: threading.Thread | None = None
         self._started = 0.0
 
     def matches(self, spec: Mapping[str, Any]) -> bool:
@@ -140,16 +144,22 @@ class _Server:
     def _drain(self, on_line=None) -> None:
         """Keep reading the child's output (so it never blocks on a full pipe)."""
 
+        stdout = self.proc.stdout if self.proc is not None else None
+        assert stdout is not None
+
         def read() -> None:
-            assert self.proc is not None and self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self._log.append(line.rstrip())
-                if on_line is not None:
-                    on_line(line)
+            try:
+                for line in stdout:
+                    self._log.append(line.rstrip())
+                    if on_line is not None:
+                        on_line(line)
+            except ValueError:  # closed by close() after its join timed out: nothing more to read
+                pass
             if on_line is not None:
                 on_line(None)
 
-        threading.Thread(target=read, name=f"qmr-{self.kind}-log", daemon=True).start()
+        self._reader = threading.Thread(target=read, name=f"qmr-{self.kind}-log", daemon=True)
+        self._reader.start()
 
     def tail(self, n: int = 5) -> str:
         return " | ".join(list(self._log)[-n:]) or "no output"
@@ -219,7 +229,7 @@ class ServedCheckpoint(_Server):
 
     def close(self) -> None:
         proc, self.proc = self.proc, None
-        _stop_process(proc)
+        _stop_process(proc, reader=self._reader)
 
 
 # --------------------------------------------------------------------------------- vllm serve
@@ -423,7 +433,7 @@ class VllmServer(_Server):
 
     def close(self) -> None:
         proc, self.proc = self.proc, None
-        _stop_process(proc, group=True)
+        _stop_process(proc, group=True, reader=self._reader)
 
 
 # --------------------------------------------------------------------------------- the pool

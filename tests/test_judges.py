@@ -358,10 +358,11 @@ def served(tmp_path_factory, cache_dir):
     """``qmr serve`` with the embedded base model, in a subprocess on a free port."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, KEY_ENV: FAKE_KEY, "QMR_CACHE_DIR": str(cache_dir)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest_qmr.serve", "--model", "embedded:smollm2-135m", "--port", "0",
-         "--api-key-env", KEY_ENV, "--served-name", "smol", "--threads", "1"],  # 1: fast on a shared CPU
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+    with open(log, "w") as stderr:  # the child has its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest_qmr.serve", "--model", "embedded:smollm2-135m", "--port", "0",
+             "--api-key-env", KEY_ENV, "--served-name", "smol", "--threads", "1"],  # 1: fast on a shared CPU
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     url = None
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -374,6 +375,8 @@ def served(tmp_path_factory, cache_dir):
             break
     if url is None:
         proc.kill()
+        proc.wait()
+        proc.stdout.close()
         pytest.fail(f"qmr serve did not start: {log.read_text()[-2000:]}")
     yield {"url": url, "proc": proc, "log": log}
     proc.terminate()
@@ -381,6 +384,8 @@ def served(tmp_path_factory, cache_dir):
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
+    proc.stdout.close()  # else an unclosed-file ResourceWarning when the Popen is collected
 
 
 def _auth():
