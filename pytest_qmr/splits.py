@@ -39,7 +39,6 @@ def task_docs(task: str, data_dir: Path | None, split: str = "train", local: str
               ) -> tuple[list[dict], str]:
     """(docs, source) of ``split`` of the lm-eval ``task``: ``source`` is the local file
     (``data_dir / local``) when a data dir is given, else ``hub`` (the task's own fallback)."""
-    from lm_eval.tasks import get_task_dict
     from lm_eval.tasks._yaml_loader import load_yaml
 
     from .measure import task_manager, tasks_dir
@@ -63,5 +62,5 @@ def task_docs(task: str, data_dir: Path | None, split: str = "train", local: str
     # reads its training split for few-shot examples) when it builds the task
     config = {**config, "training_split": split if split == "train" else None, "validation_split": None,
               "test_split": config["training_split"] if split == "train" else split}
-    built = get_task_dict([config], manager)[task]
+    built = manager.load([config])["tasks"][task]
     return [dict(doc) for doc in getattr(built, SPLIT_DOCS[split])()], source

@@ -249,7 +249,7 @@ CASES = {
         lambda d: d["thresholds"].update(error_profile={"max_share.exectuion": 0.5}),
         "thresholds.error_profile.max_share.exectuion: unknown key (share names: conceptual, reasoning, method, "
         "execution, conceptual_misunderstanding, contextual_oversight, logical_reasoning_error, procedural_error, "
-        "formula_rule_error, computational_error, symbolic_manipulation_error, no_error) (got 0.5)",
+        "formula_rule_error, computational_error, symbolic_manipulation_error, no_error, untyped) (got 0.5)",
     ),
     "error profile limit not a number": (
         lambda d: d["benchmarks"][0]["thresholds"].update(error_profile={"min_median_first_error_step": "two"}),
