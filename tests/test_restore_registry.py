@@ -31,11 +31,11 @@ models:
 quantizers:
   - {{name: rtn-w3g64, method: rtn, bits: 3, group_size: 64}}
 benchmarks:
-  - {{name: arith, task: qmr_arith, limit: 16, seed: 0}}
+  - {{name: arith, task: qmr_arith, limit: 8, seed: 0}}
 thresholds: {{max_abs_drop: 0.10, max_rel_drop: 0.15, alpha: 0.05, min_items: 4, sequential: false}}
 generation: {{max_new_tokens: 96, batch_size: 20}}
 locate: {{enabled: false}}
-restore: {{when: on-fail, teacher: {teacher}, variant: {variant}, train_problems: 16, train: {{max_steps: 2}}}}
+restore: {{when: on-fail, teacher: {teacher}, variant: {variant}, train_problems: 8, train: {{max_steps: 2}}}}
 """
 
 
@@ -177,9 +177,9 @@ def test_a_registered_teacher_and_variant_restore_a_real_cell(registered, tmp_pa
     cell_dir = tmp_path / "run" / "cells" / cell.id
     rows = [json.loads(line) for line in (cell_dir / "pairs.jsonl").read_text().splitlines()]
     assert rows and result.restore["pairs"] == len(rows)
-    gold = {p.id: p.gold_answer for p in training_problems("qmr_arith", 16, cell.benchmark.seed)}
+    gold = {p.id: p.gold_answer for p in training_problems("qmr_arith", 8, cell.benchmark.seed)}
     assert all(r["teacher"] == TEACHER and r["variant"] == VARIANT and r["first_step"] == 1
                and r["chosen"] == f"The answer is {gold[r['item_id']]}." for r in rows), rows
     card = json.loads((cell_dir / "adapter" / "qmr_card.json").read_text())
     assert card["teachers"] == {TEACHER: len(rows)} and card["variants"] == {VARIANT: len(rows)}
-    assert result.restore["steps"] == 2 and result.restore["n_eval"] == 16
+    assert result.restore["steps"] == 2 and result.restore["n_eval"] == 8
