@@ -18,7 +18,7 @@ tokenizers, servers, the generation cache):
    profile, the review queue);
 8. **settle** the outcome (gate, error-profile thresholds, ``restore.min_gain``);
 9. **restore** through the ``pytest_qmr_restore`` hook when the suite asks, then settle again;
-10. **write** ``samples.jsonl`` and ``result.json``.
+10. **write** ``result.json``.
 
 An engine that has no kernel for the checkpoint ends the cell at step 5 with outcome
 ``not_servable``. Every stage's wall time goes into ``result.seconds``.
@@ -73,10 +73,20 @@ def restore_shortfall(restore: dict, min_gain: float) -> str | None:
     return None
 
 
-def write_cell(cell_dir: Path, records: list[SampleRecord], result: CellResult) -> None:
-    """A cell's records, secrets masked, each file written atomically."""
+def write_samples(cell_dir: Path, records: list[SampleRecord]) -> None:
+    """``samples.jsonl``, secrets masked, written atomically."""
     atomic_write_jsonl(cell_dir / "samples.jsonl", (redact_obj(r.to_dict()) for r in records))
+
+
+def write_result(cell_dir: Path, result: CellResult) -> None:
+    """``result.json``, secrets masked, written atomically."""
     atomic_write_json(cell_dir / "result.json", redact_obj(result.to_dict()))
+
+
+def write_cell(cell_dir: Path, records: list[SampleRecord], result: CellResult) -> None:
+    """A cell's records: ``samples.jsonl`` and ``result.json``."""
+    write_samples(cell_dir, records)
+    write_result(cell_dir, result)
 
 
 # --------------------------------------------------------------------------------- baseline
@@ -322,7 +332,7 @@ class CellPipeline:
             self._timed("evaluate", started)
             return self._not_servable(exc, quantized, artifact, dtype, inputs)
         self._timed("evaluate", started)
-        atomic_write_jsonl(self.cell_dir / "samples.jsonl", (redact_obj(r.to_dict()) for r in records))
+        write_samples(self.cell_dir, records)  # before Locate or Restore can fail
 
         gate = gate_cell(session, cell, baseline, records, fp_correct_all)
         profile, notes = self._locate(baseline, records)
@@ -342,7 +352,7 @@ class CellPipeline:
             self._timed("restore", started)
             result.seconds, result.cache = self._rounded(), session.cache_record(cell)
             settle(cell, result)
-        write_cell(self.cell_dir, records, result)
+        write_result(self.cell_dir, result)  # the samples are on disk since measure
         return result
 
     def _quantize(self, fp: models.ResolvedModel):
@@ -404,7 +414,7 @@ class CellPipeline:
             servable={"servable": False, "engine": exc.engine, "device": exc.device, "scheme": scheme,
                       "reason": exc.reason},
         )
-        atomic_write_json(self.cell_dir / "result.json", redact_obj(result.to_dict()))
+        write_result(self.cell_dir, result)
         return result
 
 
