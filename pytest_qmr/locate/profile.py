@@ -89,11 +89,11 @@ class ErrorProfile:
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer writer, kept as read
 
     def to_dict(self) -> dict[str, Any]:
-        out = {name: copy.deepcopy(getattr(self, name)) for name in _REQUIRED}
-        if self.untyped is not None:  # after no_error, where a reader looks for it
-            out = {**{k: v for k, v in out.items() if k in _REQUIRED[:_REQUIRED.index("no_error") + 1]},
-                   "untyped": copy.deepcopy(self.untyped),
-                   **{k: v for k, v in out.items() if k in _REQUIRED[_REQUIRED.index("no_error") + 1:]}}
+        out = {}
+        for name in _REQUIRED:
+            out[name] = copy.deepcopy(getattr(self, name))
+            if name == "no_error" and self.untyped is not None:  # beside no_error, where a reader looks
+                out["untyped"] = copy.deepcopy(self.untyped)
         if self.judges_used is not None:
             out["judges_used"] = list(self.judges_used)
         if self.policy is not None:
