@@ -17,7 +17,7 @@
       ``http://host:port``, ``.../v1`` or ``.../v1/chat/completions``. A comma-separated list
       gives each pytest-xdist worker one URL, round-robin (``gw0`` the first, ``gw1`` the
       second, ...). **It must show that it serves the cell's checkpoint**: a model that
-      ``GET /v1/models`` lists must be named after the checkpoint's weights fingerprint,
+      ``GET /v1/models`` lists must be named after the checkpoint's checkpoint fingerprint,
       ``qmr-<fingerprint>`` (``vllm serve DIR --served-model-name qmr-<fp>``, ``qmr serve
       --served-name qmr-<fp>``; ``qmr model DIR`` prints the fingerprint). A cell whose
       checkpoint no listed model names fails with one line instead of being answered by
@@ -50,7 +50,7 @@ from typing import Any, Mapping, MutableMapping, Sequence, TypeVar
 
 from .models import CHAT_END, ModelError
 from .servers import (API_KEY_ENV, BASE_URL_ENV, NotServable, ServerPool, VllmSettings, auth_header,
-                      chat_completions_url, models_url, vllm_python)
+                      chat_completions_url, endpoint_auth, models_url, vllm_python)
 
 BACKENDS = ("hf", "openai", "vllm")
 MODEL_ENV = "QMR_OPENAI_MODEL"
@@ -158,7 +158,8 @@ def pin_worker_device(env: MutableMapping[str, str] | None = None) -> str | None
 
 
 def configured_base_url(env: Mapping[str, str] | None = None) -> str | None:
-    """This worker's endpoint from ``QMR_OPENAI_BASE_URL`` (comma-separated: one per worker)."""
+    """This worker's endpoint from ``QMR_OPENAI_BASE_URL`` (comma-separated: one per worker); its
+    userinfo, if any, is taken apart by :func:`~pytest_qmr.servers.endpoint_auth`."""
     env = os.environ if env is None else env
     urls = [u.strip() for u in env.get(BASE_URL_ENV, "").split(",") if u.strip()]
     if not urls:
@@ -203,7 +204,7 @@ def chat_prompt_renderer(tokenizer):
 
 
 def served_name(fingerprint: str) -> str:
-    """The model name that shows a server serves the checkpoint with this weights fingerprint."""
+    """The model name that shows a server serves the checkpoint with this checkpoint fingerprint."""
     return f"qmr-{fingerprint}"
 
 
@@ -228,13 +229,13 @@ def lora_options(name: str, adapter: Path) -> tuple[tuple[str, Any], ...]:
             ("max_lora_rank", fits[0]))
 
 
-def listed_models(endpoint: str, api_key: str | None) -> list[str]:
+def listed_models(endpoint: str, headers: Mapping[str, str]) -> list[str]:
     """The model ids ``GET /v1/models`` lists (ModelError, one line, when it cannot be asked)."""
     import requests
 
     url = models_url(endpoint)
     try:
-        response = requests.get(url, headers=auth_header(api_key), timeout=30)
+        response = requests.get(url, headers=dict(headers), timeout=30)
         response.raise_for_status()
         return [str(m["id"]) for m in response.json().get("data", [])]
     except Exception as exc:  # noqa: BLE001 - down, 401, not OpenAI-shaped ...
@@ -242,13 +243,13 @@ def listed_models(endpoint: str, api_key: str | None) -> list[str]:
                          f"is the server up, and {API_KEY_ENV} right?") from None
 
 
-def remote_model_name(endpoint: str, api_key: str | None, fingerprint: str, checkpoint: Path | str = "",
+def remote_model_name(endpoint: str, headers: Mapping[str, str], fingerprint: str, checkpoint: Path | str = "",
                       env: Mapping[str, str] | None = None, exact: str | None = None) -> str:
     """The listed model that names ``fingerprint`` (``QMR_OPENAI_MODEL`` picks among several), or
     exactly ``exact`` (a LoRA adapter served beside its base); ModelError, one line, when none
     does: another model must never answer the cell."""
     env = os.environ if env is None else env
-    ids = listed_models(endpoint, api_key)
+    ids = listed_models(endpoint, headers)
     if exact is not None:
         if exact in ids:
             return exact
@@ -262,14 +263,14 @@ def remote_model_name(endpoint: str, api_key: str | None, fingerprint: str, chec
     if not matching:
         picked = f" ({MODEL_ENV}={wanted!r})" if wanted else ""
         raise ModelError(f"backend openai: {models_url(endpoint)} lists {shown}{picked}, none named after this cell's "
-                         f"checkpoint {checkpoint} (weights fingerprint {fingerprint}); serve it as "
+                         f"checkpoint {checkpoint} (checkpoint fingerprint {fingerprint}); serve it as "
                          f"{served_name(fingerprint)!r} (vllm serve --served-model-name / qmr serve --served-name), "
                          f"or unset {BASE_URL_ENV}")
     raise ModelError(f"backend openai: {models_url(endpoint)} lists {len(matching)} models for fingerprint "
                      f"{fingerprint} ({shown}); set {MODEL_ENV} to one")
 
 
-def openai_lm(endpoint: str, model_name: str, api_key: str | None, eos: str | None, concurrent: int,
+def openai_lm(endpoint: str, model_name: str, headers: Mapping[str, str], eos: str | None, concurrent: int,
               max_new_tokens: int, seed: int = 0):
     """lm-eval's ``local-chat-completions`` on ``endpoint`` (the key goes in a header, not a log)."""
     from lm_eval.models.openai_completions import LocalChatCompletion
@@ -277,7 +278,7 @@ def openai_lm(endpoint: str, model_name: str, api_key: str | None, eos: str | No
     return LocalChatCompletion(
         base_url=endpoint, model=model_name, tokenizer_backend=None, num_concurrent=max(1, concurrent),
         max_retries=3, max_gen_toks=max_new_tokens, seed=seed, eos_string=eos, timeout=REQUEST_TIMEOUT_SECONDS,
-        header=auth_header(api_key),
+        header=dict(headers),
     )
 
 
@@ -296,29 +297,31 @@ def backend_lm(backend: str, path: Path, max_new_tokens: int, batch_size: int, s
     ``lora_name``: the requests go to that LoRA module of the vLLM server (its settings carry
     ``enable_lora`` / ``lora_modules``, see :func:`lora_options`), which must list it.
 
-    Whatever answers must list a model named after ``path``'s weights fingerprint, else ModelError
+    Whatever answers must list a model named after ``path``'s checkpoint fingerprint, else ModelError
     (one line). ``served`` is ``{"endpoint", "model", "fingerprint", "engine"}``; ``engine`` is
     ``vLLM <version>``, ``qmr serve`` or ``user server``. A checkpoint vLLM cannot serve raises
     :class:`~pytest_qmr.servers.NotServable`."""
     if backend not in ("openai", "vllm"):
         raise ModelError(f"unknown generation backend {backend!r} (known: {', '.join(BACKENDS)})")
-    from .models import weights_fingerprint
+    from .models import checkpoint_fingerprint
 
     settings = vllm if vllm is not None or backend != "vllm" else VllmSettings(vllm_python(), "float32", "cpu", seed)
     tokenizer = load_tokenizer(path, trust_remote_code)
-    fingerprint = weights_fingerprint(Path(path))
+    fingerprint = checkpoint_fingerprint(Path(path))
     servers = servers if servers is not None else ServerPool()
     if settings is not None:
         server = servers.vllm_for(path, served_name(fingerprint), settings)
-        endpoint, key, concurrent, engine = server.url, server.api_key, batch_size, server.engine
-    elif (endpoint := chat_completions_url(endpoint) if endpoint else configured_base_url()) is not None:
-        key, concurrent, engine = os.environ.get(API_KEY_ENV) or None, batch_size, "user server"
+        endpoint, headers, concurrent, engine = server.url, auth_header(server.api_key), batch_size, server.engine
+    elif (given := endpoint or configured_base_url()) is not None:
+        where = "generation.endpoints" if endpoint else BASE_URL_ENV
+        endpoint, headers = endpoint_auth(given, os.environ.get(API_KEY_ENV) or None, where)
+        concurrent, engine = batch_size, "user server"
     else:  # our own qmr serve generates one request at a time anyway
         rt = runtime or Runtime("auto", "auto")
         server = servers.server_for(path, served_name(fingerprint), rt.device, rt.dtype)
-        endpoint, key, concurrent, engine = server.url, server.api_key, 1, server.kind
-    name = remote_model_name(endpoint, key, fingerprint, path, exact=lora_name)  # ours are checked like any other
-    lm = openai_lm(endpoint, name, key, tokenizer.eos_token, concurrent, max_new_tokens, seed)
+        endpoint, headers, concurrent, engine = server.url, auth_header(server.api_key), 1, server.kind
+    name = remote_model_name(endpoint, headers, fingerprint, path, exact=lora_name)  # ours are checked like any other
+    lm = openai_lm(endpoint, name, headers, tokenizer.eos_token, concurrent, max_new_tokens, seed)
     lm.qmr_servers = servers  # a pool made here lives (and its server runs) as long as the lm
     served = {"endpoint": endpoint, "model": name, "fingerprint": fingerprint, "engine": engine}
     return lm, chat_prompt_renderer(tokenizer), served

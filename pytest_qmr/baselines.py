@@ -44,6 +44,7 @@ __all__ = [
     "paired_vectors",
     "regenerate_hint",
     "stale",
+    "writable_dir_problem",
 ]
 
 SCHEMA = 1
@@ -163,8 +164,33 @@ def write_baseline(path: str | os.PathLike, baseline: Baseline) -> None:
     path = Path(path)
     data = baseline.to_dict()
     _validate(data, str(path), baseline.model, baseline.benchmark, None, None)
-    with locked(path):
-        atomic_write_json(path, data)
+    try:
+        with locked(path):
+            atomic_write_json(path, data)
+    except OSError as exc:
+        raise BaselineError(f"{path}: cannot write the baseline ({_one_line(exc)}); --qmr-baselines must name a "
+                            "writable directory") from None
+
+
+def writable_dir_problem(directory: str | os.PathLike) -> str | None:
+    """Why baselines (and their lock files) cannot be written under ``directory``, or None: it must
+    be a directory (or not exist yet under a writable one) where a file can be created now."""
+    import tempfile
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        return "a file, expected a directory of baselines (<model>/<benchmark>.json)"
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, so the directory cannot be made"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".qmr-write-check-"):
+            pass
+    except OSError as exc:
+        return f"not writable ({_one_line(exc)})"
+    return None
 
 
 def read_baseline(path: str | os.PathLike, *, suite: str | None = None, cell: str | None = None) -> Baseline:

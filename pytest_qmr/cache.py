@@ -5,8 +5,9 @@ sends to a model — a greedy ``generate_until``, a ``loglikelihood`` of a choic
 prompt — is stored under ``<cache dir>/generations/`` by the hash of everything its answer
 depends on (:func:`request_key`):
 
-- the **model**: the checkpoint's weights fingerprint (content, not path) and, when a LoRA adapter
-  is applied, the hash of the adapter's files;
+- the **model**: the checkpoint's fingerprint (:func:`pytest_qmr.models.checkpoint_fingerprint`:
+  weights, config, generation config, tokenizer, chat template, quantization config; content, not
+  path) and, when a LoRA adapter is applied, the hash of the adapter's files;
 - the **engine**: backend (hf | openai | vllm), the versions of lm-eval / transformers / torch
   (and vllm), device and dtype, the served model id and endpoint of an API backend, and the batch
   size (left-padded batches can change fp32 greedy output; the key keeps batches apart rather
@@ -115,6 +116,8 @@ class GenerationCache:
     def __init__(self, root: Path | None = None, enabled: bool = True) -> None:
         self.root = (Path(root) if root is not None else cache_root()) / GENERATIONS
         self.enabled = enabled
+        # why an entry could not be stored (a read-only cache): answers are kept, not stored; None: all stored
+        self.write_error: str | None = None
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
@@ -144,7 +147,10 @@ class GenerationCache:
         if not self.enabled:
             return
         entry = {"key": key, "value": value, "check": sha256_json({"key": key, "value": value}), "meta": meta}
-        atomic_write_text(self.path(key), json.dumps(entry, sort_keys=True, ensure_ascii=False))
+        try:
+            atomic_write_text(self.path(key), json.dumps(entry, sort_keys=True, ensure_ascii=False))
+        except OSError as exc:  # a cache that cannot be written never costs the answer itself
+            self.write_error = f"{self.root} is not writable ({type(exc).__name__}: {exc.strerror or exc})"
 
     def map(self, identity: dict[str, Any], request_type: str, args: Sequence[Sequence[Any]],
             compute: Callable[[list[int]], list[Any]], *, item_of: Sequence[Any] | None = None,
@@ -238,13 +244,16 @@ class _ApiFront:
 
 
 def caching_lm(make_lm: Callable[[], Any], identity: dict[str, Any], cache: GenerationCache, *,
-               tokenizer=None, eager: Any = None, api: bool = False):
+               tokenizer=None, eager: Any = None, api: bool = False,
+               diagnose: Callable[[], str | None] | None = None):
     """An lm-eval ``LM`` answering from ``cache`` and asking the model only for the misses.
 
     ``make_lm`` builds the real lm-eval model on the first miss (for hf: after loading the
     weights; for a server backend: after starting the server); ``tokenizer`` renders chat prompts
     meanwhile (``api``: as the messages an API model sends) and counts generated tokens. ``eager``
-    is an already-built model (API backends render chat messages themselves)."""
+    is an already-built model (API backends render chat messages themselves). ``diagnose`` says
+    why the server behind an API model is gone (None: it is not), for the line a failed request
+    becomes (:func:`pytest_qmr.measure.remote_failures_as_one_line`)."""
 
     class CachingLM(_lm_base()):
         def __init__(self) -> None:
@@ -256,6 +265,8 @@ def caching_lm(make_lm: Callable[[], Any], identity: dict[str, Any], cache: Gene
             # an API model's endpoint (a server not started yet: its engine), for its error lines
             self.base_url = getattr(eager, "base_url", None) or ((identity.get("served") or {}).get("endpoint")
                                                                  if api else None)
+            self.backend = identity.get("backend")
+            self.diagnose = diagnose
 
         @property
         def inner(self):
@@ -317,35 +328,51 @@ def cached_adapter(root: Path | None, key_inputs: dict[str, Any], out_dir: Path,
     """The card of an adapter in ``out_dir``: copied from ``adapters/<key>`` when an entry with
     these exact inputs verifies against its manifest, else trained by ``train()`` (which writes
     ``out_dir``) and stored. The card says ``cache_hit``."""
-    from .fsutil import locked
-
     key = sha256_json(key_inputs)[:24]
     entry = (Path(root) if root is not None else cache_root()) / ADAPTERS / key
     if not enabled:
         return {**train(), "cache_hit": False}
-    with locked(entry.parent / ".locks" / key):  # one trainer per key; the others wait and reuse
-        manifest = entry / "qmr_manifest.json"
-        problem = "no entry"
-        if manifest.is_file():
-            try:
-                problem = manifest_problem(entry, json.loads(manifest.read_text(encoding="utf-8")).get("files"))
-            except (OSError, ValueError):
-                problem = "unreadable manifest"
-        if problem is None:
-            os.utime(entry)  # last use, for qmr cache clear --max-size-gb
-            with atomic_directory(out_dir) as scratch:
-                for f in entry.iterdir():
-                    if f.name != "qmr_manifest.json":
-                        shutil.copy2(f, scratch / f.name)
-            card = json.loads((out_dir / "qmr_card.json").read_text(encoding="utf-8"))
-            return {**card, "adapter_path": str(out_dir), "cache_hit": True}
-        card = train()
+    from filelock import FileLock
+
+    lock = FileLock(str(entry.parent / ".locks" / key) + ".lock")  # one trainer per key; the others wait and reuse
+    try:
+        (entry.parent / ".locks").mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as exc:  # a read-only cache: train, keep the adapter in out_dir, store nothing
+        return {**train(), "cache_hit": False, "cache_error": f"{entry.parent} is not writable ({type(exc).__name__})"}
+    try:
+        return _cached_adapter_locked(entry, key_inputs, out_dir, train)
+    finally:
+        lock.release()
+
+
+def _cached_adapter_locked(entry: Path, key_inputs: dict[str, Any], out_dir: Path, train: Callable[[], dict]) -> dict:
+    """:func:`cached_adapter` under the entry's lock: copied out when it verifies, else trained and stored."""
+    manifest = entry / "qmr_manifest.json"
+    problem = "no entry"
+    if manifest.is_file():
+        try:
+            problem = manifest_problem(entry, json.loads(manifest.read_text(encoding="utf-8")).get("files"))
+        except (OSError, ValueError):
+            problem = "unreadable manifest"
+    if problem is None:
+        os.utime(entry)  # last use, for qmr cache clear --max-size-gb
+        with atomic_directory(out_dir) as scratch:
+            for f in entry.iterdir():
+                if f.name != "qmr_manifest.json":
+                    shutil.copy2(f, scratch / f.name)
+        card = json.loads((out_dir / "qmr_card.json").read_text(encoding="utf-8"))
+        return {**card, "adapter_path": str(out_dir), "cache_hit": True}
+    card = train()
+    try:
         with atomic_directory(entry) as scratch:
             for f in Path(out_dir).iterdir():
                 if f.is_file():
                     shutil.copy2(f, scratch / f.name)
             atomic_write_json(scratch / "qmr_manifest.json", {"inputs": key_inputs, "files": file_manifest(scratch)})
-        return {**card, "cache_hit": False}
+    except OSError as exc:  # the adapter is in out_dir either way
+        return {**card, "cache_hit": False, "cache_error": f"{entry.parent} is not writable ({type(exc).__name__})"}
+    return {**card, "cache_hit": False}
 
 
 # --------------------------------------------------------------------------------- qmr cache

@@ -8,12 +8,15 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from collections.abc import Iterable
 from typing import Any, Iterator
 
 from filelock import FileLock
+
+from .errors import QmrError
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -152,16 +155,24 @@ def manifest_problem(directory: str | os.PathLike, files: Any) -> str | None:
     return None
 
 
-_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+_VERIFIED: dict[tuple, str] = {}  # (path, device, inode, size, mtime_ns, ctime_ns) -> sha256, per process
+# A file changed within this many seconds of being hashed is hashed again next time: a rewrite inside
+# the filesystem's timestamp granularity can keep size, mtime and ctime (git's "racy clean" problem)
+RACY_SECONDS = 2.0
 
 
 def sha256_file_cached(path: Path) -> str:
-    """sha256 of a file, hashed once per process while its size and mtime stay the same."""
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _VERIFIED:
-        _VERIFIED[key] = sha256_file(path)
-    return _VERIFIED[key]
+    """sha256 of a file, hashed once per process while it provably stays the same: its identity,
+    size, mtime and ctime are unchanged (ctime also moves when a tool restores an old mtime), and
+    it was last changed more than :data:`RACY_SECONDS` before it was hashed."""
+    stat = os.stat(path)
+    key = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key in _VERIFIED:
+        return _VERIFIED[key]
+    digest = sha256_file(path)
+    if time.time() - max(stat.st_mtime, stat.st_ctime) > RACY_SECONDS:
+        _VERIFIED[key] = digest
+    return digest
 
 
 def sha256_text(text: str) -> str:
@@ -219,9 +230,29 @@ def data_root(given: str | os.PathLike | None = None) -> Path | None:
     return Path(env).expanduser() if env else None
 
 
+CACHE_DIR_ENV = "QMR_CACHE_DIR"
+
+
 def cache_root() -> Path:
-    """Where built models and quantized checkpoints live (``QMR_CACHE_DIR`` overrides)."""
-    env = os.environ.get("QMR_CACHE_DIR")
+    """Where built models and quantized checkpoints live (``QMR_CACHE_DIR`` overrides); a path
+    that is a file is one line (:class:`CacheDirError`), not a ``NotADirectoryError`` later."""
+    env = os.environ.get(CACHE_DIR_ENV)
     if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pytest-qmr"
+        return check_cache_dir(Path(env).expanduser(), CACHE_DIR_ENV)
+    return check_cache_dir(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pytest-qmr",
+                           "the cache directory (XDG_CACHE_HOME)")
+
+
+def check_cache_dir(path: Path, where: str) -> Path:
+    """``path`` if it is a directory or can become one, else :class:`CacheDirError` naming ``where``."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CacheDirError(f"{where}: {existing} is a file, expected a directory for the model, checkpoint and "
+                            f"generation cache (got {str(path)!r})")
+    return path
+
+
+class CacheDirError(QmrError, ValueError):
+    """A cache directory that is a file (``QMR_CACHE_DIR``, ``--qmr-cache-dir``)."""

@@ -144,12 +144,16 @@ def expected_items(task: str, indices: list[int], tokenizer, data_dir: Path | No
     def chat_template(history, add_generation_prompt: bool = True) -> str:
         return render_chat(tokenizer, history, add_generation_prompt)
 
-    task_obj = task_manager(data_dir, source=source).load(task)["tasks"][task]
-    if task_obj.get_config("num_fewshot") is None:
-        task_obj.set_config(key="num_fewshot", value=0)
-    task_obj.set_fewshot_seed(seed=seed)
-    task_obj.build_all_requests(samples=sorted(set(indices)), rank=0, world_size=1, apply_chat_template=True,
-                                chat_template=chat_template, tokenizer_name="")
+    from .taskfiles import building
+
+    manager = task_manager(data_dir, source=source)
+    with building(task, manager):
+        task_obj = manager.load(task)["tasks"][task]
+        if task_obj.get_config("num_fewshot") is None:
+            task_obj.set_config(key="num_fewshot", value=0)
+        task_obj.set_fewshot_seed(seed=seed)
+        task_obj.build_all_requests(samples=sorted(set(indices)), rank=0, world_size=1, apply_chat_template=True,
+                                    chat_template=chat_template, tokenizer_name="")
     multiple_choice = task_obj.get_config("output_type") == "multiple_choice"
     items: dict[int, ExpectedItem] = {}
     for inst in task_obj.instances:  # a multiple-choice doc has one instance per choice, one context
@@ -229,9 +233,11 @@ def select_filter(samples: list[dict], scoring: Scoring, task: str) -> list[dict
 
 
 @contextmanager
-def _remote_failures_as_one_line(endpoint: str | None) -> Iterator[None]:
+def remote_failures_as_one_line(lm) -> Iterator[None]:
     """A request to an API backend that failed for good (refused, 4xx/5xx after lm-eval's
-    retries, timed out) is a :class:`ModelError` line naming the endpoint, not a traceback."""
+    retries, timed out) is a :class:`ModelError` line naming the backend and the endpoint, not a
+    traceback; when the server we started died meanwhile (``lm.diagnose()``), the line says so."""
+    endpoint = getattr(lm, "base_url", None)
     if endpoint is None:
         yield
         return
@@ -247,7 +253,12 @@ def _remote_failures_as_one_line(endpoint: str | None) -> Iterator[None]:
         yield
     except (aiohttp.ClientError, asyncio.TimeoutError, RetryError, requests.RequestException, ConnectionError) as exc:
         detail = " ".join(str(exc).split())[:200] or "no detail"
-        raise ModelError(f"backend openai: generation at {endpoint} failed ({type(exc).__name__}: {detail})") from None
+        backend = getattr(lm, "backend", None) or "openai"
+        diagnose = getattr(lm, "diagnose", None)
+        died = diagnose() if callable(diagnose) else None
+        cause = f"{died}; " if died else ""
+        raise ModelError(f"backend {backend}: {cause}generation at {endpoint} failed "
+                         f"({type(exc).__name__}: {detail})") from None
 
 
 def hf_lm(model, tokenizer, batch_size: int, device: str = "cpu", dtype: str = "float32"):
@@ -306,9 +317,11 @@ class Evaluator:
         from lm_eval import simple_evaluate
 
         from .errors import TaskError
+        from .taskfiles import building
 
         kwargs: dict[str, Any] = {"samples": {task: list(indices)}} if indices is not None else {"limit": limit}
-        with _remote_failures_as_one_line(getattr(self.lm, "base_url", None)), _environment_described_once():
+        with (remote_failures_as_one_line(self.lm), _environment_described_once(),
+              building(task, self.manager)):
             output = simple_evaluate(
                 model=self.lm,
                 tasks=[task],

@@ -55,12 +55,53 @@ def gguf_path() -> Path:
     return path
 
 
-def weights_fingerprint(directory: Path) -> str:
-    """Content hash of a checkpoint's weight files (not of its path or timestamps)."""
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
+# What a checkpoint generates depends on more than its weights: the files below are hashed into its
+# fingerprint (the generation cache's key, the served model name, a baseline's provenance), each by
+# name and content. JSON files are hashed as parsed data (key order and whitespace do not count),
+# without the keys that only record provenance: ``transformers_version`` and top-level keys starting
+# with ``_`` (``_name_or_path``, ``_commit_hash``, ...). Our own records (``qmr_*.json``) are not part
+# of the checkpoint.
+FINGERPRINT_PATTERNS = (
+    "*.safetensors",  # weights (sharded too) and their index (*.safetensors.index.json, below)
+    "*.json",  # config.json (architecture, rope, quantization_config), generation_config.json, tokenizer*.json,
+    # special_tokens_map.json, added_tokens.json, chat_template.json, vocab.json, quantize_config.json (GPTQ),
+    # quant_config.json (AWQ), preprocessor/processor configs
+    "*.jinja",  # chat_template.jinja
+    "additional_chat_templates/*.jinja",
+    "*.txt",  # merges.txt, vocab.txt
+    "*.model",  # sentencepiece tokenizer.model
+    "*.tiktoken",
+)
+NOT_FINGERPRINTED = ("qmr_manifest.json", "qmr_quant.json", "qmr_card.json")
+
+
+def fingerprinted_files(directory: Path) -> list[Path]:
+    """The files of a checkpoint directory its fingerprint covers (:data:`FINGERPRINT_PATTERNS`)."""
+    found = {f for pattern in FINGERPRINT_PATTERNS for f in directory.glob(pattern) if f.is_file()}
+    return sorted((f for f in found if f.name not in NOT_FINGERPRINTED), key=lambda f: f.relative_to(directory))
+
+
+def _file_digest(path: Path) -> str:
+    if path.suffix != ".json":
+        return sha256_file_cached(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return sha256_file_cached(path)
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k != "transformers_version" and not str(k).startswith("_")}
+    return sha256_text(json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+
+
+def checkpoint_fingerprint(directory: Path) -> str:
+    """Content hash of everything in a checkpoint directory that changes what it generates: its
+    weights, config, generation config, tokenizer, chat template and quantization config
+    (:data:`FINGERPRINT_PATTERNS`; not its path, timestamps, README or our own records)."""
+    directory = Path(directory)
+    if not any(directory.glob("*.safetensors")):
         raise ModelError(f"{directory}: no *.safetensors weights (only safetensors checkpoints are loaded)")
-    return sha256_text("\n".join(f"{f.name}:{sha256_file_cached(f)}" for f in files))[:16]
+    files = fingerprinted_files(directory)
+    return sha256_text("\n".join(f"{f.relative_to(directory).as_posix()}:{_file_digest(f)}" for f in files))[:16]
 
 
 def _fix_chat_tokens(tokenizer, model=None) -> None:
@@ -162,7 +203,7 @@ def resolve(reference: str, root: Path | None = None) -> ResolvedModel:
         except Exception as exc:  # offline, unknown id, gated repo ...
             raise ModelError(f"model {reference!r}: not a local directory and not fetchable from the hub "
                              f"({type(exc).__name__})") from None
-    return ResolvedModel(reference, path, weights_fingerprint(path))
+    return ResolvedModel(reference, path, checkpoint_fingerprint(path))
 
 
 def load(path: Path, trust_remote_code: bool = False, device: str = "cpu", dtype: str = "float32"):
@@ -177,6 +218,11 @@ def load(path: Path, trust_remote_code: bool = False, device: str = "cpu", dtype
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
         )
+    except ImportError as exc:  # a quantization_config whose loader library is not installed
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        method = quantization_method(path)
+        raise ModelError(f"{path}/config.json: quantization_config.quant_method: transformers needs a library "
+                         f"that is not installed to load it ({first}) (got {method!r})") from None
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:  # truncated or foreign
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise ModelError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: {first})") from None
@@ -186,6 +232,16 @@ def load(path: Path, trust_remote_code: bool = False, device: str = "cpu", dtype
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return (model if device == "cpu" else model.to(device)), tokenizer
+
+
+def quantization_method(path: Path) -> str | None:
+    """``quantization_config.quant_method`` of a checkpoint's ``config.json`` (None: a dense one)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    method = (config.get("quantization_config") or {}).get("quant_method") if isinstance(config, dict) else None
+    return None if method is None else str(method)
 
 
 def describe(path: Path) -> dict:

@@ -4,7 +4,7 @@
 :class:`~pytest_qmr.session.QmrSession` (which holds what outlives a cell: the loaded model,
 tokenizers, servers, the generation cache):
 
-1. **resolve** the FP model (a safetensors directory with its weights fingerprint);
+1. **resolve** the FP model (a safetensors directory with its checkpoint fingerprint);
 2. **baseline**: the committed FP baseline, checked against the cell before anything generates
    (fingerprint, generation settings, seed, scoring, dtype, and every item's id, prompt and gold);
    with ``--qmr-update-baselines`` a fresh FP run written atomically;
@@ -54,7 +54,7 @@ def quant_spec(cell) -> QuantSpec:
     q = cell.quantizer
     calibration = CalibrationSpec(**q.calibration.model_dump()) if q.calibration is not None else None
     return QuantSpec(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
-                     ignore=tuple(q.ignore), path=q.path, calibration=calibration,
+                     ignore=tuple(q.ignore), path=cell.checkpoint, calibration=calibration,
                      options=tuple(sorted(q.options.items())),
                      recipe=str(cell.recipe_file) if cell.recipe_file is not None else None)
 
@@ -78,8 +78,14 @@ def write_samples(cell_dir: Path, records: list[SampleRecord]) -> None:
     atomic_write_jsonl(cell_dir / "samples.jsonl", (redact_obj(r.to_dict()) for r in records))
 
 
+RECORD_FILES = ("samples.jsonl", "located.jsonl")  # what --qmr-resume reuses beside result.json, by hash
+
+
 def write_result(cell_dir: Path, result: CellResult) -> None:
-    """``result.json``, secrets masked, written atomically."""
+    """``result.json``, secrets masked, written atomically, with the hash of each record file
+    beside it (:data:`RECORD_FILES`) so that a reuse can prove they are the ones it wrote."""
+    result.records_sha256 = {name: sha256_file(cell_dir / name) for name in RECORD_FILES
+                             if (cell_dir / name).is_file()}
     atomic_write_json(cell_dir / "result.json", redact_obj(result.to_dict()))
 
 
@@ -206,6 +212,12 @@ def reusable(cell_dir: Path, inputs: dict) -> tuple[CellResult | None, str | Non
         return None, "inputs changed: " + "; ".join(changes[:4]) + more
     if result.gate is None:  # not servable last time: the engine may have a kernel now
         return None, f"the last run ended {result.outcome or 'without a gate'}"
+    expected = result.records_sha256 or {"samples.jsonl": None}  # a record written before the hashes: exists
+    for name, sha in expected.items():
+        if not (cell_dir / name).is_file():
+            return None, f"{cell_dir / name} is missing"
+        if sha is not None and sha256_file(cell_dir / name) != sha:
+            return None, f"{cell_dir / name} changed since the run that wrote it"
     return result, None
 
 
@@ -336,6 +348,8 @@ class CellPipeline:
 
         gate = gate_cell(session, cell, baseline, records, fp_correct_all)
         profile, notes = self._locate(baseline, records)
+        if session.generations.write_error:  # the cell's answers are its records; only warm reruns lose
+            notes.append(f"generation cache: answers not stored, {session.generations.write_error}")
         result = CellResult(
             cell_id=cell.id, model=cell.model.name, quantizer=cell.quantizer.name, benchmark=cell.benchmark.name,
             task=cell.benchmark.task, accuracy=sum(r.correct for r in records) / max(len(records), 1),
@@ -360,8 +374,14 @@ class CellPipeline:
         q = cell.quantizer
         if get_method(q.method).builds:
             session.say(cell, f"quantize ({q.method})")
-        quantized = quantize(fp.path, fp.fingerprint, quant_spec(cell), session.cache_dir,
-                             data_dir=session.data_dir_of(cell))
+        try:
+            quantized = quantize(fp.path, fp.fingerprint, quant_spec(cell), session.cache_dir,
+                                 data_dir=session.data_dir_of(cell))
+        except models.ModelError as exc:
+            if q.path is None:
+                raise
+            raise models.ModelError(f"{cell.where}: quantizers[{cell.quantizer_index}].path: {exc} (relative paths "
+                                    f"are relative to the suite file; got {q.path!r})") from None
         if quantized.info.get("cache_hit"):
             session.say(cell, "quantize: checkpoint from cache (verified)")
         return quantized

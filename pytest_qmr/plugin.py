@@ -20,6 +20,7 @@ from .redact import install as install_redaction
 from .redact import redact
 
 SESSION_KEY = pytest.StashKey["QmrSession"]()
+CELL_IDS_KEY = pytest.StashKey[dict]()  # cell id -> the suite file that collected it
 RESULT_PROPERTY = "qmr_result"
 
 
@@ -106,6 +107,7 @@ def pytest_configure(config: pytest.Config) -> None:
     register_method_markers(config)
     from .session import QmrSession
 
+    _check_directories(config)
     run_dir = config.getoption("--qmr-run-dir")
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:
@@ -138,6 +140,29 @@ def pytest_configure(config: pytest.Config) -> None:
         config.args[:] = suites  # only the suites, not testpaths or the current directory as well
     elif suites:
         config.args.extend(suites)
+
+
+def _check_directories(config: pytest.Config) -> None:
+    """The baseline and cache directories, before any cell generates: one line each when one is a
+    file, or when ``--qmr-update-baselines`` could not write its baselines."""
+    from .baselines import writable_dir_problem
+    from .fsutil import cache_root, check_cache_dir
+
+    given = config.getoption("--qmr-baselines")
+    baselines = Path(given or Path(config.rootpath) / "baselines")
+    if baselines.exists() and not baselines.is_dir():
+        raise pytest.UsageError(f"--qmr-baselines {given or baselines}: a file, expected the directory of baselines "
+                                "(<model>/<benchmark>.json)")
+    if config.getoption("--qmr-update-baselines") and (problem := writable_dir_problem(baselines)) is not None:
+        raise pytest.UsageError(f"--qmr-baselines {given or baselines}: {problem}; --qmr-update-baselines writes "
+                                "the baselines there")
+    try:
+        if config.getoption("--qmr-cache-dir"):
+            check_cache_dir(Path(config.getoption("--qmr-cache-dir")).expanduser(), "--qmr-cache-dir")
+        else:
+            cache_root()
+    except QmrError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _progress_writer(config: pytest.Config):
@@ -223,6 +248,12 @@ class SuiteFile(pytest.File):
         except QmrError as exc:
             raise self.CollectError(str(exc)) from None
         register_method_markers(self.config)
+        owners = self.config.stash.setdefault(CELL_IDS_KEY, {})
+        for cell in suite.cells():  # records go to <run dir>/cells/<cell id>: one suite per id
+            other = owners.setdefault(cell.id, str(self.path))
+            if other != str(self.path):
+                raise self.CollectError(f"{suite.source}: cell {cell.id!r} is also a cell of {other}; both would write "
+                                        "one record directory, rename a model, quantizer or benchmark in one of them")
         for cell in suite.cells():
             item = CellItem.from_parent(self, name=cell.id, cell=cell)
             item.add_marker(pytest.mark.qmr_cell)

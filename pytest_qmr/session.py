@@ -125,10 +125,12 @@ class QmrSession:
         backend, rt = backend or self.backend(cell), self.runtime(cell)
         if served is not None and served.get("engine") != "user server":  # ours: the port is random
             served = {**served, "endpoint": served["engine"]}
-        return {"backend": backend, "weights": models.weights_fingerprint(path),
+        return {"backend": backend, "weights": models.checkpoint_fingerprint(path),
                 "adapter": adapter_sha(adapter) if adapter is not None else None, "device": rt.device,
                 "dtype": dtype or rt.dtype, "batch_size": cell.generation.batch_size, "seed": cell.benchmark.seed,
                 "engine": engine_versions(backend),
+                # every engine argument a user passes (max_model_len, quantization, ... change answers)
+                "engine_options": dict(sorted(cell.generation.vllm.items())) if backend == "vllm" else None,
                 "served": None if served is None else {k: served[k] for k in ("endpoint", "model")}}
 
     @staticmethod
@@ -140,10 +142,12 @@ class QmrSession:
         return cell.quantizer.backend or cell.generation.backend
 
     def _vllm_settings(self, cell, dtype: str):
-        from .servers import VllmSettings, vllm_python
+        from .servers import VllmSettings, check_vllm_options, vllm_arg_names, vllm_python
 
-        gen = cell.generation
-        python = vllm_python(gen.vllm_python, where=f"{cell.suite_file or cell.suite}: generation.vllm_python")
+        gen, where = cell.generation, cell.where
+        python = vllm_python(cell.vllm_python, where=f"{where}: generation.vllm_python")
+        if gen.vllm:  # every key is one of this vLLM's own arguments (a typo is one line, before any start)
+            check_vllm_options(gen.vllm, f"{where}: generation.vllm", known=vllm_arg_names(python, self.cache_dir))
         return VllmSettings(python, dtype, self.runtime(cell).device, cell.benchmark.seed,
                             tuple(sorted(gen.vllm.items())))
 
@@ -255,7 +259,7 @@ class QmrSession:
             self._servers = ServerPool()  # one server, reused across consecutive cells of a checkpoint
         if backend == "vllm":  # our own server, named after the checkpoint: known before it starts
             settings = self._vllm_settings(cell, dtype)
-            fingerprint = models.weights_fingerprint(path)
+            fingerprint = models.checkpoint_fingerprint(path)
             name = served_name(fingerprint) if adapter is None else lora_served_name(fingerprint, adapter_sha(adapter))
             if adapter is not None:
                 settings = dataclasses.replace(settings, options=settings.options + lora_options(name, adapter))
@@ -270,7 +274,8 @@ class QmrSession:
                 return lm
 
             identity = self.identity(path, cell, adapter, served=served, dtype=dtype, backend=backend)
-            lm = caching_lm(start, identity, self.generations, tokenizer=tokenizer, api=True)
+            lm = caching_lm(start, identity, self.generations, tokenizer=tokenizer, api=True,
+                            diagnose=self._servers.died)
             return Evaluator(None, None, gen, data_dir, lm=lm, render_prompt=chat_prompt_renderer(tokenizer),
                              source=cell.tasks)
         inner, render_prompt, served = backend_lm(backend, path, gen.max_new_tokens, gen.batch_size,
@@ -278,7 +283,8 @@ class QmrSession:
                                                   endpoint=endpoint, runtime=Runtime(rt.device, dtype))
         self.served[str(path)] = served
         lm = caching_lm(lambda: inner, self.identity(path, cell, served=served, backend=backend), self.generations,
-                        tokenizer=tokenizer, eager=inner)
+                        tokenizer=tokenizer, eager=inner,
+                        diagnose=None if served["engine"] == "user server" else self._servers.died)
         return Evaluator(None, None, gen, data_dir, lm=lm, render_prompt=render_prompt, source=cell.tasks)
 
     def evaluate(self, path: Path, cell, indices: list[int] | None, fp_correct: list[bool] | None,

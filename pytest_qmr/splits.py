@@ -42,6 +42,7 @@ def task_docs(task: str, data_dir: Path | None, split: str = "train", local: str
     from lm_eval.tasks._yaml_loader import load_yaml
 
     from .measure import task_manager, tasks_dir
+    from .taskfiles import building
 
     if split not in SPLIT_DOCS:
         raise ValueError(f"split must be one of {', '.join(SPLIT_DOCS)} (got {split!r})")
@@ -62,5 +63,6 @@ def task_docs(task: str, data_dir: Path | None, split: str = "train", local: str
     # reads its training split for few-shot examples) when it builds the task
     config = {**config, "training_split": split if split == "train" else None, "validation_split": None,
               "test_split": config["training_split"] if split == "train" else split}
-    built = manager.load([config])["tasks"][task]
-    return [dict(doc) for doc in getattr(built, SPLIT_DOCS[split])()], source
+    with building(task, manager):
+        built = manager.load([config])["tasks"][task]
+        return [dict(doc) for doc in getattr(built, SPLIT_DOCS[split])()], source

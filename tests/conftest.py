@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -81,10 +84,68 @@ def build_tiny_llama(out: Path, tokenizer_dir: Path, *, hidden: int = 96, layers
                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return out, models.weights_fingerprint(out)
+    return out, models.checkpoint_fingerprint(out)
 
 
 @pytest.fixture(scope="session")
 def make_tiny_llama():
     """:func:`build_tiny_llama` for fixtures of other modules (conftest is not imported directly)."""
     return build_tiny_llama
+
+
+class _Replay(BaseHTTPRequestHandler):
+    """OpenAI-compatible chat completions that replay the FP baseline's response per prompt."""
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+        if self.path.rstrip("/").endswith("/v1/models"):
+            listed = [{"id": name, "object": "model"} for name in self.server.names]
+            return self._send(200, {"object": "list", "data": listed})
+        return self._send(404, {"error": "not found"})
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body["model"])
+        self.server.authorizations.append(self.headers.get("Authorization"))
+        if self.server.fail:
+            return self._send(500, {"error": {"message": "internal error"}})
+        prompt = self.server.tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+        text = self.server.responses.get(_sha256(prompt), "I do not know.")
+        return self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
+
+
+@pytest.fixture
+def replay_server(repo_root, lab_model):
+    """A user's OpenAI-compatible server on loopback, named after the lab model, that replays the
+    committed FP baseline's response to each prompt (so a cell it answers is the FP model's,
+    exactly); ``fail`` makes every generation a 500, ``requests`` / ``authorizations`` are what came."""
+    from pytest_qmr.backends import load_tokenizer
+
+    items = json.loads((repo_root / "baselines" / "smollm2-135m-arith" / "arith.json").read_text())["items"]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Replay)
+    server.tokenizer = load_tokenizer(lab_model.path)
+    server.responses = {item["prompt_sha256"]: item["response"] for item in items.values()}
+    server.names, server.requests, server.authorizations, server.fail = [f"qmr-{lab_model.fingerprint}"], [], [], False
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _sha256(text: str) -> str:
+    from pytest_qmr.fsutil import sha256_text
+
+    return sha256_text(text)

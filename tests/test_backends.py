@@ -173,7 +173,8 @@ def test_openai_backend_matches_hf_item_by_item(lab_model, data_dir, cache_dir, 
 
     models_url = server.url.replace("/chat/completions", "/models")
     assert httpx.get(models_url).status_code == 401
-    assert backends.remote_model_name(server.url, server.api_key, lab_model.fingerprint, env={}) == \
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    assert backends.remote_model_name(server.url, headers, lab_model.fingerprint, env={}) == \
         f"qmr-{lab_model.fingerprint}" == result.served["model"]
     cmdline = Path(f"/proc/{server.proc.pid}/cmdline").read_bytes().decode(errors="replace")
     assert server.api_key not in cmdline

@@ -13,8 +13,6 @@ import json
 import logging
 import shutil
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import datasets  # noqa: F401  (imported before any in-process pytester run: pytester's sys.modules
@@ -118,6 +116,23 @@ def test_strict_xfail_demands_that_the_gate_said_fail(pytester, data_dir):
     assert marks[f"{MODEL}-fp-arith"] is None
     assert marks[f"{MODEL}-rtn-w4g64-arith"].kwargs == {
         "reason": "suite expects quantizer rtn-w4g64 to regress", "raises": GateFailed, "strict": True}
+
+
+def test_an_inconclusive_gate_does_not_satisfy_expect_fail_on(pytester, data_dir, cache_dir, lab_model, repo_root,
+                                                              tmp_path):
+    """Run for real: a cell whose gate is INCONCLUSIVE (4 items under min_items 20) where the suite
+    expects a regression is a failure of the strict xfail, not an expected failure."""
+    quantizers = FP_ONLY + (f"\n  - {{name: same, method: checkpoint, path: {lab_model.path}, "
+                            "expect_fail_on: [arith]}")
+    text = suite_text(data_dir, quantizers).replace("min_items: 4", "min_items: 20")
+    suite = pytester.makefile(".yaml", faults=text)
+    result = pytester.runpytest_subprocess(str(suite), f"--qmr-baselines={repo_root / 'baselines'}",
+                                           f"--qmr-run-dir={tmp_path / 'run'}", f"--qmr-cache-dir={cache_dir}",
+                                           "-p", "no:cacheprovider", "-rA", "-k", "same")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([f"*{MODEL}-same-arith: INCONCLUSIVE: *fewer than min_items*"])
+    assert json.loads((tmp_path / "run" / "cells" / f"{MODEL}-same-arith" / "result.json").read_text())["gate"][
+        "verdict"] == "inconclusive"
 
 
 def test_expect_inconclusive_on_is_a_strict_xfail_that_only_an_inconclusive_gate_satisfies(pytester, data_dir):
@@ -412,54 +427,6 @@ def test_a_truncated_local_checkpoint_is_one_line(lab_model, tmp_path):
 # ------------------------------------------------------------------ a server that answers cells
 
 
-class _Replay(BaseHTTPRequestHandler):
-    """OpenAI-compatible chat completions that replay the FP baseline's response per prompt."""
-
-    def log_message(self, *args):  # quiet
-        pass
-
-    def _send(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):  # noqa: N802
-        if self.path.rstrip("/").endswith("/v1/models"):
-            listed = [{"id": name, "object": "model"} for name in self.server.names]
-            return self._send(200, {"object": "list", "data": listed})
-        return self._send(404, {"error": "not found"})
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body["model"])
-        if self.server.fail:
-            return self._send(500, {"error": {"message": "internal error"}})
-        prompt = self.server.tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
-        text = self.server.responses.get(sha256_text(prompt), "I do not know.")
-        return self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
-
-
-@pytest.fixture
-def replay_server(repo_root, lab_model):
-    from pytest_qmr.backends import load_tokenizer
-
-    items = json.loads((repo_root / "baselines" / MODEL / "arith.json").read_text())["items"]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Replay)
-    server.tokenizer = load_tokenizer(lab_model.path)
-    server.responses = {item["prompt_sha256"]: item["response"] for item in items.values()}
-    server.names, server.requests, server.fail = [f"qmr-{lab_model.fingerprint}"], [], False
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 def _scrambled_copy(lab_model, out: Path) -> Path:
     """The lab model with one weight changed: another checkpoint, the same architecture."""
     from safetensors.torch import load_file, save_file
@@ -490,10 +457,10 @@ def test_a_user_server_answers_only_the_cell_whose_checkpoint_it_names(replay_se
     with pytest.raises(models.ModelError) as excinfo:  # another checkpoint: the same server must not answer it
         session.run_cell(other_cell)
     message = one_line(str(excinfo.value))
-    fingerprint = models.weights_fingerprint(other)
+    fingerprint = models.checkpoint_fingerprint(other)
     assert message == (f"backend openai: {replay_server.url}/v1/models lists 'qmr-{lab_model.fingerprint}', none "
-                       f"named after this cell's checkpoint {other} (weights fingerprint {fingerprint}); serve it as "
-                       f"'qmr-{fingerprint}' (vllm serve --served-model-name / qmr serve --served-name), or unset "
+                       f"named after this cell's checkpoint {other} (checkpoint fingerprint {fingerprint}); serve it "
+                       f"as 'qmr-{fingerprint}' (vllm serve --served-model-name / qmr serve --served-name), or unset "
                        "QMR_OPENAI_BASE_URL")
     assert len(replay_server.requests) == asked  # refused before a single generation request
     assert not (tmp_path / "run" / "cells" / other_cell.id / "result.json").exists()
@@ -592,8 +559,8 @@ def test_sequential_gate_gives_the_full_runs_verdict_with_fewer_items(repo_root,
     sequential = _session(tmp_path / "b", repo_root / "baselines", data_dir, cache_dir).run_cell(
         _cell(tmp_path, data_dir, quantizers=quantizers, limit=40, sequential="true"))
     assert sequential.gate.verdict == full.gate.verdict
-    assert sequential.n <= full.n == 40
-    assert sequential.gate.n_planned == 40
+    assert sequential.n < full.n == 40  # fewer items: the verdict was settled before the last chunk
+    assert sequential.gate.n_planned == 40 and sequential.gate.stopped_early
 
 
 def test_ci_turns_an_unexpected_skip_into_a_failure(pytester, monkeypatch):

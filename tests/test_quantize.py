@@ -226,13 +226,16 @@ def test_second_identical_request_hits_the_cache(built, tiny_model, shared_root,
     def no_recompute(*args, **kwargs):
         raise AssertionError("oneshot ran on a cache hit")
 
+    def no_load(*args, **kwargs):
+        raise AssertionError("a cache hit loaded the model")
+
+    import transformers
+
     monkeypatch.setattr(llmcompressor, "oneshot", no_recompute)
-    started = time.monotonic()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)  # a hit reads files only
     second = quantize(*tiny_model, _spec("gptq", 4), shared_root)
-    elapsed = time.monotonic() - started
     assert second.info["cache_hit"] is True and first.info["cache_hit"] is False
     assert second.path == first.path
-    assert elapsed < max(first.info["seconds"]["total"] / 2, 0.5) or elapsed < 5
     assert second.info["seconds"] == first.info["seconds"]  # the build's numbers, not the lookup's
 
 

@@ -310,7 +310,7 @@ def tiny(tmp_path_factory, base_path, make_tiny_llama) -> dict:
     from pytest_qmr.quantize import QuantSpec, quantize
 
     fp, _ = make_tiny_llama(tmp_path_factory.mktemp("tiny-fp"), base_path)
-    q = quantize(fp, models.weights_fingerprint(fp), QuantSpec(method="rtn", bits=4, group_size=32),
+    q = quantize(fp, models.checkpoint_fingerprint(fp), QuantSpec(method="rtn", bits=4, group_size=32),
                  tmp_path_factory.mktemp("tiny-qcache"))
     return {"fp": fp, "quant": q.path, "work": tmp_path_factory.mktemp("restore")}
 

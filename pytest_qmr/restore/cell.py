@@ -135,7 +135,7 @@ def adapter_inputs(quant_path: Path, fp: models.ResolvedModel, pairs, config, ru
 
     from ..versions import ADAPTER, package_versions
 
-    return {"base": models.weights_fingerprint(quant_path),
+    return {"base": models.checkpoint_fingerprint(quant_path),
             "pairs_sha256": sha256_json([p.to_dict() for p in pairs]),
             "config": asdict(config), "distill_from": fp.fingerprint if config.distill_weight > 0 else None,
             "runtime": runtime.to_dict(),

@@ -40,6 +40,16 @@ class Cell:
     suite_file: str = ""  # how the suite file is named in messages
     tasks: TaskSource = field(default_factory=TaskSource)  # where the benchmark's task is found
     benchmark_index: int = 0  # position in the suite's benchmarks (messages name benchmarks[i])
+    quantizer_index: int = 0  # position in the suite's quantizers (messages name quantizers[i])
+    # the quantizer's path (method checkpoint): a directory relative to the suite file, made absolute,
+    # or a hub id as given; and generation.vllm_python, relative to the suite file
+    checkpoint: str | None = None
+    vllm_python: str | None = None
+
+    @property
+    def where(self) -> str:
+        """How messages name the suite file."""
+        return self.suite_file or self.suite
 
     @property
     def scoring(self) -> Scoring:
@@ -144,15 +154,24 @@ class Suite:
         return TaskSource(paths=paths, include_defaults=self.spec.include_defaults)
 
     def judge_config(self) -> Path | None:
-        if self.spec.locate.judge_config is None:
-            return None
-        return (self.path.parent / Path(self.spec.locate.judge_config).expanduser()).resolve()
+        return self.relative(self.spec.locate.judge_config)
 
     def recipe_file(self, quantizer: QuantizerSpec) -> Path | None:
         """The quantizer's ``recipe`` (method recipe), relative to the suite file."""
-        if quantizer.recipe is None:
+        return self.relative(quantizer.recipe)
+
+    def relative(self, value: str | None) -> Path | None:
+        """A path the suite names, relative to the suite file (None for None)."""
+        return None if value is None else (self.path.parent / Path(value).expanduser()).resolve()
+
+    def checkpoint(self, quantizer: QuantizerSpec) -> str | None:
+        """The ``path`` of a ``checkpoint`` quantizer: a directory relative to the suite file (absolute
+        here) when one is there, else the value as given (a hub id, or a path that does not exist:
+        resolving it says so)."""
+        if quantizer.path is None:
             return None
-        return (self.path.parent / Path(quantizer.recipe).expanduser()).resolve()
+        local = self.relative(quantizer.path)
+        return str(local) if local is not None and local.is_dir() else quantizer.path
 
     def thresholds_for(self, benchmark: BenchmarkSpec) -> Thresholds:
         if benchmark.thresholds is None:
@@ -162,9 +181,10 @@ class Suite:
     def cells(self) -> list[Cell]:
         """Every model x quantizer x benchmark cell (model-major order, FP cells included)."""
         data_dir, tasks = self.data_dir(), self.task_source()
+        vllm_python = self.relative(self.spec.generation.vllm_python)
         cells = []
         for model in self.spec.models:
-            for quantizer in self.spec.quantizers:
+            for quantizer_index, quantizer in enumerate(self.spec.quantizers):
                 for index, benchmark in enumerate(self.spec.benchmarks):
                     if benchmark.quantizers is not None and quantizer.name not in benchmark.quantizers:
                         continue
@@ -185,6 +205,9 @@ class Suite:
                             suite_file=self.source,
                             tasks=tasks,
                             benchmark_index=index,
+                            quantizer_index=quantizer_index,
+                            checkpoint=self.checkpoint(quantizer),
+                            vllm_python=None if vllm_python is None else str(vllm_python),
                         )
                     )
         return cells

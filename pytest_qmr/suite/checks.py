@@ -119,8 +119,11 @@ def _check_engines(source: str, spec: SuiteSpec) -> None:
     except ModelError as exc:
         key, _, problem = str(exc).partition(": ")
         _fail(source, key, problem.split(" (got ")[0], spec.generation.vllm[key.rsplit(".", 1)[1]])
+    from ..redact import register_url
+
     names = [q.name for q in spec.quantizers]
     for name, url in spec.generation.endpoints.items():
+        register_url(url)  # a user:password in it is a secret from the moment the suite is read
         if name not in names:
             _fail(source, f"generation.endpoints.{name}", f"not a quantizer of this suite ({', '.join(names)})", url)
     for i, q in enumerate(spec.quantizers):
@@ -204,7 +207,8 @@ def check_references(suite: Suite) -> None:
     ``locate.judges`` name no judge is registered under (did-you-mean).
     Found here, a typo costs one line at collection instead of a traceback after evaluation."""
     from ..locate.judges import load_judge_settings
-    from ..measure import check_task, known_tasks
+    from ..measure import check_task, known_tasks, tasks_dir
+    from ..taskfiles import broken_files, definitions
 
     for key, given, folder in suite.task_folders():
         if not folder.is_dir():
@@ -214,8 +218,17 @@ def check_references(suite: Suite) -> None:
         if recipe is not None and not recipe.is_file():
             _fail(suite.source, f"quantizers[{i}].recipe", f"no such file ({recipe})", quantizer.recipe)
     known = known_tasks(suite.task_source())
+    folders = [tasks_dir(), *suite.task_source().paths]
     for i, benchmark in enumerate(suite.benchmarks):
-        check_task(benchmark.task, f"{suite.source}: benchmarks[{i}].task", known)
+        key = f"benchmarks[{i}].task"
+        if benchmark.task not in known and (broken := broken_files(benchmark.task, folders)):
+            path, why = broken[0]
+            _fail(suite.source, key, f"unknown lm-eval task: {path} names it but {why}", benchmark.task)
+        check_task(benchmark.task, f"{suite.source}: {key}", known)
+        defined = definitions(benchmark.task, folders)
+        if len(defined) > 1:
+            _fail(suite.source, key, f"defined in {len(defined)} task folders ({', '.join(map(str, defined))}); "
+                  "lm-eval would silently take the last one, rename one of them", benchmark.task)
     judge_config = suite.judge_config()
     if judge_config is not None:
         given = suite.spec.locate.judge_config

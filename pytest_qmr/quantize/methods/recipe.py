@@ -20,6 +20,24 @@ from ..spec import QuantizeError, QuantSpec
 from .base import QuantMethod
 
 
+def rejection(exc: Exception) -> str:
+    """What llmcompressor said about a recipe, in one line: a modifier's pydantic validation error
+    names the modifier, the field, the problem and the value (``QuantizationModifier.bogus_field:
+    Extra inputs are not permitted (got 3)``); anything else its first line."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and hasattr(exc, "title"):
+        try:
+            first = errors()[0]
+        except (IndexError, TypeError):
+            first = None
+        if first is not None:
+            field = ".".join(str(part) for part in first.get("loc", ())) or "(the modifier)"
+            more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+            return f"{exc.title}.{field}: {first.get('msg')} (got {first.get('input')!r}){more}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 @QUANT_METHODS.register("recipe")
 class RecipeFile(QuantMethod):
     requires = ("recipe", "an llmcompressor recipe YAML file, relative to the suite file")
@@ -55,8 +73,7 @@ class RecipeFile(QuantMethod):
         try:
             modifiers = list(Recipe.create_instance(recipe["recipe_yaml"]).modifiers)
         except (ValueError, TypeError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise QuantizeError(f"method {self.name}: llmcompressor rejects the recipe: {first}") from None
+            raise QuantizeError(f"method {self.name}: llmcompressor rejects the recipe: {rejection(exc)}") from None
         if not modifiers:
             raise QuantizeError(f"method {self.name}: the recipe has no modifiers (a <name>_stage: "
                                 "{<group>_modifiers: {ModifierName: {...}}} mapping)")
