@@ -83,10 +83,10 @@ RECORD_FILES = ("samples.jsonl", "located.jsonl")  # what --qmr-resume reuses be
 
 def write_result(cell_dir: Path, result: CellResult) -> None:
     """``result.json``, secrets masked, written atomically, with the hash of each record file
-    beside it (:data:`RECORD_FILES`) so that a reuse can prove they are the ones it wrote."""
-    result.records_sha256 = {name: sha256_file(cell_dir / name) for name in RECORD_FILES
-                             if (cell_dir / name).is_file()}
-    atomic_write_json(cell_dir / "result.json", redact_obj(result.to_dict()))
+    beside it (``records_sha256``, :data:`RECORD_FILES`) so that a reuse can prove they are the
+    ones it wrote."""
+    hashes = {name: sha256_file(cell_dir / name) for name in RECORD_FILES if (cell_dir / name).is_file()}
+    atomic_write_json(cell_dir / "result.json", redact_obj({**result.to_dict(), "records_sha256": hashes}))
 
 
 def write_cell(cell_dir: Path, records: list[SampleRecord], result: CellResult) -> None:
@@ -201,7 +201,8 @@ def reusable(cell_dir: Path, inputs: dict) -> tuple[CellResult | None, str | Non
     if not path.is_file():
         return None, None
     try:
-        result = CellResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        result = CellResult.from_dict(data)
     except (OSError, ValueError, TypeError) as exc:
         return None, f"{path} unreadable ({type(exc).__name__})"
     if result.inputs_sha256 != sha256_json(inputs):
@@ -212,7 +213,7 @@ def reusable(cell_dir: Path, inputs: dict) -> tuple[CellResult | None, str | Non
         return None, "inputs changed: " + "; ".join(changes[:4]) + more
     if result.gate is None:  # not servable last time: the engine may have a kernel now
         return None, f"the last run ended {result.outcome or 'without a gate'}"
-    expected = result.records_sha256 or {"samples.jsonl": None}  # a record written before the hashes: exists
+    expected = data.get("records_sha256") or {"samples.jsonl": None}  # a record from before the hashes: exists
     for name, sha in expected.items():
         if not (cell_dir / name).is_file():
             return None, f"{cell_dir / name} is missing"

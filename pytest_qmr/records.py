@@ -118,7 +118,6 @@ class CellResult:
     runtime: dict[str, str] | None = None  # {"device", "dtype"} the checkpoint ran on (generation.device / dtype)
     # per stage (baseline, evaluate, mining, restore, mmlu): items asked and how many came from the generation cache
     cache: dict[str, Any] = field(default_factory=dict)
-    records_sha256: dict[str, str] = field(default_factory=dict)  # samples.jsonl, located.jsonl: --qmr-resume checks
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
