@@ -73,7 +73,7 @@ def run(limit: int) -> dict:
     from transformers import AutoTokenizer
 
     from pytest_qmr.fsutil import data_root
-    from pytest_qmr.servers import vllm_python, vllm_version
+    from pytest_qmr.engines.servers import vllm_python, vllm_version
     from pytest_qmr.session import QmrSession
     from pytest_qmr.suite import load_suite
     from run_lab import machine

@@ -62,6 +62,18 @@ def tiny_checkpoint(out: Path) -> Path:
     return out
 
 
+class _Host:
+    """What the engines use of a session (pytest_qmr.engines.EngineHost): the cache, the server pool."""
+
+    def __init__(self, cache_dir: Path, servers) -> None:
+        self.cache_dir, self.servers = cache_dir, servers
+
+    def load(self, path, trust_remote_code, adapter=None, rt=None):
+        from pytest_qmr import models
+
+        return models.load(path, trust_remote_code, rt.device, rt.dtype)
+
+
 def _timed(seconds: dict, name: str):
     class _T:
         def __enter__(self):
@@ -77,11 +89,13 @@ def run(device: str = "auto", use_vllm: bool = True) -> dict:
     import torch
 
     from pytest_qmr import models
-    from pytest_qmr.backends import Runtime, backend_lm, chat_prompt_renderer, runtime
-    from pytest_qmr.measure import Evaluator, GenerationSettings, hf_lm
+    from pytest_qmr.engines import Runtime, Target, runtime
+    from pytest_qmr.engines.hf import hf_lm
+    from pytest_qmr.engines.servers import ServerPool, vllm_python
+    from pytest_qmr.engines.vllm import VllmEngine
+    from pytest_qmr.measure import Evaluator, GenerationSettings
     from pytest_qmr.quantize import QuantSpec, quantize
     from pytest_qmr.restore import PreferencePair, RestoreConfig, train_adapter
-    from pytest_qmr.servers import ServerPool, VllmSettings, vllm_python
 
     rt = runtime(device, "auto", where="gpu_check")
     work = Path(tempfile.mkdtemp(prefix="qmr-gpu-check-"))
@@ -110,16 +124,21 @@ def run(device: str = "auto", use_vllm: bool = True) -> dict:
         except models.ModelError:
             python = None
         if python is not None:
-            pool = ServerPool()
+            host = _Host(work / "cache", ServerPool())
+            engine = VllmEngine(host)
+            target = Target(path=qm.compressed_path, fingerprint=models.checkpoint_fingerprint(qm.compressed_path),
+                            device=rt.device, dtype="bfloat16", batch_size=generation.batch_size,
+                            max_new_tokens=generation.max_new_tokens, seed=0, options=(("max_model_len", 1024),),
+                            python=python, where="gpu_check")
             try:
                 with _timed(seconds, "vllm"):
-                    settings = VllmSettings(python, "bfloat16", rt.device, 0, (("max_model_len", 1024),))
-                    lm, _, served = backend_lm("vllm", qm.compressed_path, generation.max_new_tokens,
-                                               generation.batch_size, servers=pool, vllm=settings)
-                    served_records = Evaluator(None, None, generation, None, lm=lm,
-                                               render_prompt=chat_prompt_renderer(tokenizer)).run("qmr_arith", limit=8)
+                    engine.check(target)
+                    served_records = Evaluator(None, None, generation, None, lm=engine.start(target),
+                                               render_prompt=engine.prompt_renderer(tokenizer)).run("qmr_arith",
+                                                                                                   limit=8)
+                    served = engine.served(target)
             finally:
-                pool.close()
+                host.servers.close()
             out["vllm"] = {"n": len(served_records), "engine": served["engine"], "model": served["model"],
                            "agreement_with_hf": sum(a.correct == b.correct for a, b in
                                                     zip(records, served_records, strict=True)) / len(records)}

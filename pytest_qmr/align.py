@@ -54,7 +54,7 @@ def arith_sft_rows(config: AlignConfig) -> list[dict]:
     ]
 
 
-def _stop_after(minutes: float):
+def stop_after(minutes: float):
     from transformers import TrainerCallback
 
     class StopAfter(TrainerCallback):
@@ -100,7 +100,7 @@ def align(model_path: Path, out: Path, config: AlignConfig, rows: list[dict] | N
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from .backends import trainer_device_args
+    from .engines.devices import trainer_device_args
     from .models import load
 
     torch.manual_seed(config.seed)
@@ -152,7 +152,7 @@ def align(model_path: Path, out: Path, config: AlignConfig, rows: list[dict] | N
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=None if previous is not None else peft_config,
-            callbacks=[_stop_after(config.max_minutes)],
+            callbacks=[stop_after(config.max_minutes)],
         )
         with scoring_completions_only():
             trainer.train()

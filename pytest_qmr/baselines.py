@@ -44,6 +44,8 @@ __all__ = [
     "paired_vectors",
     "regenerate_hint",
     "stale",
+    "stale_cell",
+    "gate_cell",
     "writable_dir_problem",
 ]
 
@@ -153,6 +155,33 @@ def stale(source: str, problem: str, model: str | None, benchmark: str | None, s
     """The one-line error of a baseline that cannot gate the cell:
     ``<source>: <problem>; regenerate it with: <command>`` (the one place the command is added)."""
     return BaselineError(f"{source}: {problem}; {verb} it with: {regenerate_hint(model, benchmark, suite, cell)}")
+
+
+def stale_cell(cell, source: str | os.PathLike | None, problem: str) -> BaselineError:
+    """:func:`stale` for a suite's cell (the regenerate command names its suite file and id)."""
+    return stale(str(source), problem, cell.model.name, cell.benchmark.name, cell.suite_file or None, cell.id)
+
+
+def gate_cell(cell, baseline: Baseline, records: list, fp_correct_all: list[bool], thresholds: Any):
+    """A cell's records (:class:`~pytest_qmr.records.SampleRecord`) against its baseline, item by
+    item, under ``thresholds`` (a sequential stop's early verdict where generation stopped before
+    every planned item); a generated prompt that is not the baseline's is a stale baseline."""
+    from .gate import evaluate_gate, final_verdict_if_known
+
+    changed = [r.item_id for r in records
+               if baseline.items.get(r.item_id, {}).get("prompt_sha256") not in (None, sha256_text(r.prompt))]
+    if changed:
+        raise stale_cell(cell, baseline.source, f"items[{changed[0]!r}].prompt_sha256: the prompts of "
+                                                f"{len(changed)} generated items differ from the baseline's")
+    quant = {r.item_id: r.correct for r in records}
+    fp_vec, q_vec = paired_vectors(baseline, list(quant), quant)
+    if cell.thresholds.sequential and len(records) < len(fp_correct_all):
+        early = final_verdict_if_known(fp_correct_all, [r.correct for r in records], thresholds)
+        if early is not None:
+            return early
+    gate = evaluate_gate(fp_vec, q_vec, thresholds)
+    gate.n_planned = len(fp_correct_all)
+    return gate
 
 
 def write_baseline(path: str | os.PathLike, baseline: Baseline) -> None:

@@ -55,13 +55,6 @@ ENTRY_VERSION = 1
 _MISS = object()
 
 
-def engine_versions(backend: str) -> dict[str, str | None]:
-    """Versions of the libraries a response depends on (a new lm-eval or torch regenerates)."""
-    from .versions import ENGINE, package_versions
-
-    return package_versions((*ENGINE, "vllm") if backend == "vllm" else ENGINE)
-
-
 def _plain(value: Any) -> Any:
     """A request argument as JSON: lm-eval's chat requests (``JsonChatStr``) by their text."""
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -262,11 +255,15 @@ def caching_lm(make_lm: Callable[[], Any], identity: dict[str, Any], cache: Gene
             self.identity = identity
             self.stats = CacheStats()
             self.front = eager if eager is not None else _ApiFront() if api else _Front(tokenizer)
-            # an API model's endpoint (a server not started yet: its engine), for its error lines
-            self.base_url = getattr(eager, "base_url", None) or ((identity.get("served") or {}).get("endpoint")
-                                                                 if api else None)
             self.backend = identity.get("backend")
             self.diagnose = diagnose
+
+        @property
+        def base_url(self) -> str | None:
+            """The API model's endpoint, for its error lines: the live server's URL once started,
+            before that what the identity names (our server: its engine); None in process."""
+            live = getattr(self._lm, "base_url", None)
+            return live or ((identity.get("served") or {}).get("endpoint") if api else None)
 
         @property
         def inner(self):
@@ -386,7 +383,7 @@ class Entry:
     mtime: float
 
 
-def _entries(root: Path, area: str) -> list[Entry]:
+def area_entries(root: Path, area: str) -> list[Entry]:
     """The evictable units of one area: a response file, an adapter, a checkpoint, a built model."""
     base = root / area
     if not base.is_dir():
@@ -430,7 +427,7 @@ def clear(root: Path | None, areas: Sequence[str] = AREAS, older_than_days: floa
           max_size_gb: float | None = None) -> tuple[list[Entry], list[Entry]]:
     """Remove what :func:`select_evictions` picks among the ``areas``; (removed, all entries)."""
     root = Path(root) if root is not None else cache_root()
-    entries = [e for area in areas for e in _entries(root, area)]
+    entries = [e for area in areas for e in area_entries(root, area)]
     doomed = select_evictions(entries, older_than_days, max_size_gb)
     for entry in doomed:
         _remove(entry)
@@ -462,7 +459,7 @@ def select_evictions(entries: Sequence[Entry], older_than_days: float | None, ma
     return doomed
 
 
-def _human(size: int) -> str:
+def human_size(size: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"

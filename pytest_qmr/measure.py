@@ -237,8 +237,7 @@ def remote_failures_as_one_line(lm) -> Iterator[None]:
     """A request to an API backend that failed for good (refused, 4xx/5xx after lm-eval's
     retries, timed out) is a :class:`ModelError` line naming the backend and the endpoint, not a
     traceback; when the server we started died meanwhile (``lm.diagnose()``), the line says so."""
-    endpoint = getattr(lm, "base_url", None)
-    if endpoint is None:
+    if getattr(lm, "base_url", None) is None:  # in process: nothing remote can fail
         yield
         return
     import asyncio
@@ -253,20 +252,13 @@ def remote_failures_as_one_line(lm) -> Iterator[None]:
         yield
     except (aiohttp.ClientError, asyncio.TimeoutError, RetryError, requests.RequestException, ConnectionError) as exc:
         detail = " ".join(str(exc).split())[:200] or "no detail"
+        endpoint = lm.base_url  # now: the live server's URL once it started
         backend = getattr(lm, "backend", None) or "openai"
         diagnose = getattr(lm, "diagnose", None)
         died = diagnose() if callable(diagnose) else None
         cause = f"{died}; " if died else ""
         raise ModelError(f"backend {backend}: {cause}generation at {endpoint} failed "
                          f"({type(exc).__name__}: {detail})") from None
-
-
-def hf_lm(model, tokenizer, batch_size: int, device: str = "cpu", dtype: str = "float32"):
-    """lm-eval's ``HFLM`` on an in-memory transformers model (the ``hf`` backend), already on
-    ``device`` in ``dtype``."""
-    from lm_eval.models.huggingface import HFLM
-
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, dtype=dtype)
 
 
 @lru_cache(maxsize=1)
@@ -297,18 +289,29 @@ class Evaluator:
     """One lm-eval harness around a model; reused across chunks of one cell.
 
     By default the model is an in-memory transformers model (lm-eval ``HFLM``, the ``hf``
-    backend); ``lm`` passes any other lm-eval model instead (see :mod:`pytest_qmr.backends`),
-    with ``render_prompt`` turning its logged prompts into the text the hf backend records.
+    engine); ``lm`` passes any other lm-eval model instead (see :mod:`pytest_qmr.engines`),
+    with ``render_prompt`` turning its logged prompts into the text the hf engine records and
+    ``served`` saying what answered.
     """
 
     def __init__(self, model, tokenizer, generation: GenerationSettings, data_dir: Path | None,
                  task_metadata: dict | None = None, *, lm=None,
-                 render_prompt: Callable[[Any], str] | None = None, source: TaskSource = TaskSource()) -> None:
+                 render_prompt: Callable[[Any], str] | None = None, source: TaskSource = TaskSource(),
+                 served: Callable[[], dict | None] | None = None) -> None:
         self.generation = generation
         self.output_types: dict[str, str] = {}  # task -> lm-eval output_type, once it has run
-        self.lm = hf_lm(model, tokenizer, generation.batch_size) if lm is None else lm
+        if lm is None:
+            from .engines.hf import hf_lm
+
+            lm = hf_lm(model, tokenizer, generation.batch_size)
+        self.lm = lm
         self.render_prompt = render_prompt
         self.manager = task_manager(data_dir, task_metadata, source)
+        self._served = served
+
+    def served(self) -> dict | None:
+        """What answered (the engine's record: endpoint, served model, engine), None in process."""
+        return self._served() if self._served is not None else None
 
     def run(self, task: str, indices: list[int] | None = None, limit: int | None = None,
             seed: int = 0, scoring: Scoring = Scoring()) -> list[SampleRecord]:

@@ -104,7 +104,7 @@ def checkpoint_fingerprint(directory: Path) -> str:
     return sha256_text("\n".join(f"{f.relative_to(directory).as_posix()}:{_file_digest(f)}" for f in files))[:16]
 
 
-def _fix_chat_tokens(tokenizer, model=None) -> None:
+def fix_chat_tokens(tokenizer, model=None) -> None:
     """SmolLM2's GGUF names <|im_start|> as EOS; generation and trl need <|im_end|>."""
     tokenizer.eos_token = CHAT_END
     tokenizer.pad_token = CHAT_END
@@ -130,7 +130,7 @@ def _build_base(out: Path) -> None:
     config = AutoConfig.for_model(**config_dict)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    _fix_chat_tokens(tokenizer, model)
+    fix_chat_tokens(tokenizer, model)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
@@ -208,13 +208,13 @@ def resolve(reference: str, root: Path | None = None) -> ResolvedModel:
 
 def load(path: Path, trust_remote_code: bool = False, device: str = "cpu", dtype: str = "float32"):
     """Load model and tokenizer from a safetensors checkpoint onto ``device`` in ``dtype`` (a
-    resolved :func:`pytest_qmr.backends.runtime`; default fp32 on the CPU), chat tokens fixed."""
+    resolved :func:`pytest_qmr.engines.devices.runtime`; default fp32 on the CPU), chat tokens fixed."""
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
         )
@@ -226,10 +226,8 @@ def load(path: Path, trust_remote_code: bool = False, device: str = "cpu", dtype
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:  # truncated or foreign
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise ModelError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: {first})") from None
-    if tokenizer.convert_tokens_to_ids(CHAT_END) not in (None, tokenizer.unk_token_id):
-        _fix_chat_tokens(tokenizer, model)
-    elif tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token == CHAT_END:  # as load_tokenizer set it up: the model generates to the same end
+        fix_chat_tokens(tokenizer, model)
     model.eval()
     return (model if device == "cpu" else model.to(device)), tokenizer
 
@@ -242,6 +240,19 @@ def quantization_method(path: Path) -> str | None:
         return None
     method = (config.get("quantization_config") or {}).get("quant_method") if isinstance(config, dict) else None
     return None if method is None else str(method)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """A checkpoint's tokenizer as :func:`load` sets it up (chat tokens fixed, a pad token), without
+    the weights."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.convert_tokens_to_ids(CHAT_END) not in (None, tokenizer.unk_token_id):
+        fix_chat_tokens(tokenizer)
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def describe(path: Path) -> dict:

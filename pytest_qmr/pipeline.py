@@ -35,12 +35,13 @@ from typing import Any
 from . import baselines as bl
 from . import models
 from .calibration import CalibrationSpec
-from .fsutil import atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json, sha256_text
+from .fsutil import atomic_write_jsonl, sha256_file, sha256_json
 from .locate.profile import ErrorProfile
 from .quantize import QuantSpec, get_method, quantize
+from .quantize.formats import checkpoint_format
 from .records import CellContext, CellResult, GateResult, SampleRecord
-from .redact import redact_obj
-from .servers import NotServable
+from .rundir import records_problem, write_result, write_samples
+from .engines import NotServable
 from .versions import RECORDS, package_versions
 
 
@@ -73,28 +74,6 @@ def restore_shortfall(restore: dict, min_gain: float) -> str | None:
     return None
 
 
-def write_samples(cell_dir: Path, records: list[SampleRecord]) -> None:
-    """``samples.jsonl``, secrets masked, written atomically."""
-    atomic_write_jsonl(cell_dir / "samples.jsonl", (redact_obj(r.to_dict()) for r in records))
-
-
-RECORD_FILES = ("samples.jsonl", "located.jsonl")  # what --qmr-resume reuses beside result.json, by hash
-
-
-def write_result(cell_dir: Path, result: CellResult) -> None:
-    """``result.json``, secrets masked, written atomically, with the hash of each record file
-    beside it (``records_sha256``, :data:`RECORD_FILES`) so that a reuse can prove they are the
-    ones it wrote."""
-    hashes = {name: sha256_file(cell_dir / name) for name in RECORD_FILES if (cell_dir / name).is_file()}
-    atomic_write_json(cell_dir / "result.json", redact_obj({**result.to_dict(), "records_sha256": hashes}))
-
-
-def write_cell(cell_dir: Path, records: list[SampleRecord], result: CellResult) -> None:
-    """A cell's records: ``samples.jsonl`` and ``result.json``."""
-    write_samples(cell_dir, records)
-    write_result(cell_dir, result)
-
-
 # --------------------------------------------------------------------------------- baseline
 
 
@@ -102,10 +81,6 @@ def scoring_provenance(cell) -> dict | None:
     """The benchmark's metric and filter, when it names them (None: the task's defaults)."""
     b = cell.benchmark
     return {"metric": b.metric, "filter": b.filter} if (b.metric or b.filter) else None
-
-
-def stale(cell, source, problem: str) -> bl.BaselineError:
-    return bl.stale(str(source), problem, cell.model.name, cell.benchmark.name, cell.suite_file or None, cell.id)
 
 
 def too_few_items(cell, n: int) -> str:
@@ -132,7 +107,8 @@ def fp_baseline(session, cell, fp: models.ResolvedModel) -> bl.Baseline:
             mismatches = bl.check_items(baseline, cell.benchmark.task, session.expected(cell, fp, indices))
         if mismatches:
             more = f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
-            raise stale(cell, path, f"baseline no longer describes the cell ({'; '.join(mismatches[:3])}{more})")
+            raise bl.stale_cell(cell, path,
+                                f"baseline no longer describes the cell ({'; '.join(mismatches[:3])}{more})")
         return baseline
     records = session.fp_run(cell, fp)
     limit = cell.benchmark.limit
@@ -169,7 +145,7 @@ def baseline_items(cell, baseline: bl.Baseline) -> tuple[list[int], list[bool]]:
         provenance_limit = baseline.provenance.get("limit")
         if provenance_limit is None or provenance_limit >= limit:  # the baseline took every item there is
             raise bl.BaselineError(too_few_items(cell, len(ordered)))
-        raise stale(cell, baseline.source, f"baseline covers {len(ordered)} items, the cell asks for {limit}")
+        raise bl.stale_cell(cell, baseline.source, f"baseline covers {len(ordered)} items, the cell asks for {limit}")
     ordered = ordered[:limit] if limit is not None else ordered
     return [int(v.get("doc_index", i)) for i, (_, v) in enumerate(ordered)], [bool(v["correct"]) for _, v in ordered]
 
@@ -213,39 +189,13 @@ def reusable(cell_dir: Path, inputs: dict) -> tuple[CellResult | None, str | Non
         return None, "inputs changed: " + "; ".join(changes[:4]) + more
     if result.gate is None:  # not servable last time: the engine may have a kernel now
         return None, f"the last run ended {result.outcome or 'without a gate'}"
-    expected = data.get("records_sha256") or {"samples.jsonl": None}  # a record from before the hashes: exists
-    for name, sha in expected.items():
-        if not (cell_dir / name).is_file():
-            return None, f"{cell_dir / name} is missing"
-        if sha is not None and sha256_file(cell_dir / name) != sha:
-            return None, f"{cell_dir / name} changed since the run that wrote it"
+    problem = records_problem(cell_dir, data)
+    if problem is not None:
+        return None, problem
     return result, None
 
 
 # --------------------------------------------------------------------------------- gate, locate, settle
-
-
-def gate_cell(session, cell, baseline: bl.Baseline, records: list[SampleRecord],
-              fp_correct_all: list[bool]) -> GateResult:
-    """The cell's records against its baseline, item by item (a sequential stop's early verdict
-    where generation stopped before every planned item)."""
-    from .gate import evaluate_gate, final_verdict_if_known
-
-    changed = [r.item_id for r in records
-               if baseline.items.get(r.item_id, {}).get("prompt_sha256") not in (None, sha256_text(r.prompt))]
-    if changed:
-        raise stale(cell, baseline.source, f"items[{changed[0]!r}].prompt_sha256: the prompts of "
-                                           f"{len(changed)} generated items differ from the baseline's")
-    quant = {r.item_id: r.correct for r in records}
-    fp_vec, q_vec = bl.paired_vectors(baseline, list(quant), quant)
-    thresholds = session.thresholds(cell)
-    if cell.thresholds.sequential and len(records) < len(fp_correct_all):
-        early = final_verdict_if_known(fp_correct_all, [r.correct for r in records], thresholds)
-        if early is not None:
-            return early
-    gate = evaluate_gate(fp_vec, q_vec, thresholds)
-    gate.n_planned = len(fp_correct_all)
-    return gate
 
 
 def locate_cell(cell, baseline: bl.Baseline, records: list[SampleRecord], cell_dir: Path) -> ErrorProfile:
@@ -338,16 +288,17 @@ class CellPipeline:
 
         started = time.monotonic()
         path, artifact = session.artifact(cell, quantized)
-        dtype = session.engine_dtype(cell, artifact, quantized.info)
+        quantization = {**quantized.info, "format": checkpoint_format(path)}  # what the evaluated checkpoint is
+        dtype = session.engine_dtype(cell, artifact, quantization["format"])
         try:
             records = self._measure(fp, path, indices, fp_correct_all, dtype)
         except NotServable as exc:
             self._timed("evaluate", started)
-            return self._not_servable(exc, quantized, artifact, dtype, inputs)
+            return self._not_servable(exc, quantization, artifact, dtype, inputs)
         self._timed("evaluate", started)
         write_samples(self.cell_dir, records)  # before Locate or Restore can fail
 
-        gate = gate_cell(session, cell, baseline, records, fp_correct_all)
+        gate = bl.gate_cell(cell, baseline, records, fp_correct_all, session.thresholds(cell))
         profile, notes = self._locate(baseline, records)
         if session.generations.write_error:  # the cell's answers are its records; only warm reruns lose
             notes.append(f"generation cache: answers not stored, {session.generations.write_error}")
@@ -355,7 +306,7 @@ class CellPipeline:
             cell_id=cell.id, model=cell.model.name, quantizer=cell.quantizer.name, benchmark=cell.benchmark.name,
             task=cell.benchmark.task, accuracy=sum(r.correct for r in records) / max(len(records), 1),
             n=len(records), gate=gate, samples_path=str(self.cell_dir / "samples.jsonl"), seconds=self._rounded(),
-            quantization=quantized.info, error_profile=profile, backend=session.backend(cell),
+            quantization=quantization, error_profile=profile, backend=session.backend(cell),
             served=session.served.pop(str(path), None), artifact=artifact, inputs=inputs,
             inputs_sha256=sha256_json(inputs), recomputed=recomputed, notes=notes,
             cache=session.cache_record(cell), runtime={**session.runtime(cell).to_dict(), "dtype": dtype},
@@ -420,15 +371,16 @@ class CellPipeline:
         if restored is not None:
             result.restore = restored.to_dict() if isinstance(restored, RestoreResult) else dict(restored)
 
-    def _not_servable(self, exc: NotServable, quantized, artifact: str, dtype: str, inputs: dict) -> CellResult:
+    def _not_servable(self, exc: NotServable, quantization: dict, artifact: str, dtype: str,
+                      inputs: dict) -> CellResult:
         """The cell's engine refused its checkpoint: an outcome of its own, recorded, never a pass."""
         session, cell = self.session, self.cell
-        scheme = (quantized.info.get("recipe") or {}).get("scheme")
+        scheme = (quantization.get("format") or {}).get("scheme")
         reason = f"no kernel for {scheme} ({exc.reason})" if scheme else exc.reason
         result = CellResult(
             cell_id=cell.id, model=cell.model.name, quantizer=cell.quantizer.name, benchmark=cell.benchmark.name,
             task=cell.benchmark.task, accuracy=0.0, n=0, gate=None, samples_path="", seconds=self._rounded(),
-            quantization=quantized.info, backend=session.backend(cell), artifact=artifact, outcome="not_servable",
+            quantization=quantization, backend=session.backend(cell), artifact=artifact, outcome="not_servable",
             inputs=inputs, inputs_sha256=sha256_json(inputs),
             notes=[f"not servable by {exc.engine} on {exc.device}: {reason}"], cache=session.cache_record(cell),
             runtime={**session.runtime(cell).to_dict(), "dtype": dtype},

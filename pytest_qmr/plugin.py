@@ -112,7 +112,7 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:
         _share_cpu_between_workers(int(workerinput.get("workercount", 1)))
-        from .backends import pin_worker_device
+        from .engines.devices import pin_worker_device
 
         pin_worker_device()  # before quantization or loading can touch a GPU
     if workerinput and workerinput.get("qmr_run_dir"):
@@ -257,7 +257,6 @@ class SuiteFile(pytest.File):
         for cell in suite.cells():
             item = CellItem.from_parent(self, name=cell.id, cell=cell)
             item.add_marker(pytest.mark.qmr_cell)
-            item.add_marker(pytest.mark.usefixtures("qmr_restore"))
             item.add_marker(getattr(pytest.mark, cell.quantizer.method))
             if cell.benchmark.name in cell.quantizer.expect_fail_on:
                 item.add_marker(pytest.mark.xfail(
@@ -303,25 +302,24 @@ class RestoreFailed(QmrError):
     """The suite's ``restore.min_gain`` was not won back (or Restore could not run)."""
 
 
-class CellItem(pytest.Item):
+def cell_test(request: pytest.FixtureRequest, qmr_restore) -> None:
+    """The body of every cell item: pytest resolves its fixtures the way it does for any test
+    function (``qmr_restore`` from the nearest ``conftest.py`` that overrides it), then it runs."""
+    request.node.run_cell(qmr_restore)
+
+
+class CellItem(pytest.Function):
+    """One cell as a pytest test: a :class:`pytest.Function` whose function is :func:`cell_test`
+    (so fixtures, ``-k``, ``-m``, xfail and xdist treat it as any test), with the cell's own
+    failure line and report sections."""
+
     def __init__(self, *, cell, **kwargs) -> None:
-        super().__init__(**kwargs)
+        super().__init__(callobj=cell_test, **kwargs)
         self.cell = cell
 
-    def setup(self) -> None:
-        """Resolve the cell's fixtures (``qmr_restore`` and any usefixtures/autouse ones) the way
-        pytest does for test functions, so a conftest.py can override them."""
-        from _pytest.fixtures import TopRequest
-
-        self._fixtureinfo = self.session._fixturemanager.getfixtureinfo(node=self, func=None, cls=None)
-        self.fixturenames = self._fixtureinfo.names_closure
-        self.funcargs: dict = {}
-        self._request = TopRequest(self, _ispytest=True)
-        self._request._fillfixtures()
-
-    def runtest(self) -> None:
+    def run_cell(self, restore) -> None:
         session = self.config.stash[SESSION_KEY]
-        result = session.run_cell(self.cell, restore=self.funcargs.get("qmr_restore"))
+        result = session.run_cell(self.cell, restore=restore)
         self.user_properties.append((RESULT_PROPERTY, json.dumps(_summary_row(result))))
         if result.gate is not None:
             for key in ("fp_acc", "quant_acc", "delta", "p_value", "n", "verdict"):
@@ -335,10 +333,10 @@ class CellItem(pytest.Item):
         if result.outcome == "fail":
             raise _failure(result)
 
-    def repr_failure(self, excinfo, style=None):
+    def repr_failure(self, excinfo):
         if excinfo.errisinstance(QmrError):  # on purpose: one line; anything else is a bug and keeps its traceback
             return f"{self.cell.id}: {excinfo.value}"
-        return super().repr_failure(excinfo, style)
+        return super().repr_failure(excinfo)
 
     def reportinfo(self):
         return self.path, None, f"qmr cell {self.cell.id}"
@@ -439,7 +437,9 @@ class QmrReporter:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
         if getattr(session.config, "workerinput", None) is not None:
             return  # only the controller aggregates
-        self.warnings = self.session.apply_family() + self.session.write_results()
+        from .rundir import apply_family, write_results
+
+        self.warnings = apply_family(self.session.run_dir) + write_results(self.session.run_dir)
         report_dir = session.config.getoption("--qmr-report")
         if report_dir:
             self.report_line = self._write_report(session.config.invocation_params.dir / report_dir)

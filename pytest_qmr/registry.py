@@ -38,7 +38,7 @@ T = TypeVar("T")
 _NAME = re.compile(r"[a-z0-9][a-z0-9.\-_]*")
 
 __all__ = ["Registry", "RegistryError", "QUANT_METHODS", "JUDGES", "TEACHERS", "PROBLEM_SOURCES",
-           "RESTORE_VARIANTS", "REGISTRIES"]
+           "RESTORE_VARIANTS", "ENGINES", "REGISTRIES"]
 
 
 class RegistryError(QmrError, ValueError):
@@ -142,4 +142,6 @@ JUDGES: Registry = Registry("judge", "judges", ("pytest_qmr.locate.judges.rule",
 TEACHERS: Registry = Registry("teacher", "teachers", ("pytest_qmr.restore.teachers",))
 PROBLEM_SOURCES: Registry = Registry("training-problem source", "problem_sources", ("pytest_qmr.restore.problems",))
 RESTORE_VARIANTS: Registry = Registry("Restore variant", "restore_variants", ("pytest_qmr.restore.variants",))
-REGISTRIES = (QUANT_METHODS, JUDGES, TEACHERS, PROBLEM_SOURCES, RESTORE_VARIANTS)
+ENGINES: Registry = Registry("generation backend", "engines", ("pytest_qmr.engines.hf", "pytest_qmr.engines.vllm",
+                                                             "pytest_qmr.engines.openai"))
+REGISTRIES = (QUANT_METHODS, JUDGES, TEACHERS, PROBLEM_SOURCES, RESTORE_VARIANTS, ENGINES)

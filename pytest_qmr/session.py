@@ -2,29 +2,28 @@
 
 :class:`QmrSession` lives in ``config.stash`` (no module globals), so xdist workers each hold
 their own. It keeps what outlives a cell — the one loaded model (cells are ordered so
-consecutive ones share it), tokenizers, the generation cache, the servers it started, the FP
-baseline runs of ``--qmr-update-baselines``, per-cell cache statistics — and makes the
-:class:`~pytest_qmr.measure.Evaluator` that answers a cell on its backend (hf in process, our
-vLLM server, a user's or our own OpenAI-compatible server), every request going through the
-content-addressed generation cache. The stages a cell goes through are
-:mod:`pytest_qmr.pipeline`; the built-in Restore of a failing cell is
-:mod:`pytest_qmr.restore.cell`.
+consecutive ones share it), tokenizers, the generation cache, the server pool and one engine per
+name (:mod:`pytest_qmr.engines`), the FP baseline runs of ``--qmr-update-baselines``, per-cell
+cache statistics — and makes the :class:`~pytest_qmr.measure.Evaluator` that answers a cell on
+its engine, every request going through the content-addressed generation cache. It is the
+engines' :class:`~pytest_qmr.engines.EngineHost`. What engine answers, in what dtype and on
+which artifact is each engine's own policy; the session only asks. The stages a cell goes
+through are :mod:`pytest_qmr.pipeline`; the built-in Restore of a failing cell is
+:mod:`pytest_qmr.restore.cell`; what a run directory holds at the session's end is
+:mod:`pytest_qmr.rundir`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import models
-from .fsutil import atomic_write_json
 from .measure import Evaluator, GenerationSettings
 from .quantize import get_method
-from .records import CellResult, GateResult, SampleRecord
+from .records import CellResult, SampleRecord
 
 
 @dataclass
@@ -48,7 +47,8 @@ class QmrSession:
     _loaded: dict = field(default_factory=dict)
     _fp_records: dict = field(default_factory=dict)  # (model, benchmark) -> the FP run of --qmr-update-baselines
     _expected_cache: dict = field(default_factory=dict)
-    _servers: Any = None  # backends.ServerPool of the server backends, created on first use
+    _servers: Any = None  # engines.servers.ServerPool of the server engines, created on first use
+    _engines: dict = field(default_factory=dict)  # engine name -> the engine (pytest_qmr.engines), made once
     _cache_stats: dict = field(default_factory=dict)  # cell id -> stage -> CacheStats of this run
     _generations: Any = None  # cache.GenerationCache, made on first use
     _tokenizers: dict = field(default_factory=dict)  # checkpoint path -> tokenizer (no weights)
@@ -80,16 +80,14 @@ class QmrSession:
     @staticmethod
     def runtime(cell):
         """The cell's ``generation.device`` / ``generation.dtype``, resolved on this machine."""
-        from .backends import runtime
+        from .engines import runtime
 
-        return runtime(cell.generation.device, cell.generation.dtype, f"{cell.suite_file or cell.suite}: generation")
+        return runtime(cell.generation.device, cell.generation.dtype, f"{cell.where}: generation")
 
     def tokenizer(self, path: Path, trust_remote_code: bool):
         """The checkpoint's tokenizer as models.load sets it up, loaded once per session."""
-        from .backends import load_tokenizer
-
         if str(path) not in self._tokenizers:
-            self._tokenizers[str(path)] = load_tokenizer(path, trust_remote_code)
+            self._tokenizers[str(path)] = models.load_tokenizer(path, trust_remote_code)
         return self._tokenizers[str(path)]
 
     @property
@@ -117,48 +115,40 @@ class QmrSession:
         return {"enabled": self.use_cache,
                 **{stage: stats.to_dict() for stage, stats in self._cache_stats.get(cell.id, {}).items()}}
 
-    def identity(self, path: Path, cell, adapter: Path | None = None, served: dict | None = None,
-                  dtype: str | None = None, backend: str | None = None) -> dict:
-        """What a response of this checkpoint depends on besides its request (pytest_qmr.cache)."""
-        from .cache import adapter_sha, engine_versions
+    # ---- engines ------------------------------------------------------------------------
+    @property
+    def servers(self):
+        """The servers this session started (one at a time; :class:`~pytest_qmr.engines.servers.ServerPool`)."""
+        if self._servers is None:
+            from .engines.servers import ServerPool
 
-        backend, rt = backend or self.backend(cell), self.runtime(cell)
-        if served is not None and served.get("engine") != "user server":  # ours: the port is random
-            served = {**served, "endpoint": served["engine"]}
-        return {"backend": backend, "weights": models.checkpoint_fingerprint(path),
-                "adapter": adapter_sha(adapter) if adapter is not None else None, "device": rt.device,
-                "dtype": dtype or rt.dtype, "batch_size": cell.generation.batch_size, "seed": cell.benchmark.seed,
-                "engine": engine_versions(backend),
-                # every engine argument a user passes (max_model_len, quantization, ... change answers)
-                "engine_options": dict(sorted(cell.generation.vllm.items())) if backend == "vllm" else None,
-                "served": None if served is None else {k: served[k] for k in ("endpoint", "model")}}
+            self._servers = ServerPool()  # one server, reused across consecutive cells of a checkpoint
+        return self._servers
+
+    def engine(self, name: str):
+        """The session's engine registered as ``name`` (:data:`pytest_qmr.registry.ENGINES`), made once."""
+        if name not in self._engines:
+            from .registry import ENGINES
+
+            self._engines[name] = ENGINES.get(name, where="generation.backend")(self)
+        return self._engines[name]
 
     @staticmethod
     def backend(cell, stage: str = "evaluate") -> str:
-        """The backend that answers: the quantizer's ``backend``, else ``generation.backend``; the
+        """The engine that answers: the quantizer's ``backend``, else ``generation.backend``; the
         FP baseline run always takes the suite's (it is shared by every quantizer's cells)."""
         if stage == "baseline":
             return cell.generation.backend
         return cell.quantizer.backend or cell.generation.backend
 
-    def _vllm_settings(self, cell, dtype: str):
-        from .servers import VllmSettings, check_vllm_options, vllm_arg_names, vllm_python
-
-        gen, where = cell.generation, cell.where
-        python = vllm_python(cell.vllm_python, where=f"{where}: generation.vllm_python")
-        if gen.vllm:  # every key is one of this vLLM's own arguments (a typo is one line, before any start)
-            check_vllm_options(gen.vllm, f"{where}: generation.vllm", known=vllm_arg_names(python, self.cache_dir))
-        return VllmSettings(python, dtype, self.runtime(cell).device, cell.benchmark.seed,
-                            tuple(sorted(gen.vllm.items())))
-
     def artifact(self, cell, quantized) -> tuple[Path, str]:
         """The checkpoint a cell evaluates and what it is: ``fp`` / ``checkpoint`` (as given),
         ``compressed`` (the compressed-tensors checkpoint a user deploys) or ``dense`` (the
-        fake-quant copy); ``quantizer.artifact``, default compressed with backend vllm."""
+        fake-quant copy); ``quantizer.artifact``, else the engine's default."""
         q = cell.quantizer
         if not get_method(q.method).builds:
             return quantized.path, q.method
-        kind = q.artifact or ("compressed" if self.backend(cell) == "vllm" else "dense")
+        kind = q.artifact or self.engine(self.backend(cell)).default_artifact
         if kind == "dense":
             return quantized.path, kind
         if quantized.compressed_path is None:
@@ -166,18 +156,43 @@ class QmrSession:
                                     "checkpoint; use artifact: dense")
         return quantized.compressed_path, kind
 
-    def engine_dtype(self, cell, artifact: str, info: dict, backend: str | None = None) -> str:
-        """The dtype the cell's engine runs in: ``generation.dtype``, except that ``auto`` runs a
-        compressed weight-only (W*A16) checkpoint in bfloat16 on vLLM's CPU build, which has no
-        float32 kernel for packed int weights."""
-        import re
+    def engine_dtype(self, cell, artifact: str, quantization: dict | None, backend: str | None = None) -> str:
+        """The dtype the cell's engine runs ``artifact`` in (:meth:`pytest_qmr.engines.Engine.dtype`:
+        ``generation.dtype``, or what the engine needs for the checkpoint's format, ``quantization``:
+        :func:`pytest_qmr.quantize.formats.checkpoint_format`)."""
+        from .engines import CellSettings
 
         rt = self.runtime(cell)
-        scheme = str((info.get("recipe") or {}).get("scheme") or "")
-        if ((backend or self.backend(cell)) == "vllm" and cell.generation.dtype == "auto" and rt.device == "cpu"
-                and artifact == "compressed" and re.fullmatch(r"W\d+A16(_ASYM)?", scheme)):
-            return "bfloat16"
-        return rt.dtype
+        settings = CellSettings(device=rt.device, dtype=cell.generation.dtype, resolved_dtype=rt.dtype,
+                                artifact=artifact, quantization=quantization)
+        return self.engine(backend or self.backend(cell)).dtype(settings)
+
+    def target(self, path: Path, cell, engine, adapter: Path | None = None, dtype: str | None = None,
+               endpoint: str | None = None):
+        """One checkpoint as ``engine`` runs it for ``cell`` (:class:`pytest_qmr.engines.Target`)."""
+        from .cache import adapter_sha
+        from .engines import Target
+
+        rt, gen = self.runtime(cell), cell.generation
+        options = tuple(sorted(getattr(gen, engine.options_key).items())) if engine.options_key else ()
+        return Target(path=Path(path), fingerprint=models.checkpoint_fingerprint(path), device=rt.device,
+                      dtype=dtype or rt.dtype, batch_size=gen.batch_size, max_new_tokens=gen.max_new_tokens,
+                      seed=cell.benchmark.seed, adapter=adapter,
+                      adapter_sha=adapter_sha(adapter) if adapter is not None else None,
+                      trust_remote_code=cell.model.trust_remote_code, options=options, endpoint=endpoint,
+                      python=cell.vllm_python, where=cell.where)
+
+    @staticmethod
+    def identity(target, engine) -> dict:
+        """What a response of ``target`` on ``engine`` depends on besides its request (the
+        generation cache's key, :mod:`pytest_qmr.cache`): the checkpoint and adapter by content,
+        where and in what precision, batch size and seed, library versions, and what the engine
+        adds (the served name it proves, its own arguments)."""
+        from .versions import ENGINE, package_versions
+
+        return {"backend": engine.name, "weights": target.fingerprint, "adapter": target.adapter_sha,
+                "device": target.device, "dtype": target.dtype, "batch_size": target.batch_size,
+                "seed": target.seed, "engine": package_versions(ENGINE), **engine.identity(target)}
 
     # ---- cells --------------------------------------------------------------------------
     def thresholds(self, cell) -> Any:
@@ -188,40 +203,6 @@ class QmrSession:
             return cell.thresholds
         return {**cell.thresholds.model_dump(), "family_size": self.family_sizes.get(family, 1)}
 
-    def apply_family(self) -> list[str]:
-        """At the session's end: Holm / BH adjusted p over the gated cells of each family that
-        ran, written into their result.json (``gate.p_adjusted``, ``gate.family_verdict``);
-        one line per family for the terminal."""
-        cells_dir = self.run_dir / "cells"
-        members: dict[str, list[tuple[Path, dict]]] = {}
-        for path in sorted(cells_dir.glob("*/result.json")) if cells_dir.is_dir() else []:
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue  # write_results reports it
-            gate = data.get("gate") or {}
-            if gate.get("family", "none") != "none":
-                members.setdefault(gate["family"], []).append((path, data))
-        if not members:
-            return []
-        from .gate import adjust_family, family_verdict  # numpy/scipy: only once a family has cells
-
-        lines = []
-        for family, cells in sorted(members.items()):
-            adjusted = adjust_family([data["gate"]["p_value"] for _, data in cells], family)
-            changed = []
-            for (path, data), p in zip(cells, adjusted, strict=True):
-                gate = data["gate"]
-                alpha = gate["alpha"] * gate.get("family_size", 1)  # the family's alpha
-                gate["p_adjusted"] = p
-                gate["family_verdict"] = family_verdict(GateResult.from_dict(gate), p, alpha)
-                if gate["family_verdict"] != gate["verdict"]:
-                    changed.append(f"{data['cell_id']} {gate['verdict']} -> {gate['family_verdict']}")
-                atomic_write_json(path, data)
-            lines.append(f"qmr family {family} over {len(cells)} cells (each gated at alpha/{len(cells)}): "
-                         + ("; ".join(changed) if changed else "adjusted p changes no verdict"))
-        return lines
-
     def generation_settings(self, cell) -> GenerationSettings:
         return GenerationSettings(max_new_tokens=cell.generation.max_new_tokens, batch_size=cell.generation.batch_size)
 
@@ -229,63 +210,28 @@ class QmrSession:
         return self.data_dir or cell.data_dir
 
     def evaluator(self, path: Path, cell, adapter: Path | None = None, dtype: str | None = None,
-                   endpoint: str | None = None, stage: str = "evaluate", backend: str | None = None) -> Evaluator:
-        """An Evaluator on ``backend`` (default the cell's: hf | openai | vllm; pytest_qmr.backends),
-        answering from the generation cache where it can: an hf model is loaded, and our own
-        vLLM server started, only on a miss. ``dtype``: the engine's (default the cell's);
-        ``endpoint``: the user's URL for this checkpoint (backend openai, ``generation.endpoints``);
-        ``adapter``: a LoRA adapter on ``path`` (hf: peft; vllm: ``--enable-lora``)."""
-        from .backends import Runtime, backend_lm, chat_prompt_renderer, lora_options, lora_served_name, served_name
-        from .cache import adapter_sha, caching_lm
-        from .measure import hf_lm
-        from .servers import ServerPool
+                  endpoint: str | None = None, stage: str = "evaluate", backend: str | None = None) -> Evaluator:
+        """An Evaluator of ``path`` on the engine ``backend`` (default the cell's), answering from the
+        generation cache where it can: the engine starts (loads its model, starts its server) only
+        on a miss, unless it must prove what answers first (``eager``). ``dtype``: the engine's
+        (default the cell's); ``endpoint``: the user's URL for this checkpoint
+        (``generation.endpoints``); ``adapter``: a Restore LoRA adapter on ``path``."""
+        from .cache import caching_lm
+        from .registry import ENGINES
 
-        gen, data_dir, trc = self.generation_settings(cell), self.data_dir_of(cell), cell.model.trust_remote_code
-        tokenizer = self.tokenizer(path, trc)
-        backend, rt = backend or self.backend(cell, stage=stage), self.runtime(cell)
-        dtype = dtype or rt.dtype
-        if backend == "hf":
-
-            def make():
-                return hf_lm(*self.load(path, trc, adapter, Runtime(rt.device, dtype)), gen.batch_size, rt.device,
-                             dtype)
-
-            lm = caching_lm(make, self.identity(path, cell, adapter, dtype=dtype, backend=backend), self.generations,
-                            tokenizer=tokenizer)
-            return Evaluator(None, None, gen, data_dir, lm=lm, source=cell.tasks)
-        if adapter is not None and backend != "vllm":
-            raise models.ModelError(f"backend {backend}: a Restore adapter is evaluated with backend hf or vllm")
-        if self._servers is None:
-            self._servers = ServerPool()  # one server, reused across consecutive cells of a checkpoint
-        if backend == "vllm":  # our own server, named after the checkpoint: known before it starts
-            settings = self._vllm_settings(cell, dtype)
-            fingerprint = models.checkpoint_fingerprint(path)
-            name = served_name(fingerprint) if adapter is None else lora_served_name(fingerprint, adapter_sha(adapter))
-            if adapter is not None:
-                settings = dataclasses.replace(settings, options=settings.options + lora_options(name, adapter))
-            engine = f"vLLM {settings.version}"
-            served = {"endpoint": engine, "model": name, "fingerprint": fingerprint, "engine": engine, "dtype": dtype}
-            self.served[str(path)] = served
-
-            def start():
-                lm, _, live = backend_lm("vllm", path, gen.max_new_tokens, gen.batch_size, cell.benchmark.seed, trc,
-                                         self._servers, vllm=settings, lora_name=name if adapter else None)
-                self.served[str(path)] = {**live, "dtype": dtype}
-                return lm
-
-            identity = self.identity(path, cell, adapter, served=served, dtype=dtype, backend=backend)
-            lm = caching_lm(start, identity, self.generations, tokenizer=tokenizer, api=True,
-                            diagnose=self._servers.died)
-            return Evaluator(None, None, gen, data_dir, lm=lm, render_prompt=chat_prompt_renderer(tokenizer),
-                             source=cell.tasks)
-        inner, render_prompt, served = backend_lm(backend, path, gen.max_new_tokens, gen.batch_size,
-                                                  cell.benchmark.seed, trc, self._servers,
-                                                  endpoint=endpoint, runtime=Runtime(rt.device, dtype))
-        self.served[str(path)] = served
-        lm = caching_lm(lambda: inner, self.identity(path, cell, served=served, backend=backend), self.generations,
-                        tokenizer=tokenizer, eager=inner,
-                        diagnose=None if served["engine"] == "user server" else self._servers.died)
-        return Evaluator(None, None, gen, data_dir, lm=lm, render_prompt=render_prompt, source=cell.tasks)
+        engine = self.engine(backend or self.backend(cell, stage=stage))
+        if adapter is not None and not engine.adapters:
+            serving = " or ".join(name for name, cls in ENGINES.items() if cls.adapters)
+            raise models.ModelError(f"backend {engine.name}: a Restore adapter is evaluated with backend {serving}")
+        target = self.target(path, cell, engine, adapter, dtype, endpoint)
+        engine.check(target)  # settings it cannot take: one line, also on a fully cached cell
+        tokenizer = self.tokenizer(path, target.trust_remote_code)
+        eager = engine.start(target) if engine.eager else None
+        lm = caching_lm(lambda: engine.start(target), self.identity(target, engine), self.generations,
+                        tokenizer=tokenizer, eager=eager, api=engine.api, diagnose=engine.died)
+        return Evaluator(None, None, self.generation_settings(cell), self.data_dir_of(cell), lm=lm,
+                         render_prompt=engine.prompt_renderer(tokenizer), source=cell.tasks,
+                         served=lambda: engine.served(target))
 
     def evaluate(self, path: Path, cell, indices: list[int] | None, fp_correct: list[bool] | None,
                   stage: str = "evaluate", adapter: Path | None = None, dtype: str | None = None,
@@ -298,6 +244,7 @@ class QmrSession:
         finally:
             self.output_types.update(evaluator.output_types)  # Locate asks whether there are steps
             self.count(cell, stage, evaluator.lm.stats)
+            self.served[str(path)] = evaluator.served()
 
     def run(self, evaluator: Evaluator, cell, indices: list[int] | None, fp_correct: list[bool] | None,
              stage: str = "evaluate"):
@@ -340,12 +287,14 @@ class QmrSession:
         return (cell.model.name, cell.benchmark.name) in self._fp_records
 
     def greedy(self, cell, path: Path) -> Callable[[list[str]], list[str]]:
-        """Greedy generation on ``path`` for Restore's mining, answered from the generation cache
-        where it can (the model is loaded only for the misses)."""
+        """Greedy generation on ``path`` for Restore's mining (transformers in this process, the
+        ``hf`` engine's identity), answered from the generation cache where it can (the model is
+        loaded only for the misses)."""
         from .restore import generate_greedy
 
-        gen, identity = self.generation_settings(cell), {**self.identity(path, cell),
-                                                         "generator": "restore.generate_greedy"}
+        gen = self.generation_settings(cell)
+        hf = self.engine("hf")
+        identity = {**self.identity(self.target(path, cell, hf), hf), "generator": "restore.generate_greedy"}
 
         def generate(prompts: list[str]) -> list[str]:
             def compute(missing: list[int]) -> list[str]:
@@ -374,23 +323,9 @@ class QmrSession:
         return self._expected_cache[key]
 
     def close(self) -> None:
-        """Stop servers this session started (every process, xdist workers included)."""
+        """Stop what the engines started (every process, xdist workers included)."""
+        for engine in self._engines.values():
+            engine.close()
         if self._servers is not None:
             self._servers.close()
             self._servers = None
-
-    def write_results(self) -> list[str]:
-        """``results.json`` of every readable cell; returns one warning line per unreadable one."""
-        cells_dir = self.run_dir / "cells"
-        if not cells_dir.is_dir():
-            return []
-        cells, warnings = [], []
-        for f in sorted(cells_dir.glob("*/result.json")):
-            try:
-                cells.append(json.loads(f.read_text(encoding="utf-8")))
-            except (OSError, ValueError) as exc:
-                warnings.append(f"qmr: WARNING: {f}: unreadable cell record left out of results.json "
-                                f"({type(exc).__name__})")
-        atomic_write_json(self.run_dir / "results.json", {"run_dir": str(self.run_dir), "cells": cells})
-        return warnings
-

@@ -3,8 +3,9 @@
 One reader (:func:`package_versions`) and the named sets each key uses, so a key's set is
 visible in one place and no two stages read versions differently:
 
-- :data:`QUANTIZATION`: a quantized checkpoint (``quantize.spec.cache_key``, its build record);
-- :data:`ENGINE`: a generated response (``cache.engine_versions``; vLLM's added on its backend);
+- :data:`QUANTIZATION`: a quantized checkpoint (``quantize.keys.cache_key``, its build record);
+- :data:`ENGINE`: a generated response (``QmrSession.identity``; the vLLM engine adds the version of
+  vLLM's own environment to its served identity);
 - :data:`RECORDS`: a baseline's provenance and a cell's ``--qmr-resume`` inputs;
 - :data:`ADAPTER`: a trained Restore adapter (``restore.cell.adapter_inputs``).
 """

@@ -130,7 +130,7 @@ def replay_server(repo_root, lab_model):
     """A user's OpenAI-compatible server on loopback, named after the lab model, that replays the
     committed FP baseline's response to each prompt (so a cell it answers is the FP model's,
     exactly); ``fail`` makes every generation a 500, ``requests`` / ``authorizations`` are what came."""
-    from pytest_qmr.backends import load_tokenizer
+    from pytest_qmr.models import load_tokenizer
 
     items = json.loads((repo_root / "baselines" / "smollm2-135m-arith" / "arith.json").read_text())["items"]
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Replay)

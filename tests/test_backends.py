@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_qmr import backends
-from pytest_qmr.backends import (chat_completions_url, configured_base_url, for_worker, pin_worker_device,
-                                 visible_gpus, worker_device, xdist_worker_index)
+from pytest_qmr.engines import api, devices
+from pytest_qmr.engines.api import configured_base_url
+from pytest_qmr.engines.devices import for_worker, pin_worker_device, visible_gpus, worker_device, xdist_worker_index
+from pytest_qmr.engines.servers import chat_completions_url
 from pytest_qmr.models import ModelError
 
 N_ITEMS = 8
@@ -62,7 +63,7 @@ def test_devices_round_robin_over_visible_gpus():
 
 
 def test_visible_gpus_without_nvidia_smi(monkeypatch):
-    monkeypatch.setattr(backends.shutil, "which", lambda name: None)
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
     assert visible_gpus({}) == []
 
 
@@ -89,7 +90,8 @@ def test_base_url_per_worker_and_normalised():
 def test_vllm_backend_without_vllm_is_one_line(monkeypatch, tmp_path):
     import importlib.util
 
-    from pytest_qmr.servers import VLLM_PYTHON_ENV
+    from pytest_qmr.engines.servers import VLLM_PYTHON_ENV, vllm_python
+    from pytest_qmr.registry import ENGINES
 
     real = importlib.util.find_spec
     monkeypatch.delenv(VLLM_PYTHON_ENV, raising=False)
@@ -97,13 +99,13 @@ def test_vllm_backend_without_vllm_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(ModelError, match=r"^backend vllm needs a vLLM install in its own environment: run `qmr "
                                          r"vllm-env` here") as err:
-        backends.backend_lm("vllm", tmp_path, 96, 20)
+        vllm_python()  # what the vllm engine asks first
     assert "\n" not in str(err.value)
     monkeypatch.setenv(VLLM_PYTHON_ENV, str(tmp_path / "nowhere" / "python"))
     with pytest.raises(ModelError, match=r"^QMR_VLLM_PYTHON: no Python interpreter at '.*nowhere/python'"):
-        backends.backend_lm("vllm", tmp_path, 96, 20)
-    with pytest.raises(ModelError, match="unknown generation backend"):
-        backends.backend_lm("tgi", tmp_path, 96, 20)
+        vllm_python()
+    with pytest.raises(ValueError, match="unknown generation backend"):
+        ENGINES.get("tgi")
 
 
 # --------------------------------------------------------------------------------- hf vs openai
@@ -126,7 +128,7 @@ def test_openai_backend_matches_hf_item_by_item(lab_model, data_dir, cache_dir, 
     from pytest_qmr.suite import load_suite
 
     assert torch.get_num_threads() == 1  # the server gets the same single thread (ServedCheckpoint copies it)
-    monkeypatch.delenv(backends.BASE_URL_ENV, raising=False)
+    monkeypatch.delenv("QMR_OPENAI_BASE_URL", raising=False)
     suite_file = tmp_path / "backends.yaml"
     suite_file.write_text(SUITE.format(data_dir=data_dir, limit=N_ITEMS))
     (cell,) = load_suite(suite_file).cells()
@@ -174,14 +176,14 @@ def test_openai_backend_matches_hf_item_by_item(lab_model, data_dir, cache_dir, 
     models_url = server.url.replace("/chat/completions", "/models")
     assert httpx.get(models_url).status_code == 401
     headers = {"Authorization": f"Bearer {server.api_key}"}
-    assert backends.remote_model_name(server.url, headers, lab_model.fingerprint, env={}) == \
+    assert api.remote_model_name(server.url, headers, lab_model.fingerprint, env={}) == \
         f"qmr-{lab_model.fingerprint}" == result.served["model"]
     cmdline = Path(f"/proc/{server.proc.pid}/cmdline").read_bytes().decode(errors="replace")
     assert server.api_key not in cmdline
 
     # a user-given endpoint (QMR_OPENAI_BASE_URL / QMR_OPENAI_API_KEY) is used as is: no new server
-    monkeypatch.setenv(backends.BASE_URL_ENV, server.url.replace("/v1/chat/completions", ""))
-    monkeypatch.setenv(backends.API_KEY_ENV, server.api_key)
+    monkeypatch.setenv("QMR_OPENAI_BASE_URL", server.url.replace("/v1/chat/completions", ""))
+    monkeypatch.setenv("QMR_OPENAI_API_KEY", server.api_key)
     again = session.evaluator(lab_model.path, cell).run("qmr_arith", indices=[served[0].doc_index])
     assert pool.started == 1 and again[0].response == served[0].response
 
@@ -202,7 +204,7 @@ def test_openai_backend_matches_hf_item_by_item(lab_model, data_dir, cache_dir, 
 ORPHAN = """
 import os, sys
 from pathlib import Path
-from pytest_qmr.servers import ServedCheckpoint
+from pytest_qmr.engines.servers import ServedCheckpoint
 server = ServedCheckpoint(Path(sys.argv[1]), threads=1).start()
 print(server.proc.pid, flush=True)
 os._exit(0)  # dies without closing the server, as a killed pytest would

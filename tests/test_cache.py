@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_qmr.cache import (CacheStats, GenerationCache, cached_adapter, request_key, select_evictions, _entries)
+from pytest_qmr.cache import (CacheStats, GenerationCache, cached_adapter, request_key, select_evictions, area_entries)
 
 N_ITEMS = 4
 SUITE = """
@@ -285,7 +285,7 @@ def test_qmr_cache_lists_and_clears_by_age_and_size(tmp_path, capsys):
     assert main(["cache", "clear", "--cache-dir", str(root), "--older-than-days", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "qmr cache: clear --older-than-days: must be >= 0 (got -1.0)"
     assert main(["cache", "clear", "--cache-dir", str(root)]) == 0
-    assert _entries(root, "generations") == [] == _entries(root, "adapters")
+    assert area_entries(root, "generations") == [] == area_entries(root, "adapters")
 
 
 def test_evictions_keep_the_most_recently_used():
@@ -311,7 +311,7 @@ def test_stats_add_up():
 def test_auto_device_and_dtype_resolve_to_what_this_machine_has():
     import torch
 
-    from pytest_qmr.backends import Runtime, runtime
+    from pytest_qmr.engines.devices import Runtime, runtime
     from pytest_qmr.models import ModelError
 
     if torch.cuda.is_available():
@@ -329,7 +329,7 @@ def test_training_runs_on_the_runtime_device_in_its_precision():
     """Restore's DPO and qmr align: TrainingArguments on the CPU in fp32, or on the GPU in mixed precision."""
     from transformers import TrainingArguments
 
-    from pytest_qmr.backends import Runtime, runtime, trainer_device_args
+    from pytest_qmr.engines.devices import Runtime, runtime, trainer_device_args
 
     assert trainer_device_args(Runtime("cpu", "float32")) == {"use_cpu": True, "bf16": False, "fp16": False}
     assert trainer_device_args(Runtime("cuda", "bfloat16")) == {"use_cpu": False, "bf16": True, "fp16": False}

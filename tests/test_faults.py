@@ -26,6 +26,7 @@ from pytest_qmr.fsutil import sha256_text
 from pytest_qmr.measure import ExpectedItem
 from pytest_qmr.records import CellResult, GateResult
 from pytest_qmr.plugin import cell_section
+from pytest_qmr.rundir import write_results
 from pytest_qmr.session import QmrSession
 from pytest_qmr.suite import load_suite
 
@@ -377,7 +378,7 @@ def test_a_corrupt_result_json_does_not_crash_the_session_end(tmp_path):
     (cells / "good" / "result.json").write_text(json.dumps({"cell_id": "good"}))
     (cells / "torn").mkdir()
     (cells / "torn" / "result.json").write_text('{"cell_id": "to')
-    warnings = QmrSession(rootdir=tmp_path, run_dir=tmp_path, baselines_dir=tmp_path).write_results()
+    warnings = write_results(tmp_path)
     assert [one_line(w) for w in warnings] == [
         f"qmr: WARNING: {cells / 'torn' / 'result.json'}: unreadable cell record left out of results.json "
         "(JSONDecodeError)"]

@@ -175,7 +175,7 @@ def test_family_at_the_session_end_adjusts_each_cell(tmp_path):
     """apply_family over a run directory: every cell of the family gets its Holm p and the
     verdict it gives; a cell Bonferroni left inconclusive fails where Holm's step-down rejects."""
     from pytest_qmr.records import CellResult
-    from pytest_qmr.session import QmrSession
+    from pytest_qmr.rundir import apply_family
 
     thresholds = {"max_abs_drop": 0.05, "max_rel_drop": 0.10, "alpha": 0.05, "min_items": 20,
                   "family": "holm", "family_size": 3}
@@ -188,7 +188,7 @@ def test_family_at_the_session_end_adjusts_each_cell(tmp_path):
         (tmp_path / "cells" / name / "result.json").write_text(json.dumps(result.to_dict()))
     before = {name: evaluate_gate(*cells[name], thresholds) for name in cells}
     assert before["lossy"].verdict == "inconclusive" and before["lossy"].p_value < 0.05 / 2
-    lines = QmrSession(rootdir=tmp_path, run_dir=tmp_path, baselines_dir=tmp_path).apply_family()
+    lines = apply_family(tmp_path)
     assert lines == ["qmr family holm over 3 cells (each gated at alpha/3): lossy inconclusive -> fail"]
     after = {name: json.loads((tmp_path / "cells" / name / "result.json").read_text())["gate"]
              for name in cells}

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_runs_every_stage_on_this_machines_device(tmp_path):
     from pytest_qmr.models import ModelError
-    from pytest_qmr.servers import vllm_python
+    from pytest_qmr.engines.servers import vllm_python
 
     try:
         vllm_python()

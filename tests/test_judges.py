@@ -334,7 +334,7 @@ class _StubChat:
         self.answers, self.calls = list(answers), []
 
     def complete(self, messages, max_tokens, temperature, seed=None, **kw):
-        from pytest_qmr.serve import Completion
+        from pytest_qmr.engines.serve import Completion
 
         self.calls.append((temperature, seed))
         return Completion(self.answers.pop(0), 50, 10, "stop")
@@ -360,7 +360,7 @@ def served(tmp_path_factory, cache_dir):
     env = {**os.environ, KEY_ENV: FAKE_KEY, "QMR_CACHE_DIR": str(cache_dir)}
     with open(log, "w") as stderr:  # the child has its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest_qmr.serve", "--model", "embedded:smollm2-135m", "--port", "0",
+            [sys.executable, "-m", "pytest_qmr.engines.serve", "--model", "embedded:smollm2-135m", "--port", "0",
              "--api-key-env", KEY_ENV, "--served-name", "smol", "--threads", "1"],  # 1: fast on a shared CPU
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     url = None

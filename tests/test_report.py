@@ -25,7 +25,7 @@ from pytest_qmr.locate.judges import build_judges
 from pytest_qmr.locate import error_profile, locate_cell
 from pytest_qmr.records import CellResult, SampleRecord
 from pytest_qmr.restore import RestoreResult
-from pytest_qmr.pipeline import write_cell
+from pytest_qmr.rundir import write_cell, write_results
 from pytest_qmr.session import QmrSession
 
 THRESHOLDS = {"max_abs_drop": 0.05, "max_rel_drop": 0.10, "alpha": 0.05, "min_items": 16}
@@ -110,7 +110,7 @@ def run(tmp_path_factory) -> dict:
               libraries={"torch": "2.12.0", "transformers": "5.17.0"})
     cells["g3"] = _cell(session, "toy", "w3", "rtn", "gsm8k", fp_g, _records("gsm8k", 16, wrong={1, 2, 3}),
                         {**info, "libraries": {"torch": "2.13.0"}})
-    session.write_results()
+    write_results(session.run_dir)
     return {"root": root, "run_dir": session.run_dir, "baselines": session.baselines_dir, "cells": cells}
 
 

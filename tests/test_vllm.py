@@ -17,7 +17,7 @@ import pytest
 
 from pytest_qmr.cache import adapter_sha
 from pytest_qmr.models import ModelError
-from pytest_qmr.servers import (NotServable, VllmSettings, not_servable_reason, vllm_args, vllm_python,
+from pytest_qmr.engines.servers import (NotServable, VllmSettings, not_servable_reason, vllm_args, vllm_python,
                                 vllm_version)
 from pytest_qmr.suite import SuiteError, parse_suite
 
@@ -117,7 +117,7 @@ def test_no_option_value_becomes_a_flag_and_reserved_keys_stay_ours(options, mes
 
 
 def test_an_option_vllm_does_not_have_is_one_line_with_a_did_you_mean(vllm_env, cache_dir):
-    from pytest_qmr.servers import check_vllm_options, vllm_arg_names
+    from pytest_qmr.engines.servers import check_vllm_options, vllm_arg_names
 
     known = vllm_arg_names(vllm_env, cache_dir)  # vLLM's own parser, asked once per install
     assert {"tensor_parallel_size", "max_model_len", "enable_lora", "uds", "host"} <= known
@@ -306,7 +306,7 @@ def _kill_when_generating(server):
 ORPHAN = """
 import os, sys, threading, time
 from pathlib import Path
-from pytest_qmr.servers import VllmServer, VllmSettings
+from pytest_qmr.engines.servers import VllmServer, VllmSettings
 server = VllmServer(Path(sys.argv[1]), "qmr-orphan", VllmSettings(sys.argv[2], "float32", "cpu"))
 threading.Thread(target=server.start, daemon=True).start()
 while server.proc is None:

@@ -148,10 +148,8 @@ def test_concurrent_quantizers_build_one_key_once(tiny_llama, tmp_path):
 
 def _write_cells(run_dir: str, worker: int, n: int, barrier) -> None:
     from pytest_qmr.records import CellResult, SampleRecord
-    from pytest_qmr.pipeline import write_cell
-    from pytest_qmr.session import QmrSession
+    from pytest_qmr.rundir import write_cell, write_results
 
-    session = QmrSession(rootdir=Path(run_dir), run_dir=Path(run_dir), baselines_dir=Path(run_dir))
     barrier.wait(timeout=120)
     for i in range(n):
         cell_id = f"w{worker}-cell{i}"
@@ -159,11 +157,11 @@ def _write_cells(run_dir: str, worker: int, n: int, barrier) -> None:
         result = CellResult(cell_id, "m", "q", "b", "t", 1.0, len(records), None,
                             str(Path(run_dir) / "cells" / cell_id / "samples.jsonl"))
         write_cell(Path(run_dir) / "cells" / cell_id, records, result)
-        session.write_results()  # every worker rewrites results.json while the others write cells
+        write_results(Path(run_dir))  # every worker rewrites results.json while the others write cells
 
 
 def test_concurrent_workers_share_one_run_dir(tmp_path):
-    from pytest_qmr.session import QmrSession
+    from pytest_qmr.rundir import write_results
 
     workers, per_worker = 3, 6
     ctx = multiprocessing.get_context("spawn")
@@ -174,7 +172,7 @@ def test_concurrent_workers_share_one_run_dir(tmp_path):
     for proc in procs:
         proc.join(120)
         assert proc.exitcode == 0
-    QmrSession(rootdir=tmp_path, run_dir=tmp_path, baselines_dir=tmp_path).write_results()  # the controller's
+    write_results(tmp_path)  # the controller's
     cells = json.loads((tmp_path / "results.json").read_text())["cells"]
     assert sorted(c["cell_id"] for c in cells) == sorted(f"w{w}-cell{i}" for w in range(workers)
                                                          for i in range(per_worker))

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from ..cache import AREAS, GENERATIONS, Entry, _entries, _human, clear
+from ..cache import AREAS, GENERATIONS, Entry, area_entries, human_size, clear
 from ..fsutil import cache_root
 
 
@@ -19,21 +19,21 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if args.action == "ls":
         print(f"cache {root}")
         for area in areas:
-            entries = _entries(root, area)
+            entries = area_entries(root, area)
             newest = max((e.mtime for e in entries), default=None)
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(newest)) if newest else "-"
-            size = _human(sum(e.size for e in entries))
+            size = human_size(sum(e.size for e in entries))
             print(f"  {area:<12} {len(entries):>7} entries {size:>10}  last used {when}")
             if len(areas) == 1 and area != GENERATIONS:  # one area: each entry
                 for e in entries:
                     age = (time.time() - e.mtime) / 86400
-                    print(f"    {e.path.name:<40} {_human(e.size):>10} {age:>6.1f} d  {_describe(e)}")
+                    print(f"    {e.path.name:<40} {human_size(e.size):>10} {age:>6.1f} d  {_describe(e)}")
         return 0
     for name, value in (("--older-than-days", args.older_than_days), ("--max-size-gb", args.max_size_gb)):
         if value is not None and value < 0:
             raise QmrError(f"clear {name}: must be >= 0 (got {value})")
     doomed, entries = clear(root, areas, args.older_than_days, args.max_size_gb)
-    print(f"removed {len(doomed)} of {len(entries)} entries ({_human(sum(e.size for e in doomed))}) from {root}"
+    print(f"removed {len(doomed)} of {len(entries)} entries ({human_size(sum(e.size for e in doomed))}) from {root}"
           + (": " + " ".join(e.path.name for e in doomed if e.area != GENERATIONS) if doomed else ""))
     return 0
 

@@ -1,5 +1,6 @@
-"""``qmr serve``: the server's own module owns its arguments (it also runs as ``python -m pytest_qmr.serve``)."""
+"""``qmr serve``: the server's own module owns its arguments (it also runs as
+``python -m pytest_qmr.engines.serve``)."""
 
-from ..serve import add_cli
+from ..engines.serve import add_cli
 
 __all__ = ["add_cli"]

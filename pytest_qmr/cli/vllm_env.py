@@ -1,12 +1,11 @@
-"""``qmr vllm-env [DIR]``: build vLLM's own environment (see :mod:`pytest_qmr.vllm_env`)."""
+"""``qmr vllm-env [DIR]``: build vLLM's own environment (see :mod:`pytest_qmr.engines.vllm_env`)."""
 
 from __future__ import annotations
 
-from ..vllm_env import __doc__ as _doc
-from ..vllm_env import _cmd, add_arguments
+from ..engines import vllm_env
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("vllm-env", help=_doc.split("\n\n")[0].replace("\n", " "))
-    add_arguments(p)
-    p.set_defaults(func=_cmd)
+    p = subparsers.add_parser("vllm-env", help=vllm_env.__doc__.split("\n\n")[0].replace("\n", " "))
+    vllm_env.add_arguments(p)
+    p.set_defaults(func=vllm_env.command)

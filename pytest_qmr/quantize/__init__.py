@@ -23,17 +23,20 @@ Each method is one module of :mod:`pytest_qmr.quantize.methods` registered in
 :data:`pytest_qmr.registry.QUANT_METHODS`; a project adds one by registering a
 :class:`~pytest_qmr.quantize.methods.QuantMethod` subclass (see :mod:`pytest_qmr.registry`).
 
-Modules: :mod:`.spec` (QuantSpec, the effective recipe, the cache key), :mod:`.build` (the build
-and what a cache entry holds), :mod:`.entries` (entry integrity, listing, clearing),
-:mod:`.methods` (one file per method); ``qmr quantize`` is :mod:`pytest_qmr.cli.quantize`.
+Modules: :mod:`.spec` (QuantSpec, what a build returns), :mod:`.keys` (the effective recipe,
+the cache key), :mod:`.build` (the build and what a cache entry holds), :mod:`.entries` (entry
+integrity, listing, clearing), :mod:`.formats` (what a checkpoint's own config says it is: format,
+scheme, bits), :mod:`.methods` (one file per method); ``qmr quantize`` is
+:mod:`pytest_qmr.cli.quantize`.
 """
 
 from .build import quantize
 from .entries import cache_entries, clear_cache, verify_entry
 from .methods import QuantMethod, fit_group_size, get_method
 from .methods.awq import awq_cpu_workaround
+from .keys import cache_key, effective_recipe, method_settings
 from .spec import (COMPRESSED_DIR, FORMAT_VERSION, INFO_FILE, WEIGHT_BITS, QuantizedModel, QuantizeError, QuantSpec,
-                   cache_key, effective_recipe, library_versions, method_settings)
+                   library_versions)
 
 
 def build_recipe(model, recipe: dict) -> tuple[list, dict[str, int | None]]:

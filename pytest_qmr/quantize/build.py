@@ -41,8 +41,8 @@ from ..fsutil import atomic_directory, atomic_write_json, cache_root, locked
 from .entries import manifest, sizes, verify_entry
 from .methods import get_method
 from .methods.base import ignored_linears
-from .spec import COMPRESSED_DIR, FORMAT_VERSION, INFO_FILE, QuantizedModel, QuantizeError, QuantSpec, cache_key, \
-    effective_recipe, library_versions
+from .keys import cache_key, effective_recipe
+from .spec import COMPRESSED_DIR, FORMAT_VERSION, INFO_FILE, QuantizedModel, QuantizeError, QuantSpec, library_versions
 
 # ----------------------------------------------------------------------------- dense copy
 

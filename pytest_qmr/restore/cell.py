@@ -26,7 +26,8 @@ from pathlib import Path
 from .. import models
 from ..fsutil import atomic_write_jsonl, sha256_json
 from ..records import CellContext, CellResult, SampleRecord
-from ..servers import NotServable
+from ..engines import NotServable
+from ..quantize.formats import checkpoint_format
 from .problems import training_problems
 from .records import RestoreResult
 from .teachers import make_teacher
@@ -37,7 +38,7 @@ def restore_cell(session, cell, result: CellResult, records: list[SampleRecord],
     """The default pytest_qmr_restore (module docstring)."""
     from ..cache import cached_adapter
     from ..gate import compare
-    from ..pipeline import gate_cell
+    from ..baselines import gate_cell
     from .mining import mine_traces
     from .pairs import build_pairs
     from .records import write_pairs
@@ -74,8 +75,8 @@ def restore_cell(session, cell, result: CellResult, records: list[SampleRecord],
     atomic_write_jsonl(cell_dir / "restored_samples.jsonl", (r.to_dict() for r in again))
     quant = {r.item_id: r.correct for r in records}
     paired = [(quant[r.item_id], r.correct) for r in again if r.item_id in quant]
-    restored_gate = gate_cell(session, cell, baseline, again,
-                              [bool(baseline.items[r.item_id]["correct"]) for r in again])
+    restored_gate = gate_cell(cell, baseline, again, [bool(baseline.items[r.item_id]["correct"]) for r in again],
+                              session.thresholds(cell))
     outcome = RestoreResult(
         pairs=len(pairs), teacher=spec.teacher, variant=spec.variant, steps=card["steps"],
         minutes=round((time.monotonic() - started) / 60, 2), adapter_path=card["adapter_path"],
@@ -91,9 +92,19 @@ def restore_cell(session, cell, result: CellResult, records: list[SampleRecord],
                            for name, recs in (("quantized", _mmlu(session, cell, quant_path, None)),
                                               ("restored", _mmlu(session, cell, quant_path, adapter)))}
         outcome["mmlu"]["n"] = spec.mmlu_limit
-    if spec.deployed if spec.deployed is not None else session.backend(cell) == "vllm":
+    if spec.deployed if spec.deployed is not None else deploying_engine(session, cell) is not None:
         outcome["deployed"] = deployed_restore(session, cell, context, result, records, again, adapter)
     return outcome
+
+
+DEPLOYED_ENGINE = "vllm"  # serves a compressed checkpoint with a LoRA adapter when the cell's own engine does not
+
+
+def deploying_engine(session, cell) -> str | None:
+    """The cell's engine when it evaluates what a user deploys (the compressed checkpoint) and
+    serves adapters, else None."""
+    engine = session.engine(session.backend(cell))
+    return engine.name if engine.default_artifact == "compressed" and engine.adapters else None
 
 
 def deployed_restore(session, cell, context: CellContext, result: CellResult, records: list[SampleRecord],
@@ -102,11 +113,12 @@ def deployed_restore(session, cell, context: CellContext, result: CellResult, re
     through vLLM's LoRA support, on the same items as the dense re-measurement."""
     if context.compressed is None:
         return {"error": f"{cell.quantizer.method} writes no compressed checkpoint"}
-    dtype = session.engine_dtype(cell, "compressed", result.quantization or {}, backend="vllm")
-    session.say(cell, "restore: re-measuring the compressed checkpoint + adapter on vLLM")
+    backend = deploying_engine(session, cell) or DEPLOYED_ENGINE
+    dtype = session.engine_dtype(cell, "compressed", checkpoint_format(context.compressed), backend=backend)
+    session.say(cell, f"restore: re-measuring the compressed checkpoint + adapter on {backend}")
     try:
         served = session.evaluate(context.compressed, cell, [r.doc_index for r in records], None,
-                                  stage="restore-deployed", adapter=adapter, dtype=dtype, backend="vllm")
+                                  stage="restore-deployed", adapter=adapter, dtype=dtype, backend=backend)
     except NotServable as exc:
         return {"servable": False, "line": str(exc)}
     atomic_write_jsonl(context.cell_dir / "restored_deployed_samples.jsonl", (r.to_dict() for r in served))

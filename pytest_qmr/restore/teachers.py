@@ -172,7 +172,7 @@ class EndpointTeacher:
         return [{"role": "user", "content": user}]
 
     def _one(self, cut: Cut) -> str | None:
-        from ..locate.judges.llm import _Fatal, _Retry, redact
+        from ..locate.judges.llm import FatalAttempt, RetryableAttempt, redact
 
         secret = self._client._secret()
         reason = "no attempt"
@@ -180,9 +180,9 @@ class EndpointTeacher:
             try:
                 text, _ = self._client._complete(self._messages(cut), attempt)
                 return text.lstrip("\n")
-            except _Fatal as exc:
+            except FatalAttempt as exc:
                 raise RestoreError(f"teacher {self.name}: {redact(exc, secret)}") from None
-            except _Retry as exc:
+            except RetryableAttempt as exc:
                 reason = redact(exc, secret)
                 if attempt < self.config.max_retries:
                     time.sleep(self._client._delay(attempt, exc.retry_after))

@@ -112,8 +112,8 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from ..align import _stop_after, scoring_completions_only
-    from ..backends import trainer_device_args
+    from ..align import stop_after, scoring_completions_only
+    from ..engines.devices import trainer_device_args
     from ..models import load
 
     if not pairs:
@@ -146,7 +146,7 @@ def train_adapter(model_path: str | os.PathLike, pairs: Sequence[PreferencePair]
         trainer_class = _distilling(DPOTrainer) if distill else DPOTrainer
         trainer = trainer_class(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
                                 processing_class=tokenizer, peft_config=peft_config,
-                                callbacks=[_stop_after(config.max_minutes)], **distill)
+                                callbacks=[stop_after(config.max_minutes)], **distill)
         cut_eos = 0
         if not config.eos_on_cut_rejected:
             trainer.train_dataset, cut_eos = drop_cut_eos(trainer.train_dataset, pairs, tokenizer.eos_token_id)

@@ -1,6 +1,6 @@
 """What the schema cannot check field by field, each problem raised as one line (:func:`~.messages._fail`).
 
-:func:`_check_semantics` runs on every parsed suite: names unique per section and cell ids
+:func:`check_semantics` runs on every parsed suite: names unique per section and cell ids
 unique; ``expect_fail_on`` / ``expect_inconclusive_on`` / ``benchmarks[i].quantizers`` /
 ``restore.quantizers`` / ``restore.benchmarks`` / ``generation.endpoints`` name this suite's
 benchmarks and quantizers; each quantizer's fields fit its method's class in
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from ..errors import QmrError
 from ..registry import JUDGES, QUANT_METHODS
 from .cells import Suite
-from .messages import _fail
+from .messages import fail
 from .schema import WEIGHT_BITS, QuantizerSpec, SuiteSpec
 
 
@@ -30,20 +30,20 @@ def _check_method_fields(source: str, key: str, q: QuantizerSpec) -> None:
     method = QUANT_METHODS.get(q.method)
     for unused in method.unused:
         if unused in q.model_fields_set:
-            _fail(source, f"{key}.{unused}", f"not used by method {q.method} ({method.unused_because}); remove it",
+            fail(source, f"{key}.{unused}", f"not used by method {q.method} ({method.unused_because}); remove it",
                   getattr(q, unused))
     if method.needs_bits and q.bits is None:
-        _fail(source, f"{key}.bits", f"required for method {q.method}: one of 2, 3, 4, 8", "nothing", raw=True)
+        fail(source, f"{key}.bits", f"required for method {q.method}: one of 2, 3, 4, 8", "nothing", raw=True)
     if method.fixed_bits is not None and q.bits is not None and q.bits != method.fixed_bits:
-        _fail(source, f"{key}.bits", f"must be {method.fixed_bits} for method {q.method} ({method.scheme})", q.bits)
+        fail(source, f"{key}.bits", f"must be {method.fixed_bits} for method {q.method} ({method.scheme})", q.bits)
     if q.bits is not None and q.bits not in WEIGHT_BITS:
-        _fail(source, f"{key}.bits", "must be one of 2, 3, 4, 8", q.bits)
+        fail(source, f"{key}.bits", "must be one of 2, 3, 4, 8", q.bits)
     if method.calibrated and q.calibration is None:
-        _fail(source, f"{key}.calibration",
+        fail(source, f"{key}.calibration",
               f"required for method {q.method}, e.g. {{dataset: gsm8k, samples: 64, seq_len: 512, seed: 0}}",
               "nothing", raw=True)
     if method.requires is not None and getattr(q, method.requires[0]) is None:
-        _fail(source, f"{key}.{method.requires[0]}", f"required for method {q.method}: {method.requires[1]}",
+        fail(source, f"{key}.{method.requires[0]}", f"required for method {q.method}: {method.requires[1]}",
               "nothing", raw=True)
     if q.options:
         from ..quantize import QuantizeError, method_settings
@@ -52,29 +52,29 @@ def _check_method_fields(source: str, key: str, q: QuantizerSpec) -> None:
             method_settings(q.method, q.options)
         except QuantizeError as exc:
             bad = next((k for k in q.options if repr(k) in str(exc) or f" {k} " in str(exc)), next(iter(q.options)))
-            _fail(source, f"{key}.options.{bad}", str(exc).split(": ", 1)[1].split(" (got ")[0], q.options[bad])
+            fail(source, f"{key}.options.{bad}", str(exc).split(": ", 1)[1].split(" (got ")[0], q.options[bad])
     owners: dict[str, list[str]] = {}  # a field some method requires -> the methods that take it
     for name, cls in QUANT_METHODS.items():
         if cls.requires is not None:
             owners.setdefault(cls.requires[0], []).append(name)
     for taken, names in owners.items():
         if q.method not in names and getattr(q, taken, None) is not None:
-            _fail(source, f"{key}.{taken}", f"only allowed for method {' or '.join(names)}, not {q.method}",
+            fail(source, f"{key}.{taken}", f"only allowed for method {' or '.join(names)}, not {q.method}",
                   getattr(q, taken))
 
 
-def _check_semantics(source: str, spec: SuiteSpec) -> None:
+def check_semantics(source: str, spec: SuiteSpec) -> None:
     benchmark_names = [b.name for b in spec.benchmarks]
     for i, q in enumerate(spec.quantizers):
         key = f"quantizers[{i}]"
         for listed in ("expect_fail_on", "expect_inconclusive_on"):
             for j, name in enumerate(getattr(q, listed)):
                 if name not in benchmark_names:
-                    _fail(source, f"{key}.{listed}[{j}]",
+                    fail(source, f"{key}.{listed}[{j}]",
                           f"not a benchmark of this suite ({', '.join(benchmark_names)})", name)
         for j, name in enumerate(q.expect_inconclusive_on):
             if name in q.expect_fail_on:
-                _fail(source, f"{key}.expect_inconclusive_on[{j}]",
+                fail(source, f"{key}.expect_inconclusive_on[{j}]",
                       "also in expect_fail_on: a cell expects one verdict", name)
         _check_method_fields(source, key, q)
 
@@ -82,7 +82,7 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
         seen: dict[str, int] = {}
         for i, item in enumerate(getattr(spec, section)):
             if item.name in seen:
-                _fail(source, f"{section}[{i}].name", f"duplicate name, already used by {section}[{seen[item.name]}]",
+                fail(source, f"{section}[{i}].name", f"duplicate name, already used by {section}[{seen[item.name]}]",
                       item.name)
             seen[item.name] = i
 
@@ -90,7 +90,7 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
     for i, b in enumerate(spec.benchmarks):
         for j, name in enumerate(b.quantizers or []):
             if name not in quantizer_names:
-                _fail(source, f"benchmarks[{i}].quantizers[{j}]",
+                fail(source, f"benchmarks[{i}].quantizers[{j}]",
                       f"not a quantizer of this suite ({', '.join(quantizer_names)})", name)
     _check_locate(source, spec)
     _check_restore(source, spec)
@@ -104,7 +104,7 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
                 cell_id = f"{m.name}-{q.name}-{b.name}"
                 where = f"models[{mi}] x quantizers[{qi}] x benchmarks[{bi}]"
                 if cell_id in seen_ids:
-                    _fail(source, f"models[{mi}].name",
+                    fail(source, f"models[{mi}].name",
                           f"cell id {cell_id!r} of {where} collides with {seen_ids[cell_id]}; rename one", m.name)
                 seen_ids[cell_id] = where
 
@@ -112,23 +112,23 @@ def _check_semantics(source: str, spec: SuiteSpec) -> None:
 def _check_engines(source: str, spec: SuiteSpec) -> None:
     """generation.vllm options, generation.endpoints names, and artifacts that exist."""
     from ..models import ModelError
-    from ..servers import check_vllm_options
+    from ..engines.servers import check_vllm_options
 
     try:
         check_vllm_options(spec.generation.vllm)
     except ModelError as exc:
         key, _, problem = str(exc).partition(": ")
-        _fail(source, key, problem.split(" (got ")[0], spec.generation.vllm[key.rsplit(".", 1)[1]])
+        fail(source, key, problem.split(" (got ")[0], spec.generation.vllm[key.rsplit(".", 1)[1]])
     from ..redact import register_url
 
     names = [q.name for q in spec.quantizers]
     for name, url in spec.generation.endpoints.items():
         register_url(url)  # a user:password in it is a secret from the moment the suite is read
         if name not in names:
-            _fail(source, f"generation.endpoints.{name}", f"not a quantizer of this suite ({', '.join(names)})", url)
+            fail(source, f"generation.endpoints.{name}", f"not a quantizer of this suite ({', '.join(names)})", url)
     for i, q in enumerate(spec.quantizers):
         if q.artifact == "compressed" and not QUANT_METHODS.get(q.method).builds:
-            _fail(source, f"quantizers[{i}].artifact", f"method {q.method} builds no compressed checkpoint "
+            fail(source, f"quantizers[{i}].artifact", f"method {q.method} builds no compressed checkpoint "
                   "(its checkpoint is evaluated as it is); remove it", q.artifact)
 
 
@@ -139,7 +139,7 @@ def _check_family(source: str, spec: SuiteSpec) -> None:
                  for i, b in enumerate(spec.benchmarks) if b.thresholds is not None]
     for key, thresholds in sections:
         if thresholds.family != "none" and thresholds.mode == "noninferiority":
-            _fail(source, f"{key}.family", "adjusts p-values, so it needs mode: difference (noninferiority judges "
+            fail(source, f"{key}.family", "adjusts p-values, so it needs mode: difference (noninferiority judges "
                   "each cell's interval)", thresholds.family)
 
 
@@ -154,22 +154,22 @@ def _check_restore(source: str, spec: SuiteSpec) -> None:
                            ("benchmarks", [b.name for b in spec.benchmarks])):
         for j, name in enumerate(getattr(r, section) or []):
             if name not in names:
-                _fail(source, f"restore.{section}[{j}]",
+                fail(source, f"restore.{section}[{j}]",
                       f"not one of this suite's {section} ({', '.join(names)})", name)
     known = [f.name for f in fields(RestoreConfig)]
     for key, value in r.train.items():
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
-            _fail(source, f"restore.train.{key}", f"unknown setting, {hint}", value)
+            fail(source, f"restore.train.{key}", f"unknown setting, {hint}", value)
     try:
         RestoreConfig(**r.train)
     except (RestoreError, TypeError, ValueError) as exc:
-        _fail(source, "restore.train", str(exc), r.train)
+        fail(source, "restore.train", str(exc), r.train)
     if (problem := spec_problem(r.teacher, spec.locate.judge_config)) is not None:
-        _fail(source, "restore.teacher", problem, r.teacher)
+        fail(source, "restore.teacher", problem, r.teacher)
     if r.variant not in RESTORE_VARIANTS:
-        _fail(source, "restore.variant", RESTORE_VARIANTS.unknown(r.variant), r.variant)
+        fail(source, "restore.variant", RESTORE_VARIANTS.unknown(r.variant), r.variant)
 
 
 def _judge_hint(name: str, configured: Sequence[str] = ()) -> str:
@@ -183,12 +183,12 @@ def _check_locate(source: str, spec: SuiteSpec) -> None:
 
     for j, name in enumerate(spec.locate.judges):
         if name not in JUDGES and spec.locate.judge_config is None:
-            _fail(source, f"locate.judges[{j}]", f"not a built-in judge ({_judge_hint(name)}); "
+            fail(source, f"locate.judges[{j}]", f"not a built-in judge ({_judge_hint(name)}); "
                   "LLM judges need locate.judge_config", name)
     try:
         Policy.from_dict(spec.locate.policy)
     except (LocateError, TypeError) as exc:
-        _fail(source, "locate.policy", str(exc), spec.locate.policy)
+        fail(source, "locate.policy", str(exc), spec.locate.policy)
     profiles = [("thresholds.error_profile", spec.thresholds.error_profile)]
     profiles += [(f"benchmarks[{i}].thresholds.error_profile", b.thresholds.error_profile)
                  for i, b in enumerate(spec.benchmarks) if b.thresholds is not None and b.thresholds.error_profile]
@@ -197,7 +197,7 @@ def _check_locate(source: str, spec: SuiteSpec) -> None:
             validate_thresholds(thresholds)
         except ValueError as exc:
             bad = next(k for k in thresholds if str(k) in str(exc))
-            _fail(source, f"{key}.{bad}", str(exc).split(": ", 1)[1].split(", got ")[0], thresholds[bad])
+            fail(source, f"{key}.{bad}", str(exc).split(": ", 1)[1].split(", got ")[0], thresholds[bad])
 
 
 def check_references(suite: Suite) -> None:
@@ -212,33 +212,33 @@ def check_references(suite: Suite) -> None:
 
     for key, given, folder in suite.task_folders():
         if not folder.is_dir():
-            _fail(suite.source, key, f"no such lm-eval task folder ({folder})", given)
+            fail(suite.source, key, f"no such lm-eval task folder ({folder})", given)
     for i, quantizer in enumerate(suite.quantizers):
         recipe = suite.recipe_file(quantizer)
         if recipe is not None and not recipe.is_file():
-            _fail(suite.source, f"quantizers[{i}].recipe", f"no such file ({recipe})", quantizer.recipe)
+            fail(suite.source, f"quantizers[{i}].recipe", f"no such file ({recipe})", quantizer.recipe)
     known = known_tasks(suite.task_source())
     folders = [tasks_dir(), *suite.task_source().paths]
     for i, benchmark in enumerate(suite.benchmarks):
         key = f"benchmarks[{i}].task"
         if benchmark.task not in known and (broken := broken_files(benchmark.task, folders)):
             path, why = broken[0]
-            _fail(suite.source, key, f"unknown lm-eval task: {path} names it but {why}", benchmark.task)
+            fail(suite.source, key, f"unknown lm-eval task: {path} names it but {why}", benchmark.task)
         check_task(benchmark.task, f"{suite.source}: {key}", known)
         defined = definitions(benchmark.task, folders)
         if len(defined) > 1:
-            _fail(suite.source, key, f"defined in {len(defined)} task folders ({', '.join(map(str, defined))}); "
+            fail(suite.source, key, f"defined in {len(defined)} task folders ({', '.join(map(str, defined))}); "
                   "lm-eval would silently take the last one, rename one of them", benchmark.task)
     judge_config = suite.judge_config()
     if judge_config is not None:
         given = suite.spec.locate.judge_config
         if not judge_config.is_file():
-            _fail(suite.source, "locate.judge_config", f"no such file ({judge_config})", given)
+            fail(suite.source, "locate.judge_config", f"no such file ({judge_config})", given)
         try:
             settings = load_judge_settings(judge_config)
         except QmrError as exc:
-            _fail(suite.source, "locate.judge_config", str(exc), given)
+            fail(suite.source, "locate.judge_config", str(exc), given)
         for j, name in enumerate(suite.spec.locate.judges):
             if name not in JUDGES and name not in settings.judges:
-                _fail(suite.source, f"locate.judges[{j}]", f"neither a built-in judge nor one of {given} "
+                fail(suite.source, f"locate.judges[{j}]", f"neither a built-in judge nor one of {given} "
                       f"({_judge_hint(name, tuple(settings.judges))})", name)

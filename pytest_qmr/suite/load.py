@@ -20,8 +20,8 @@ import yaml
 from pydantic import ValidationError
 
 from .cells import Suite
-from .checks import _check_semantics
-from .messages import SuiteError, _pydantic_message, _show, _yaml_message
+from .checks import check_semantics
+from .messages import SuiteError, pydantic_message, show_value, yaml_message
 from .schema import SuiteSpec
 
 
@@ -69,7 +69,7 @@ def load_suite(path: str | os.PathLike, extra_tasks: Sequence[str | os.PathLike]
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise SuiteError(_yaml_message(source, exc, text)) from None
+        raise SuiteError(yaml_message(source, exc, text)) from None
     suite = parse_suite(data, source=source, path=file)
     return dataclasses.replace(suite, extra_tasks=tuple(Path(p).expanduser().resolve() for p in extra_tasks))
 
@@ -80,10 +80,10 @@ def parse_suite(data: Any, *, source: str = "<suite>", path: str | os.PathLike |
     if data is None:
         raise SuiteError(f"{source}: (top level): must be a mapping of suite keys (got an empty file)")
     if not isinstance(data, dict):
-        raise SuiteError(f"{source}: (top level): must be a mapping of suite keys (got {_show(data)})")
+        raise SuiteError(f"{source}: (top level): must be a mapping of suite keys (got {show_value(data)})")
     try:
         spec = SuiteSpec.model_validate(data)
     except ValidationError as exc:
-        raise SuiteError(_pydantic_message(source, exc)) from None
-    _check_semantics(source, spec)
+        raise SuiteError(pydantic_message(source, exc)) from None
+    check_semantics(source, spec)
     return Suite(spec=spec, path=suite_path, source=source)

@@ -1,12 +1,12 @@
 """Every suite problem as ONE line: ``<file>: <dotted.key.path>: <problem> (got <value>)``.
 
-:class:`SuiteError` carries that line.  :func:`_pydantic_message` turns the first error of a
+:class:`SuiteError` carries that line.  :func:`pydantic_message` turns the first error of a
 pydantic :class:`~pydantic.ValidationError` into it: the key path as written in the file
 (``quantizers[1].bits``), the problem in the suite's words (an unknown key gets a did-you-mean
 over the keys valid at that place, found by :func:`_type_at` in :class:`~.schema.SuiteSpec`; a
 literal lists its choices; a bound says whether it is inclusive), and the value shortened to one
-line by :func:`_show`.  :func:`_yaml_message` does the same for a YAML syntax error with its line
-and column, and :func:`_fail` raises one for the checks that run after the schema.
+line by :func:`show_value`.  :func:`yaml_message` does the same for a YAML syntax error with its
+line and column, and :func:`fail` raises one for the checks that run after the schema.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ class SuiteError(QmrError, ValueError):
     """A suite file that cannot be used; ``str(err)`` is one line for the user."""
 
 
-def _fail(source: str, key: str, problem: str, value: Any, *, raw: bool = False) -> None:
-    shown = value if raw else _show(value)
+def fail(source: str, key: str, problem: str, value: Any, *, raw: bool = False) -> None:
+    shown = value if raw else show_value(value)
     raise SuiteError(f"{source}: {key}: {problem} (got {shown})")
 
 
-def _show(value: Any, limit: int = 70) -> str:
+def show_value(value: Any, limit: int = 70) -> str:
     """A short, single-line rendering of a YAML value."""
     if value is None:
         return "null"
@@ -155,7 +155,7 @@ def _problem(error: dict) -> str:
     return msg[:1].lower() + msg[1:]
 
 
-def _pydantic_message(source: str, exc: ValidationError) -> str:
+def pydantic_message(source: str, exc: ValidationError) -> str:
     error = exc.errors(include_url=False)[0]
     loc = tuple(error["loc"])
     problem = _problem(error)
@@ -164,11 +164,11 @@ def _pydantic_message(source: str, exc: ValidationError) -> str:
         keys = list(value) if isinstance(value, dict) else []
         shown = ("keys: " + ", ".join(map(str, keys))) if keys else "an empty mapping"
     else:
-        shown = _show(value)
+        shown = show_value(value)
     return " ".join(f"{source}: {_key_path(loc)}: {problem} (got {shown})".split())
 
 
-def _yaml_message(source: str, exc: yaml.YAMLError, text: str) -> str:
+def yaml_message(source: str, exc: yaml.YAMLError, text: str) -> str:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
@@ -181,5 +181,5 @@ def _yaml_message(source: str, exc: yaml.YAMLError, text: str) -> str:
     line = lines[mark.line].strip() if mark.line < len(lines) else ""
     return (
         f"{source}: line {mark.line + 1}, column {mark.column + 1}: invalid YAML: {problem} "
-        f"(got {_show(line)})"
+        f"(got {show_value(line)})"
     )

@@ -6,7 +6,8 @@
 sections.  Every model forbids unknown keys, takes no coercion (``strict``: ``"4"`` is not an
 integer) and is frozen.  What one field can check by itself is checked here — names are
 lowercase ``[a-z0-9][a-z0-9.-]*``, ``method`` is a registered quantization method
-(``registry.QUANT_METHODS``, did-you-mean), ``device`` is ``auto | cpu | cuda[:N]``, YAML's bare
+(``registry.QUANT_METHODS``, did-you-mean), ``backend`` a registered engine (``registry.ENGINES``),
+``device`` is ``auto | cpu | cuda[:N]``, YAML's bare
 ``off`` / ``on`` read as the strings, ``restore: on-fail`` is short for ``{when: on-fail}``;
 what needs several fields or the registries' other entries is :mod:`.checks`'s.  A validator
 raises ``ValueError`` with the problem only; :mod:`.messages` adds the file, the key and the value.
@@ -19,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from ..registry import QUANT_METHODS
+from ..registry import ENGINES, QUANT_METHODS
 
 WEIGHT_BITS = (2, 3, 4, 8)
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9.\-]*")
@@ -58,6 +59,15 @@ def _check_method(value: str) -> str:
     return value
 
 
+def _check_engine(value: str) -> str:
+    # the registered generation engines (pytest_qmr.registry.ENGINES: hf, vllm, openai, and a project's own)
+    if value not in ENGINES:
+        close = ENGINES.closest(value)
+        raise ValueError("must be one of " + ", ".join(ENGINES.names())
+                         + (f", did you mean {close!r}?" if close else ""))
+    return value
+
+
 def _check_device(value: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
         raise ValueError("must be auto, cpu, cuda or cuda:N")
@@ -65,6 +75,7 @@ def _check_device(value: str) -> str:
 
 
 Name = Annotated[str, AfterValidator(_check_name)]
+EngineName = Annotated[str, AfterValidator(_check_engine)]
 NonEmptyStr = Annotated[str, AfterValidator(_non_empty)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Alpha = Annotated[float, Field(gt=0, lt=1)]
@@ -108,7 +119,7 @@ class QuantizerSpec(_Spec):
     # where this quantizer's cells are answered (None: generation.backend), and what is evaluated:
     # the compressed-tensors checkpoint a user deploys, or the dense fake-quant copy
     # (None: compressed with backend vllm, dense with hf / openai)
-    backend: Literal["hf", "vllm", "openai"] | None = None
+    backend: EngineName | None = None
     artifact: Literal["compressed", "dense"] | None = None
 
     @property
@@ -174,7 +185,7 @@ class BenchmarkSpec(_Spec):
 class Generation(_Spec):
     max_new_tokens: PositiveInt = 256
     batch_size: PositiveInt = 16
-    backend: Literal["hf", "vllm", "openai"] = "hf"
+    backend: EngineName = "hf"
     # auto: CUDA when a GPU is visible, else the CPU; dtype auto: bfloat16 on CUDA, float32 on the CPU
     device: Annotated[str, AfterValidator(_check_device)] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

