@@ -130,7 +130,9 @@ class QmrSession:
         if name not in self._engines:
             from .registry import ENGINES
 
-            self._engines[name] = ENGINES.get(name, where="generation.backend")(self)
+            engine = ENGINES.get(name, where="generation.backend")(self)
+            engine.name = name  # the name it is registered (and named in suites and records) by
+            self._engines[name] = engine
         return self._engines[name]
 
     @staticmethod

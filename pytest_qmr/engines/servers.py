@@ -206,12 +206,15 @@ class _Server:
         if proc is None or proc.poll() is None:
             return None
         code = proc.returncode
-        try:
-            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        except ValueError:
-            how = f"exited with code {code}"
         time.sleep(0.2)  # let the reader take its last lines
-        return f"{self.kind} for {self.path} {how} ({root_cause(list(self._log)) or self.tail(2)})"
+        cause = root_cause(list(self._log))
+        if code < 0:  # a signal: the log says nothing about it, unless the server itself failed first
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+            return f"{self.kind} for {self.path} {how}" + (f" ({cause})" if cause else "")
+        return f"{self.kind} for {self.path} exited with code {code} ({cause or self.tail(2)})"
 
     def __enter__(self):
         return self.start()

@@ -25,7 +25,7 @@ class LocalJudge(LLMJudge):
     def chat_model(self):
         with self._load_lock:
             if self._chat_model is None:
-                from ...serve import ChatModel
+                from ...engines.serve import ChatModel
 
                 self._chat_model = ChatModel.from_reference(self.config.model, self.config.name)
             return self._chat_model
