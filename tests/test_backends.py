@@ -231,3 +231,39 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+BUILDING = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import vllm_env
+with vllm_env.building(sys.argv[2]):
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_the_vllm_engine_waits_for_a_build_in_progress(tmp_path):
+    """`qmr vllm-env --background` holds the build lock while it installs: asked for vLLM's
+    environment meanwhile, the engine waits for the build instead of failing (and stops waiting
+    at its limit)."""
+    import subprocess
+    import sys
+
+    from pytest_qmr.engines import vllm_env
+
+    env_dir = tmp_path / ".venv-vllm"
+    assert vllm_env.wait_for_build(env_dir, 0.1) and not vllm_env.building_now(env_dir)  # no build: at once
+    engines = str(Path(vllm_env.__file__).parent)
+    proc = subprocess.Popen([sys.executable, "-c", BUILDING, engines, str(env_dir), "3"], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        assert vllm_env.building_now(env_dir)
+        assert vllm_env.wait_for_build(env_dir, 0.5) is False  # still building at the limit
+        started = time.monotonic()
+        assert vllm_env.wait_for_build(env_dir, 30) is True
+        assert 1.0 < time.monotonic() - started < 10 and proc.wait(10) == 0 and not vllm_env.building_now(env_dir)
+    finally:
+        proc.kill()
+        proc.stdout.close()
