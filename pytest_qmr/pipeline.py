@@ -42,6 +42,7 @@ from .quantize.formats import checkpoint_format
 from .records import CellContext, CellResult, GateResult, SampleRecord
 from .rundir import records_problem, write_result, write_samples
 from .engines import NotServable
+from .errors import QmrError
 from .versions import RECORDS, package_versions
 
 
@@ -260,6 +261,27 @@ class CellPipeline:
         return {k: round(v, 2) for k, v in self.seconds.items()}
 
     def run(self) -> CellResult:
+        """The cell through its stages; a cell that fails on purpose (a :class:`QmrError`: no
+        baseline, a model that does not load, an engine that does not start, ...) still leaves its
+        ``result.json`` — outcome ``error`` and the one line — for the report and ``qmr compare``."""
+        try:
+            return self._run()
+        except QmrError as exc:
+            self._record_error(exc)
+            raise
+
+    def _record_error(self, exc: QmrError) -> None:
+        session, cell = self.session, self.cell
+        result = CellResult(
+            cell_id=cell.id, model=cell.model.name, quantizer=cell.quantizer.name, benchmark=cell.benchmark.name,
+            task=cell.benchmark.task, accuracy=0.0, n=0, gate=None, samples_path="", seconds=self._rounded(),
+            backend=session.backend(cell), outcome="error", notes=[str(exc)], cache=session.cache_record(cell))
+        try:
+            write_result(self.cell_dir, result)
+        except OSError:
+            pass  # the error itself is what the user sees
+
+    def _run(self) -> CellResult:
         session, cell = self.session, self.cell
         started = time.monotonic()
         fp = models.resolve(cell.model.ref, session.cache_dir)
@@ -280,9 +302,10 @@ class CellPipeline:
 
         started = time.monotonic()
         quantized = self._quantize(fp)
+        packed = (checkpoint_format(quantized.path) or {}).get("packed")  # a user's AWQ/GPTQ/compressed checkpoint
         context = CellContext(fp=fp, baseline=baseline, quantized=quantized.path,
-                              compressed=quantized.compressed_path, cell_dir=self.cell_dir,
-                              run_dir=session.run_dir, data_dir=session.data_dir_of(cell))
+                              compressed=quantized.compressed_path or (quantized.path if packed else None),
+                              cell_dir=self.cell_dir, run_dir=session.run_dir, data_dir=session.data_dir_of(cell))
         session.contexts[cell.id] = context
         self._timed("quantize", started)
 

@@ -146,8 +146,8 @@ class CellContext:
 
     fp: "ResolvedModel"  # .path, .fingerprint
     baseline: "Baseline"  # .source (the file), .items (per item: correct, gold, prompt_sha256, ...)
-    quantized: Path  # the dense checkpoint the cell evaluated
-    compressed: Path | None  # the compressed-tensors checkpoint (None: fp / checkpoint methods)
+    quantized: Path  # what the cell evaluated on hf: our dense fake-quant copy, or a user's checkpoint as given
+    compressed: Path | None  # the packed checkpoint a user deploys (ours, or a user's packed one; None: dense)
     cell_dir: Path  # <run dir>/cells/<cell id>
     run_dir: Path
     data_dir: Path | None = None

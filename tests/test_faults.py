@@ -281,7 +281,11 @@ def test_a_baseline_that_no_longer_describes_the_cell_fails_before_generation(
     message = one_line(str(excinfo.value))
     assert message.startswith(f"{path}: baseline no longer describes the cell (") and needle in message, message
     assert "--qmr-update-baselines -k" in message
-    assert path.read_bytes() == before and not (tmp_path / "run").exists()
+    assert path.read_bytes() == before
+    recorded = tmp_path / "run" / "cells" / f"{MODEL}-fp-arith"  # the cell's record says why, nothing else is there
+    assert sorted(p.name for p in recorded.iterdir()) == ["result.json"]
+    data = json.loads((recorded / "result.json").read_text())
+    assert data["outcome"] == "error" and data["gate"] is None and data["notes"] == [message]
 
 
 def test_the_committed_baselines_describe_their_cells(repo_root, data_dir, cache_dir, lab_model, tmp_path):
@@ -464,7 +468,8 @@ def test_a_user_server_answers_only_the_cell_whose_checkpoint_it_names(replay_se
                        f"as 'qmr-{fingerprint}' (vllm serve --served-model-name / qmr serve --served-name), or unset "
                        "QMR_OPENAI_BASE_URL")
     assert len(replay_server.requests) == asked  # refused before a single generation request
-    assert not (tmp_path / "run" / "cells" / other_cell.id / "result.json").exists()
+    recorded = json.loads((tmp_path / "run" / "cells" / other_cell.id / "result.json").read_text())
+    assert recorded["outcome"] == "error" and recorded["notes"] == [message] and recorded["gate"] is None
 
 
 FAILING_CONFTEST = """

@@ -75,8 +75,13 @@ GUARD_DIR = Path(__file__).resolve().parent / "vllm_guard"
 # "'function' object has no attribute 'finalize_loading'") and, measured here, gains no throughput
 # (16 concurrent requests: 100 tok/s eager vs 103 compiled; ready in 31 s vs 93 s). Either can be overridden.
 VLLM_CPU_DEFAULTS = {"gpu_memory_utilization": 0.15, "enforce_eager": True}
+# vLLM's words for a checkpoint it has no kernel for on this device (its start-up then fails): no
+# linear kernel (W3A16 on the CPU), a dtype its quantization method does not take (AWQ/GPTQ in float32),
+# an op with no implementation for the dtype (a packed int4 matmul in float32 on the CPU)
 _NO_KERNEL = (re.compile(r"cannot implement due to: (.+)"), re.compile(r"(Failed to find a kernel[^.]*)"),
-              re.compile(r"((?:Quant type|quantization)[^\n]*not supported[^\n]*)", re.IGNORECASE))
+              re.compile(r"((?:Quant type|quantization)[^\n]*not supported[^\n]*)", re.IGNORECASE),
+              re.compile(r"(\S+ is not supported for quantization method [^\n]*?)(?: \[type=|$)"),
+              re.compile(r"(\S+ not implemented for '[^']+')"))
 
 
 class NotServable(QmrError):

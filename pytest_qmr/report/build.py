@@ -292,7 +292,7 @@ def _cell_report(run_dir: Path, cell: CellResult, samples: list[SampleRecord], f
         cell_id=cell.cell_id, model=cell.model, quantizer=cell.quantizer, benchmark=cell.benchmark, task=cell.task,
         method=method, is_fp=method == "fp", accuracy=float(cell.accuracy), n=int(cell.n), outcome=cell.outcome,
         verdict=gate.verdict if gate else None, gate=gate.to_dict() if gate else None,
-        gate_line=gate.summary() if gate else (cell.notes[0] if cell.outcome == "not_servable" and cell.notes
+        gate_line=gate.summary() if gate else (cell.notes[0] if cell.outcome in ("not_servable", "error") and cell.notes
                                                else "no gate (no paired FP comparison)"),
         seconds=dict(cell.seconds or {}), quantization=_quantization_summary(cell.quantization),
         error_profile=None if profile is None else profile.to_dict(), error_profile_source=profile_source,

@@ -84,6 +84,10 @@ def render_markdown(report: Report, *, max_items: int = 5) -> str:
     if unservable:
         lines += ["### Not servable", ""] + [f"- ⛔ **{md_escape(c.cell_id)}** — {md_escape(c.gate_line)}"
                                              for c in unservable] + [""]
+    errors = [c for c in report.cells if c.outcome == "error"]
+    if errors:
+        lines += ["### Errors", ""] + [f"- 💥 **{md_escape(c.cell_id)}** — {md_escape(c.gate_line)}"
+                                       for c in errors] + [""]
     if flagged:
         lines += ["### Failing and inconclusive cells", ""]
     for c in flagged:

@@ -3,7 +3,8 @@
 :func:`restore_cell` reads the cell's :class:`~pytest_qmr.records.CellContext` and answers
 through the session's engines (so every generation goes through the generation cache):
 
-1. the quantized model (the dense copy the adapter is trained on) answers ``restore.train_problems``
+1. the quantized model (the dense copy the adapter is trained on: ours, or the dense copy of a user's
+   packed AWQ / GPTQ / compressed-tensors checkpoint) answers ``restore.train_problems``
    problems of the benchmark's training split (the training-problem source registered for the
    cell's task), each failure located at its first faulty step by the suite's own ``locate:``
    judges and policy (the same Locate stage as the cell's);
@@ -12,7 +13,7 @@ through the session's engines (so every generation goes through the generation c
 4. the cell's items are re-measured with the adapter on the dense copy
    (``restored_samples.jsonl``), gated against the baseline and paired with the quantized
    answers (McNemar); with ``restore.mmlu_limit`` MMLU before and after; deployed (default with
-   backend vllm): the compressed checkpoint + adapter through vLLM's LoRA support
+   backend vllm): the packed checkpoint (ours or the user's) + adapter through vLLM's LoRA support
    (``restored_deployed_samples.jsonl``).
 
 Returns the ``restore`` record of ``result.json``.
@@ -44,7 +45,8 @@ def restore_cell(session, cell, result: CellResult, records: list[SampleRecord],
     from .records import write_pairs
 
     spec, gen, seed = cell.restore, session.generation_settings(cell), cell.benchmark.seed
-    cell_dir, fp, baseline, quant_path = context.cell_dir, context.fp, context.baseline, context.quantized
+    cell_dir, fp, baseline = context.cell_dir, context.fp, context.baseline
+    quant_path = trainable(session, cell, context.quantized)
     started = time.monotonic()
     problems = training_problems(cell.benchmark.task, spec.train_problems, seed, session.data_dir_of(cell))
     tokenizer = session.tokenizer(quant_path, cell.model.trust_remote_code)
@@ -139,6 +141,18 @@ def _mmlu(session, cell, path: Path, adapter: Path | None) -> list[SampleRecord]
         return evaluator.run("qmr_mmlu", limit=cell.restore.mmlu_limit)
     finally:
         session.count(cell, "mmlu", evaluator.lm.stats)
+
+
+def trainable(session, cell, path: Path) -> Path:
+    """The checkpoint Restore mines, trains on and re-measures: ``path`` when it is dense (our own
+    fake-quant copy), else the dense copy of a user's packed checkpoint (AWQ, GPTQ, compressed-tensors;
+    :func:`pytest_qmr.quantize.dequantize.dense_copy`): peft trains on plain linear layers."""
+    if not (checkpoint_format(path) or {}).get("packed"):
+        return path
+    from ..quantize.dequantize import dense_copy
+
+    session.say(cell, "restore: unpacking the checkpoint into a dense copy to train on")
+    return dense_copy(path, models.checkpoint_fingerprint(path), session.cache_dir)
 
 
 def adapter_inputs(quant_path: Path, fp: models.ResolvedModel, pairs, config, runtime) -> dict:
