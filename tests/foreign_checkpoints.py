@@ -9,7 +9,9 @@ pytest-qmr's quantize stage — for the tests and ``benchmarks/formats.py`` to g
     (``quant_method: gptq``, what a hub ``-GPTQ-Int4`` release holds);
 ``awq``
     gptqmodel's ``AWQConfig(bits=4, group_size=64, sym=False)``, GEMM format (``quant_method:
-    awq``, ``zero_point: true``, what a hub ``-AWQ`` release holds).
+    awq``, ``zero_point: true``, what a hub ``-AWQ`` release holds);
+``gptq-asym``
+    the GPTQ one with ``sym=False`` (a format vLLM's CPU build has no kernel for; benchmarks only).
 
 Each runs in a subprocess of its own (as a user's script does; gptqmodel sets process-wide state),
 on a few GSM8K training texts, and its output is kept content-addressed under
@@ -25,7 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-TOOLS = ("llmcompressor", "gptq", "awq")
+TOOLS = ("llmcompressor", "gptq", "awq")  # what the tests gate
+ALL_TOOLS = (*TOOLS, "gptq-asym")
 SAMPLES, SEQ_LEN = 4, 128  # calibration: a few short texts (CI-sized; a real release uses hundreds)
 
 SCRIPT = r'''
@@ -59,8 +62,9 @@ else:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import AWQConfig, BACKEND, GPTQConfig, GPTQModel
     from gptqmodel.quantization import FORMAT
-    if tool == "gptq":
-        config = GPTQConfig(bits=4, group_size=64, sym=True, desc_act=False, format=FORMAT.GPTQ, device="cpu")
+    if tool in ("gptq", "gptq-asym"):
+        config = GPTQConfig(bits=4, group_size=64, sym=tool == "gptq", desc_act=False, format=FORMAT.GPTQ,
+                            device="cpu")
         model, backend = GPTQModel.load(src, config, dtype=torch.float32), BACKEND.AUTO
     else:  # AWQ's CPU path packs with its torch kernel, in fp16 (AutoAWQ's convention)
         config = AWQConfig(bits=4, group_size=64, sym=False, format=FORMAT.GEMM, device="cpu")
@@ -80,8 +84,8 @@ def build(tool: str, source: Path, fingerprint: str, data_dir: Path, cache_dir: 
     """The checkpoint ``tool`` makes of ``source`` (built once, then reused while it is complete)."""
     from pytest_qmr.fsutil import atomic_directory, locked, sha256_json
 
-    if tool not in TOOLS:
-        raise ValueError(f"tool must be one of {TOOLS} (got {tool!r})")
+    if tool not in ALL_TOOLS:
+        raise ValueError(f"tool must be one of {ALL_TOOLS} (got {tool!r})")
     key = sha256_json({"source": fingerprint, "tool": tool, "version": tool_version(tool), "samples": SAMPLES,
                        "seq_len": SEQ_LEN, "script": SCRIPT})[:16]
     out = Path(cache_dir) / "foreign" / f"{tool}-{key}"

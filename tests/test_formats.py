@@ -139,6 +139,12 @@ def test_a_vllm_start_up_failure_says_its_root_cause_and_leaves_a_record(made, d
         assert "\n" not in result.notes[0]
         assert json.loads((tmp_path / "run" / "cells" / result.cell_id / "result.json").read_text())[
             "outcome"] == "not_servable"
+        # a format vLLM's CPU build has no kernel for at all: asymmetric GPTQ, as gptqmodel writes it
+        asym = foreign_checkpoints.build("gptq-asym", lab_model.path, lab_model.fingerprint, data_dir, cache_dir)
+        cells = _cells(tmp_path, data_dir, f"  - {{name: gptq-asym, method: checkpoint, path: {asym}, backend: vllm}}")
+        result = session.run_cell(cells["gptq-asym"])
+        assert result.outcome == "not_servable" and result.quantization["format"]["symmetric"] is False
+        assert "no kernel for W4A16_ASYM (Unsupported quantization config: bits=4, sym=False)" in result.notes[0]
         # a start-up failure that is not the checkpoint's: the root cause in the one line, outcome error
         cells = _cells(tmp_path, data_dir, "  - {name: fp-vllm, method: fp, backend: vllm}",
                        generation=", vllm: {max_model_len: 100000}")

@@ -140,6 +140,11 @@ def test_the_reason_vllm_gives_for_a_missing_kernel_is_read_from_its_log():
            "ScalarType.uint4b8)", "RuntimeError: Engine core initialization failed."]
     assert not_servable_reason(log) == ("Quant type (uint3b4) not supported by CPUWNA16, supported types are: "
                                         "(ScalarType.uint4, ScalarType.uint4b8)")
+    # asymmetric GPTQ (gptqmodel sym=False) as vLLM 0.32's CPU build refused it (benchmarks/formats.py's log)
+    assert not_servable_reason([
+        "(APIServer pid=9) pydantic_core._pydantic_core.ValidationError: 1 validation error for VllmConfig",
+        "  Value error, Unsupported quantization config: bits=4, sym=False [type=value_error, input_value=ArgsKwargs("
+        "(), {'model_config': ...}), input_type=ArgsKwargs]"]) == "Unsupported quantization config: bits=4, sym=False"
     assert not_servable_reason(["OSError: [Errno 98] Address already in use"]) is None
     assert str(NotServable("vLLM 0.32.0", "cpu", "x")) == "not servable by vLLM 0.32.0 on cpu: x"
 

@@ -81,7 +81,9 @@ VLLM_CPU_DEFAULTS = {"gpu_memory_utilization": 0.15, "enforce_eager": True}
 _NO_KERNEL = (re.compile(r"cannot implement due to: (.+)"), re.compile(r"(Failed to find a kernel[^.]*)"),
               re.compile(r"((?:Quant type|quantization)[^\n]*not supported[^\n]*)", re.IGNORECASE),
               re.compile(r"(\S+ is not supported for quantization method [^\n]*?)(?: \[type=|$)"),
-              re.compile(r"(\S+ not implemented for '[^']+')"))
+              re.compile(r"(\S+ not implemented for '[^']+')"),
+              # a format vLLM has no kernel for at all (asymmetric GPTQ: "bits=4, sym=False")
+              re.compile(r"(Unsupported quantization config: [^\n]*?)(?: \[type=|$)"))
 
 
 class NotServable(QmrError):
