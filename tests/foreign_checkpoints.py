@@ -94,9 +94,11 @@ def build(tool: str, source: Path, fingerprint: str, data_dir: Path, cache_dir: 
             return out
         with atomic_directory(out) as scratch:
             env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TOKENIZERS_PARALLELISM": "false"}
-            done = subprocess.run([sys.executable, "-c", SCRIPT, str(source), str(scratch), tool,
-                                   str(Path(data_dir) / "gsm8k" / "train.jsonl"), str(SAMPLES), str(SEQ_LEN)],
-                                  capture_output=True, text=True, env=env, timeout=1800)
+            done = subprocess.run([sys.executable, "-c", SCRIPT, str(Path(source).resolve()), str(scratch.resolve()),
+                                   tool, str((Path(data_dir) / "gsm8k" / "train.jsonl").resolve()), str(SAMPLES),
+                                   str(SEQ_LEN)],
+                                  capture_output=True, text=True, env=env, timeout=1800,
+                                  cwd=out.parent)  # gptqmodel writes a logs/ folder where it runs
             if done.returncode != 0 or not (scratch / "config.json").is_file():
                 raise RuntimeError(f"{tool} did not write a checkpoint:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
             json.loads((scratch / "config.json").read_text())["quantization_config"]  # it did quantize
