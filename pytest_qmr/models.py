@@ -122,7 +122,10 @@ def _build_base(out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # local_files_only: the files are local, and transformers writes this load option into the saved
+    # tokenizer_config.json (HF_HUB_OFFLINE's value otherwise): the build, and so its fingerprint and the
+    # committed baselines' match, must not depend on the environment it ran in
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -143,7 +146,7 @@ def _build_with_adapter(base: Path, adapter: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base, local_files_only=True).save_pretrained(out)  # as in _build_base
 
 
 def embedded_path(name: str, root: Path | None = None) -> Path:

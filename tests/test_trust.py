@@ -453,3 +453,18 @@ def test_a_file_rewritten_in_place_is_hashed_again(tmp_path, monkeypatch):
     path.write_bytes(b"c" * 64)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert fsutil.sha256_file_cached(path) == fsutil.sha256_file(path) != memo  # ... until its ctime moves
+
+
+def test_the_embedded_model_builds_to_the_committed_fingerprint_whatever_the_environment(repo_root, tmp_path):
+    """A fresh machine without HF_HUB_OFFLINE builds the lab model the committed baselines were made
+    of (transformers saves its load options, local_files_only among them, into tokenizer_config.json)."""
+    import sys
+
+    committed = json.loads((repo_root / "baselines" / "smollm2-135m-arith" / "arith.json").read_text())
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    code = ("import sys; from pathlib import Path; from pytest_qmr import models; "
+            "print(models.resolve('embedded:smollm2-135m-arith', Path(sys.argv[1])).fingerprint)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == committed["provenance"]["model_fingerprint"]
