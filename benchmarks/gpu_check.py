@@ -10,10 +10,13 @@
    on the device in its dtype (auto: CUDA in bf16, else the CPU in fp32);
 4. the compressed checkpoint through vLLM (``vllm serve``) when a vLLM environment is found
    (``qmr vllm-env`` / ``QMR_VLLM_PYTHON``), else ``"vllm": "absent"``;
-5. 2 DPO steps (trl, LoRA) on the device through Restore's ``train_adapter``.
+5. 2 DPO steps (trl, LoRA) on the device through Restore's ``train_adapter``;
+6. sampled answers (issue #35): 4 per item at temperature 0.8 with their own seeds, twice, on hf
+   and (when present) vLLM: ``sampled.<engine>.reproduced`` says the rerun gave the same texts,
+   ``distinct`` how many different answers an item got on average.
 
 Prints one JSON line (``device``, ``dtype``, ``torch``, ``gpu``, ``quantize``, ``hf``, ``vllm``,
-``dpo``, ``seconds``, ``ok``) and writes it to ``--out`` when given
+``dpo``, ``sampled``, ``seconds``, ``ok``) and writes it to ``--out`` when given
 (``benchmarks/results/gpu_check.json`` is that output from a GPU machine). The model is random:
 accuracies mean nothing; that every stage runs on the device, and how fast, is the point.
 """
@@ -85,6 +88,27 @@ def _timed(seconds: dict, name: str):
     return _T()
 
 
+def sampled(make_lm, tokenizer, api: bool = False, render_prompt=None) -> dict:
+    """4 seeded answers per item on 8 items, twice (no cache): the same texts both times?"""
+    from pytest_qmr.cache import GenerationCache, caching_lm
+    from pytest_qmr.measure import Evaluator, GenerationSettings, doc_item_id
+    from pytest_qmr.sampling import sample_seed
+
+    settings = GenerationSettings(max_new_tokens=16, batch_size=8, samples=4, temperature=0.8, top_p=0.95, seed=0)
+
+    def seeder(request, j: int) -> int:
+        return sample_seed(settings.seed, doc_item_id(request.doc), j)
+
+    runs = []
+    for _ in range(2):
+        lm = caching_lm(make_lm, {"gpu_check": "sampled"}, GenerationCache(enabled=False), tokenizer=tokenizer,
+                        eager=make_lm() if api else None, api=api, seeder=seeder)
+        records = Evaluator(None, None, settings, None, lm=lm, render_prompt=render_prompt).run("qmr_arith", limit=8)
+        runs.append([[s["response"] for s in r.samples] for r in records])
+    return {"n": len(runs[0]), "k": settings.samples, "reproduced": runs[0] == runs[1],
+            "distinct": round(sum(len(set(item)) for item in runs[0]) / max(len(runs[0]), 1), 2)}
+
+
 def run(device: str = "auto", use_vllm: bool = True) -> dict:
     import torch
 
@@ -116,6 +140,8 @@ def run(device: str = "auto", use_vllm: bool = True) -> dict:
     out["hf"] = {"n": len(records), "param_device": str(next(model.parameters()).device),
                  "param_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                  "nonempty": sum(bool(r.response.strip()) for r in records)}
+    with _timed(seconds, "sampled_hf"):
+        out["sampled"] = {"hf": sampled(lambda hf=lm: hf, tokenizer)}
     del model, lm
     out["vllm"] = "absent"
     if use_vllm:
@@ -137,6 +163,9 @@ def run(device: str = "auto", use_vllm: bool = True) -> dict:
                                                render_prompt=engine.prompt_renderer(tokenizer)).run("qmr_arith",
                                                                                                    limit=8)
                     served = engine.served(target)
+                with _timed(seconds, "sampled_vllm"):
+                    out["sampled"]["vllm"] = sampled(lambda: engine.start(target), tokenizer, api=True,
+                                                     render_prompt=engine.prompt_renderer(tokenizer))
             finally:
                 host.servers.close()
             out["vllm"] = {"n": len(served_records), "engine": served["engine"], "model": served["model"],
@@ -151,7 +180,8 @@ def run(device: str = "auto", use_vllm: bool = True) -> dict:
     out["dpo"] = {"steps": card["steps"], "losses": card["losses"], "minutes": card["minutes"]}
     out["seconds"] = seconds
     out["ok"] = (out["hf"]["n"] == 8 and out["hf"]["param_device"].startswith(rt.device.split(":")[0])
-                 and card["steps"] == 2 and (out["vllm"] == "absent" or out["vllm"]["n"] == 8))
+                 and card["steps"] == 2 and (out["vllm"] == "absent" or out["vllm"]["n"] == 8)
+                 and all(s["reproduced"] and s["n"] == 8 for s in out["sampled"].values()))
     return out
 
 

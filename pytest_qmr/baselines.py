@@ -11,7 +11,12 @@ File format (``schema`` 1)::
     {"schema": 1, "model": str, "benchmark": str, "task": str, "accuracy": float, "n": int,
      "items": {item_id: {"correct": bool, "extracted": str | null, "response": str,
                          "doc_index": int (optional), "prompt_sha256": str (optional),
-                         "gold": str (optional)}},
+                         "gold": str (optional),
+                         "samples": [{"correct": bool, "extracted": str | null, "tokens": int | null,
+                                      "seed": int | null, "truncated": bool, "thinking_tokens": int}, ...]
+                                    (sampled or thinking baselines only: k per item; truncated and
+                                    thinking_tokens for a thinking model),
+                         "score": float (with samples: the mean over them)}},
      "provenance": {"model_fingerprint": str, "data_sha256": str, "prompt_sha256": str,
                     "generation": {...}, "limit": int | null, "seed": int,
                     "libraries": {name: version}, "created": iso-time}}
@@ -46,6 +51,8 @@ __all__ = [
     "stale",
     "stale_cell",
     "gate_cell",
+    "item_count",
+    "items_accuracy",
     "writable_dir_problem",
 ]
 
@@ -89,6 +96,16 @@ class Baseline:
     def correct(self) -> dict[str, bool]:
         return {item_id: bool(item["correct"]) for item_id, item in self.items.items()}
 
+    @property
+    def k(self) -> int:
+        """Answers per item: 1 for a greedy baseline, the samples of a sampled one."""
+        first = next(iter(self.items.values()), {})
+        return len(first["samples"]) if first.get("samples") else 1
+
+    def counts(self) -> dict[str, int]:
+        """Per item, how many of its ``k`` answers are right."""
+        return {item_id: item_count(item) for item_id, item in self.items.items()}
+
     @classmethod
     def from_records(
         cls,
@@ -114,10 +131,13 @@ class Baseline:
                 "prompt_sha256": sha256_text(rec.prompt),
                 "gold": str(rec.gold),
             }
+            if rec.samples:  # each answer's grade, length and seed (only sample 0's text: Locate's)
+                items[rec.item_id]["samples"] = [{key: s[key] for key in SAMPLE_KEYS if key in s} for s in rec.samples]
+                items[rec.item_id]["score"] = rec.score
         n = len(items)
         prov = dict(provenance)
         prov.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        accuracy = sum(i["correct"] for i in items.values()) / n if n else 0.0
+        accuracy = items_accuracy(items.values())
         return cls(model=model, benchmark=benchmark, task=task, accuracy=accuracy, n=n, items=items, provenance=prov)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,6 +151,21 @@ class Baseline:
             "items": {item_id: dict(item) for item_id, item in self.items.items()},
             "provenance": self.provenance,
         }
+
+
+SAMPLE_KEYS = ("correct", "extracted", "tokens", "seed", "truncated", "thinking_tokens")  # kept of each answer
+
+
+def item_count(item: Mapping[str, Any]) -> int:
+    """How many of a baseline item's answers are right (a greedy item: 0 or 1)."""
+    samples = item.get("samples")
+    return sum(bool(s["correct"]) for s in samples) if samples else int(bool(item["correct"]))
+
+
+def items_accuracy(items: Iterable[Mapping[str, Any]]) -> float:
+    """Accuracy over baseline items: the mean over items of each one's share of right answers."""
+    shares = [item_count(i) / (len(i["samples"]) if i.get("samples") else 1) for i in items]
+    return sum(shares) / len(shares) if shares else 0.0
 
 
 def baseline_path(directory: str | os.PathLike, model: str, benchmark: str) -> Path:
@@ -162,26 +197,34 @@ def stale_cell(cell, source: str | os.PathLike | None, problem: str) -> Baseline
     return stale(str(source), problem, cell.model.name, cell.benchmark.name, cell.suite_file or None, cell.id)
 
 
-def gate_cell(cell, baseline: Baseline, records: list, fp_correct_all: list[bool], thresholds: Any):
+def gate_cell(cell, baseline: Baseline, records: list, fp_counts_all: list[int], thresholds: Any):
     """A cell's records (:class:`~pytest_qmr.records.SampleRecord`) against its baseline, item by
     item, under ``thresholds`` (a sequential stop's early verdict where generation stopped before
-    every planned item); a generated prompt that is not the baseline's is a stale baseline."""
-    from .gate import evaluate_gate, final_verdict_if_known
+    every planned item); a generated prompt that is not the baseline's is a stale baseline.
+    ``fp_counts_all``: FP's right answers per planned item, of ``baseline.k``; with ``k`` answers
+    per item the gate is :func:`pytest_qmr.sampled_gate.evaluate_sampled_gate`'s, which at ``k = 1``
+    is :func:`pytest_qmr.gate.evaluate_gate` exactly."""
+    from .sampled_gate import evaluate_sampled_gate, sampled_verdict_if_known
 
     changed = [r.item_id for r in records
                if baseline.items.get(r.item_id, {}).get("prompt_sha256") not in (None, sha256_text(r.prompt))]
     if changed:
         raise stale_cell(cell, baseline.source, f"items[{changed[0]!r}].prompt_sha256: the prompts of "
                                                 f"{len(changed)} generated items differ from the baseline's")
-    quant = {r.item_id: r.correct for r in records}
-    fp_vec, q_vec = paired_vectors(baseline, list(quant), quant)
-    if cell.thresholds.sequential and len(records) < len(fp_correct_all):
-        early = final_verdict_if_known(fp_correct_all, [r.correct for r in records], thresholds)
+    k = baseline.k
+    if records and records[0].k != k:
+        raise stale_cell(cell, baseline.source, f"items[{records[0].item_id!r}].samples: the baseline has {k} "
+                                                f"answer(s) per item, the cell {records[0].k}")
+    paired_vectors(baseline, [r.item_id for r in records], {r.item_id: r.correct for r in records})  # all there
+    fp_counts = baseline.counts()
+    fp_vec, q_vec = [fp_counts[r.item_id] for r in records], [r.n_correct for r in records]
+    if cell.thresholds.sequential and len(records) < len(fp_counts_all):
+        early = sampled_verdict_if_known(fp_counts_all, q_vec, thresholds, k)
         if early is not None:
-            return early
-    gate = evaluate_gate(fp_vec, q_vec, thresholds)
-    gate.n_planned = len(fp_correct_all)
-    return gate
+            return early.result()
+    sampled = evaluate_sampled_gate(fp_vec, q_vec, thresholds, k)
+    sampled.gate.n_planned = len(fp_counts_all)
+    return sampled.result()
 
 
 def write_baseline(path: str | os.PathLike, baseline: Baseline) -> None:
@@ -326,10 +369,18 @@ def _validate(data: Any, source: str, model: str | None, benchmark: str | None, 
                 fail(f"{key}.{name}", "missing required field")
             if not ok(value):
                 fail(f"{key}.{name}", problem, value)
+        samples = item.get("samples", _MISSING)
+        if samples is not _MISSING:
+            if (not isinstance(samples, list) or not samples
+                    or not all(isinstance(x, dict) and isinstance(x.get("correct"), bool) for x in samples)):
+                fail(f"{key}.samples", "must be a non-empty list of objects with correct: true or false", samples)
+            k = len(next(iter(data["items"].values())).get("samples") or [None])
+            if len(samples) != k:
+                fail(f"{key}.samples", f"has {len(samples)} answers, the first item {k}", len(samples))
     if data["n"] != len(data["items"]):
         fail("n", f"does not match the {len(data['items'])} items", data["n"])
     if data["n"]:
-        expected = sum(item["correct"] for item in data["items"].values()) / data["n"]
+        expected = items_accuracy(data["items"].values())
         if abs(data["accuracy"] - expected) > 1e-9:
             fail("accuracy", f"does not match the items ({expected:.6g})", data["accuracy"])
     prov = data["provenance"]

@@ -20,8 +20,11 @@ depends on (:func:`request_key`):
 lm-eval's own ``use_cache`` keys a request by its arguments alone — without the model (its
 issues #2715, #4063) and so a changed checkpoint would be answered from another's cache; that
 cannot happen here. A hit returns the stored response and lm-eval scores it again with today's
-``process_results`` / answer checker, so a grading fix applies without regenerating. Sampled
-requests (``do_sample: true``) are never cached.
+``process_results`` / answer checker, so a grading fix applies without regenerating. A sampled
+request (``do_sample: true``) is cached only with its own seed in its arguments: the LM gives the
+``j``-th copy of a repeated request (lm-eval's ``repeats``) the seed ``seeder(request, j)``
+(:func:`pytest_qmr.sampling.sample_seed`), so the key names the exact sample; one without a seed is
+never cached.
 
 Each entry is one JSON file written atomically (``os.replace``), carrying its key and a checksum
 of its content; a file that does not verify is deleted and regenerated (counted as ``corrupt``).
@@ -186,13 +189,16 @@ class GenerationCache:
 # --------------------------------------------------------------------------------- lm-eval
 
 
-def render_chat(tokenizer, history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """A chat rendered as lm-eval's HFLM renders it (the prompt text a request carries)."""
+def render_chat(tokenizer, history: list[dict[str, str]], add_generation_prompt: bool = True,
+                template_kwargs: dict[str, Any] | None = None) -> str:
+    """A chat rendered as lm-eval's HFLM renders it (the prompt text a request carries);
+    ``template_kwargs`` go to the chat template (HFLM's ``chat_template_args``: ``enable_thinking``)."""
     import jinja2
 
     def render(messages):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=not add_generation_prompt)
+                                             continue_final_message=not add_generation_prompt,
+                                             **(template_kwargs or {}))
     try:
         return render(history)
     except jinja2.exceptions.TemplateError:  # as HFLM: a template without a system role
@@ -208,11 +214,12 @@ def _lm_base():
 class _Front:
     """Chat templating from a tokenizer alone, so a fully cached cell never loads its weights."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, template_kwargs: dict[str, Any] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.template_kwargs = template_kwargs
 
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
-        return render_chat(self.tokenizer, chat_history, add_generation_prompt)
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt, self.template_kwargs)
 
     @property
     def tokenizer_name(self) -> str:
@@ -236,9 +243,33 @@ class _ApiFront:
         return ""
 
 
+def with_sample_seeds(requests: Sequence[Any], seeder: Callable[[Any, int], int]) -> list[Any]:
+    """``requests`` with each sampled one's ``seed`` set: the ``j``-th occurrence of one lm-eval
+    ``Instance`` (``repeats`` puts the same object k times) gets ``seeder(instance, j)``."""
+    seen: dict[int, int] = {}
+    out = []
+    for request in requests:
+        kwargs = request.args[1] if len(request.args) > 1 and isinstance(request.args[1], dict) else None
+        if not kwargs or not kwargs.get("do_sample"):
+            out.append(request)
+            continue
+        j = seen.get(id(request), 0)
+        seen[id(request)] = j + 1
+        out.append(with_kwargs(request, {"seed": seeder(request, j)}))
+    return out
+
+
+def with_kwargs(request: Any, extra: dict[str, Any]) -> Any:
+    """A copy of a ``generate_until`` request with ``extra`` added to its generation kwargs."""
+    import dataclasses
+
+    return dataclasses.replace(request, arguments=(request.args[0], {**request.args[1], **extra}))
+
+
 def caching_lm(make_lm: Callable[[], Any], identity: dict[str, Any], cache: GenerationCache, *,
                tokenizer=None, eager: Any = None, api: bool = False,
-               diagnose: Callable[[], str | None] | None = None):
+               diagnose: Callable[[], str | None] | None = None, seeder: Callable[[Any, int], int] | None = None,
+               template_kwargs: dict[str, Any] | None = None):
     """An lm-eval ``LM`` answering from ``cache`` and asking the model only for the misses.
 
     ``make_lm`` builds the real lm-eval model on the first miss (for hf: after loading the
@@ -246,7 +277,9 @@ def caching_lm(make_lm: Callable[[], Any], identity: dict[str, Any], cache: Gene
     meanwhile (``api``: as the messages an API model sends) and counts generated tokens. ``eager``
     is an already-built model (API backends render chat messages themselves). ``diagnose`` says
     why the server behind an API model is gone (None: it is not), for the line a failed request
-    becomes (:func:`pytest_qmr.measure.remote_failures_as_one_line`)."""
+    becomes (:func:`pytest_qmr.measure.remote_failures_as_one_line`). ``seeder`` seeds sampled
+    requests (:func:`with_sample_seeds`). ``template_kwargs`` go to the chat template: rendered here
+    for an in-process model, sent in each request (``chat_template_kwargs``) to an API model."""
 
     class CachingLM(_lm_base()):
         def __init__(self) -> None:
@@ -254,7 +287,7 @@ def caching_lm(make_lm: Callable[[], Any], identity: dict[str, Any], cache: Gene
             self._lm = eager
             self.identity = identity
             self.stats = CacheStats()
-            self.front = eager if eager is not None else _ApiFront() if api else _Front(tokenizer)
+            self.front = eager if eager is not None else _ApiFront() if api else _Front(tokenizer, template_kwargs)
             self.backend = identity.get("backend")
             self.diagnose = diagnose
 
@@ -292,8 +325,12 @@ def caching_lm(make_lm: Callable[[], Any], identity: dict[str, Any], cache: Gene
 
         def _answer(self, kind: str, requests) -> list[Any]:
             requests = list(requests)
+            if kind == "generate_until" and seeder is not None:
+                requests = with_sample_seeds(requests, seeder)
+            if kind == "generate_until" and api and template_kwargs:
+                requests = [with_kwargs(r, {"chat_template_kwargs": dict(template_kwargs)}) for r in requests]
             cacheable = [not (kind == "generate_until" and len(r.args) > 1 and isinstance(r.args[1], dict)
-                              and r.args[1].get("do_sample")) for r in requests]
+                              and r.args[1].get("do_sample") and "seed" not in r.args[1]) for r in requests]
 
             def compute(missing: list[int]) -> list[Any]:
                 return list(getattr(self.inner, kind)([requests[i] for i in missing]))

@@ -4,7 +4,8 @@ Any two run directories (two checkpoints, two library versions, before and after
 machines) are compared on the cells they share (same cell id) and, within each, on the items
 both answered (same item id). Run A plays the baseline's part: ``fp_only`` counts items A solved
 and B did not. Each pair of cells gets what a cell gets against its baseline — accuracies, Δ and
-its interval (Newcombe, paired), the exact McNemar p and the verdict under the given thresholds
+its interval (Newcombe, paired), the exact McNemar p (with k sampled answers per item: the
+sign-flip test and clustered interval of :mod:`pytest_qmr.sampled_gate`) and the verdict under the given thresholds
 (``--mode difference | noninferiority``) — as a Markdown table or JSON (``--json``).
 ``--cell-a`` / ``--cell-b`` compare two differently named cells (e.g. ``fp`` and ``rtn-w4`` of
 one run).
@@ -17,15 +18,23 @@ from typing import Any
 
 from .errors import QmrError
 from .fsutil import read_jsonl_strict
-from .gate import evaluate_gate
+from .sampled_gate import evaluate_sampled_gate
 
 
 class CompareError(QmrError, ValueError):
     """Run directories that cannot be compared."""
 
 
-def run_cells(run_dir: Path) -> dict[str, dict[str, bool]]:
-    """``{cell id: {item id: correct}}`` from a run directory's ``cells/*/samples.jsonl``."""
+def _count(row: dict) -> tuple[int, int]:
+    """(right answers, answers) of a sample record: a sampled one has ``samples``, a greedy one is 0/1 of 1."""
+    samples = row.get("samples")
+    if isinstance(samples, list) and samples:
+        return sum(bool(s.get("correct")) for s in samples), len(samples)
+    return int(row["correct"]), 1
+
+
+def run_cells(run_dir: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """``{cell id: {item id: (right answers, answers)}}`` from a run directory's ``cells/*/samples.jsonl``."""
     cells_dir = Path(run_dir) / "cells"
     if not cells_dir.is_dir():
         raise CompareError(f"{run_dir}: not a run directory (no cells/ folder)")
@@ -35,7 +44,7 @@ def run_cells(run_dir: Path) -> dict[str, dict[str, bool]]:
         for n, row in enumerate(rows, 1):
             if not isinstance(row.get("item_id"), str) or not isinstance(row.get("correct"), bool):
                 raise CompareError(f"{samples}:{n}: item_id/correct: not a sample record (got keys {sorted(row)[:6]})")
-        cells[samples.parent.name] = {row["item_id"]: row["correct"] for row in rows}
+        cells[samples.parent.name] = {row["item_id"]: _count(row) for row in rows}
     if not cells:
         raise CompareError(f"{run_dir}: no cells/*/samples.jsonl to compare")
     return cells
@@ -57,7 +66,13 @@ def compare_runs(run_a: Path, run_b: Path, thresholds: dict[str, Any], cell_a: s
     rows = []
     for name_a, name_b in pairs:
         shared = sorted(set(a[name_a]) & set(b[name_b]))
-        gate = evaluate_gate([a[name_a][i] for i in shared], [b[name_b][i] for i in shared], thresholds)
+        ks = {a[name_a][i][1] for i in shared} | {b[name_b][i][1] for i in shared}
+        if len(ks) > 1:
+            raise CompareError(f"{name_a} / {name_b}: the runs have {sorted(ks)} answers per item; cells with k "
+                               "sampled answers compare with cells of as many")
+        k = ks.pop() if ks else 1
+        gate = evaluate_sampled_gate([a[name_a][i][0] for i in shared], [b[name_b][i][0] for i in shared],
+                                     thresholds, k).result()
         rows.append({"cell_a": name_a, "cell_b": name_b, "items_a": len(a[name_a]), "items_b": len(b[name_b]),
                      "gate": gate.to_dict()})
     return {"run_a": str(run_a), "run_b": str(run_b), "thresholds": thresholds, "cells": rows}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -28,11 +28,41 @@ from .records import SampleRecord
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """How a cell generates: greedy (``temperature`` 0, one answer per item, as always), or
+    ``samples`` answers per item at ``temperature`` / ``top_p`` / ``top_k`` (0: off), sample ``j``
+    of item ``i`` seeded :func:`pytest_qmr.sampling.sample_seed` ``(seed, i, j)``."""
+
     max_new_tokens: int = 256
     batch_size: int = 16
+    samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
+
+    def sampling(self) -> dict[str, Any] | None:
+        """The sampling settings (``result.json``'s ``sampling``); None for a greedy cell."""
+        if not self.sampled:
+            return None
+        return {"samples": self.samples, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "seed": self.seed}
+
+    def gen_kwargs(self) -> dict[str, Any]:
+        """lm-eval's generation kwargs (each sampled request gets its ``seed`` in the generation cache's LM)."""
+        if not self.sampled:
+            return {"max_gen_toks": self.max_new_tokens, "do_sample": False}
+        kwargs: dict[str, Any] = {"max_gen_toks": self.max_new_tokens, "do_sample": True,
+                                  "temperature": self.temperature, "top_p": self.top_p}
+        return {**kwargs, "top_k": self.top_k} if self.top_k else kwargs
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As baselines' provenance records it: a greedy cell's exactly as before sampling existed."""
+        data = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
+        return {**data, **(self.sampling() or {})}
 
 
 def tasks_dir() -> Path:
@@ -197,6 +227,50 @@ def record_from_sample(sample: dict, output_type: str, scoring: Scoring = Scorin
                                                                          gold))
 
 
+def graded_record(sample: dict, output_type: str, settings: GenerationSettings, scoring: Scoring = Scoring(),
+                  task: str = "", count_tokens: Callable[[str], int] | None = None,
+                  think: tuple[str, str] | None = None) -> SampleRecord:
+    """One logged sample of a sampled cell (lm-eval ``repeats``: its ``resps`` hold the item's ``k``
+    answers in seed order) or of a thinking model, as a record with every answer graded by
+    :mod:`pytest_qmr.answers`. ``think`` (start and end tag): each answer is read only after its
+    end tag (:func:`pytest_qmr.sampling.split_thinking`); one whose thinking never closed is
+    ``truncated`` and wrong, never parsed from the half trace."""
+    from .answers import extract_answer, is_equivalent
+    from .errors import TaskError
+    from .sampling import sample_seed, split_thinking
+
+    doc = sample["doc"]
+    ours = isinstance(doc, dict) and "qmr_kind" in doc
+    kind = doc["qmr_kind"] if ours else scoring.answer_kind
+    if output_type != "generate_until" or kind is None:
+        raise TaskError(f"{scoring.where}.answer_kind: sampled or thinking answers are graded by the answer checker, "
+                        f"which needs a generate_until task and the benchmark's answer_kind (task {task}: "
+                        f"{output_type}, answer_kind {kind})")
+    gold = doc["qmr_gold"] if ours else gold_text(sample["target"], None)
+    arguments = sample["arguments"]
+    prompt = arguments[0][0] if isinstance(arguments, list) else arguments["gen_args_0"]["arg_0"]
+    texts = [str(t) for t in (sample["resps"][0] if sample.get("resps") else [])]
+    item_id = doc_item_id(doc)
+    answers = []
+    for j, text in enumerate(texts):
+        answer: dict[str, Any] = {"response": text}
+        if think is not None:
+            thought = split_thinking(text, *think)
+            extracted = None if thought.truncated else extract_answer(thought.answer, kind)
+            answer.update(truncated=thought.truncated,
+                          thinking_tokens=count_tokens(thought.thinking) if count_tokens else None)
+        else:
+            extracted = extract_answer(text, kind)
+        answer.update(extracted=extracted, correct=is_equivalent(extracted, gold, kind),
+                      tokens=count_tokens(text) if count_tokens else None,
+                      seed=sample_seed(settings.seed, item_id, j) if settings.sampled else None)
+        answers.append(answer)
+    first = answers[0] if answers else {"response": "", "extracted": None, "correct": False}
+    return SampleRecord(item_id=item_id, doc_index=int(sample["doc_id"]), prompt=prompt, response=first["response"],
+                        extracted=first["extracted"], gold=gold, correct=bool(first["correct"]), samples=answers,
+                        score=sum(a["correct"] for a in answers) / len(answers) if answers else 0.0)
+
+
 def _correct(sample: dict, output_type: str, scoring: Scoring, task: str, extracted: str | None, gold: str) -> bool:
     """The item's 0/1: the task's own per-item metric, or (``metric: answer``) our answer checker."""
     from .errors import TaskError
@@ -297,7 +371,8 @@ class Evaluator:
     def __init__(self, model, tokenizer, generation: GenerationSettings, data_dir: Path | None,
                  task_metadata: dict | None = None, *, lm=None,
                  render_prompt: Callable[[Any], str] | None = None, source: TaskSource = TaskSource(),
-                 served: Callable[[], dict | None] | None = None) -> None:
+                 served: Callable[[], dict | None] | None = None,
+                 count_tokens: Callable[[str], int] | None = None, think: tuple[str, str] | None = None) -> None:
         self.generation = generation
         self.output_types: dict[str, str] = {}  # task -> lm-eval output_type, once it has run
         if lm is None:
@@ -308,6 +383,8 @@ class Evaluator:
         self.render_prompt = render_prompt
         self.manager = task_manager(data_dir, task_metadata, source)
         self._served = served
+        self.count_tokens = count_tokens  # a sampled answer's length in tokens
+        self.think = think  # a thinking model's (start, end) tags: answers are read after the end tag
 
     def served(self) -> dict | None:
         """What answered (the engine's record: endpoint, served model, engine), None in process."""
@@ -315,8 +392,9 @@ class Evaluator:
 
     def run(self, task: str, indices: list[int] | None = None, limit: int | None = None,
             seed: int = 0, scoring: Scoring = Scoring()) -> list[SampleRecord]:
-        """Generate for the given doc indices (or the first ``limit`` docs), greedy, chat-formatted
-        (a multiple-choice task: the log-likelihood of each choice)."""
+        """Generate for the given doc indices (or the first ``limit`` docs), chat-formatted, greedy
+        or ``samples`` seeded answers per item (lm-eval's ``repeats``; a multiple-choice task: the
+        log-likelihood of each choice)."""
         from lm_eval import simple_evaluate
 
         from .errors import TaskError
@@ -327,10 +405,10 @@ class Evaluator:
               building(task, self.manager)):
             output = simple_evaluate(
                 model=self.lm,
-                tasks=[task],
+                tasks=[self._repeated(task)] if self.generation.sampled else [task],
                 task_manager=self.manager,
                 apply_chat_template=True,
-                gen_kwargs={"max_gen_toks": self.generation.max_new_tokens, "do_sample": False},
+                gen_kwargs=self.generation.gen_kwargs(),
                 log_samples=True,
                 bootstrap_iters=0,
                 random_seed=seed,
@@ -347,11 +425,24 @@ class Evaluator:
         output_type = output["configs"][task].get("output_type", "generate_until")
         self.output_types[task] = output_type
         samples = select_filter(output["samples"][task], scoring, task)
-        records = [record_from_sample(s, output_type, scoring, task) for s in samples]
+        if self.generation.sampled or self.think is not None:
+            records = [graded_record(s, output_type, self.generation, scoring, task, self.count_tokens, self.think)
+                       for s in samples]
+        else:
+            records = [record_from_sample(s, output_type, scoring, task) for s in samples]
         if self.render_prompt is not None:
             for record in records:
                 record.prompt = self.render_prompt(record.prompt)
         return sorted(records, key=lambda r: r.doc_index)
+
+    def _repeated(self, task: str):
+        """The task asking ``samples`` answers per doc (lm-eval's ``repeats``: each request k times,
+        in a row, the ``j``-th seeded as sample ``j`` by the generation cache's LM)."""
+        loaded = self.manager.load(task)["tasks"]
+        if task not in loaded:  # a group: simple_evaluate's samples say so in one line below
+            return task
+        loaded[task].set_config(key="repeats", value=self.generation.samples)
+        return loaded[task]
 
     def run_sequential(self, task: str, indices: list[int], chunk: int, seed: int,
                        should_stop: Callable[[list[SampleRecord]], bool],

@@ -79,9 +79,15 @@ def restore_shortfall(restore: dict, min_gain: float) -> str | None:
 
 
 def scoring_provenance(cell) -> dict | None:
-    """The benchmark's metric and filter, when it names them (None: the task's defaults)."""
-    b = cell.benchmark
-    return {"metric": b.metric, "filter": b.filter} if (b.metric or b.filter) else None
+    """The benchmark's metric and filter, when it names them, and a thinking model's tags and chat
+    template arguments (None: the task's defaults on a plain model, as baselines always said)."""
+    b, m = cell.benchmark, cell.model
+    data: dict[str, Any] = {"metric": b.metric, "filter": b.filter} if (b.metric or b.filter) else {}
+    if m.think is not None:
+        data["think"] = m.think.model_dump()
+    if m.chat_template_kwargs:
+        data["chat_template_kwargs"] = dict(m.chat_template_kwargs)
+    return data or None
 
 
 def too_few_items(cell, n: int) -> str:
@@ -138,8 +144,8 @@ def _provenance(session, fp: models.ResolvedModel, cell, records: list[SampleRec
     }
 
 
-def baseline_items(cell, baseline: bl.Baseline) -> tuple[list[int], list[bool]]:
-    """(doc indices, FP correctness) of the baseline items the cell evaluates, in doc order."""
+def baseline_items(cell, baseline: bl.Baseline) -> tuple[list[int], list[int]]:
+    """(doc indices, FP's right answers of ``baseline.k``) of the baseline items the cell evaluates, in doc order."""
     ordered = sorted(baseline.items.items(), key=lambda kv: kv[1].get("doc_index", 0))
     limit = cell.benchmark.limit
     if limit is not None and limit > len(ordered):
@@ -148,7 +154,7 @@ def baseline_items(cell, baseline: bl.Baseline) -> tuple[list[int], list[bool]]:
             raise bl.BaselineError(too_few_items(cell, len(ordered)))
         raise bl.stale_cell(cell, baseline.source, f"baseline covers {len(ordered)} items, the cell asks for {limit}")
     ordered = ordered[:limit] if limit is not None else ordered
-    return [int(v.get("doc_index", i)) for i, (_, v) in enumerate(ordered)], [bool(v["correct"]) for _, v in ordered]
+    return [int(v.get("doc_index", i)) for i, (_, v) in enumerate(ordered)], [bl.item_count(v) for _, v in ordered]
 
 
 # --------------------------------------------------------------------------------- reuse
@@ -224,14 +230,61 @@ def outcome_of(cell, gate: GateResult) -> str:
     return cell.thresholds.inconclusive
 
 
+def answer_scores(result: CellResult, records: list[SampleRecord], baseline: bl.Baseline,
+                  sampling: dict | None) -> None:
+    """What a cell's answers say beyond accuracy (:mod:`pytest_qmr.sampling`): a sampled cell's
+    ``sampling``, pass@k, maj@k and seed std; a thinking model's ``truncated_share``; and, where
+    both sides counted their tokens, the answers' length against FP's on the same items. Nothing
+    for a greedy cell of a plain model."""
+    from .sampling import cell_scores, length_ratio
+
+    if not records or not records[0].samples:
+        return
+    if sampling is not None:
+        scores = cell_scores([r.samples for r in records])
+        result.sampling = sampling
+        result.pass_at_k, result.maj_at_k = scores["pass_at_k"], scores["maj_at_k"]
+        result.seed_std = scores["seed_std"]
+    answers = [s for r in records for s in r.samples]
+    if any("truncated" in s for s in answers):
+        result.truncated_share = sum(bool(s.get("truncated")) for s in answers) / len(answers)
+
+    def mean_tokens(samples: list[dict]) -> float | None:
+        tokens = [s.get("tokens") for s in samples]
+        return None if any(t is None for t in tokens) else sum(tokens) / len(tokens)
+
+    pairs = [(mean_tokens(baseline.items[r.item_id].get("samples") or []), mean_tokens(r.samples)) for r in records
+             if r.item_id in baseline.items]
+    if pairs and all(f is not None and q is not None for f, q in pairs):
+        result.length = length_ratio([f for f, _ in pairs], [q for _, q in pairs])
+
+
+def cost_violations(cell, result: CellResult) -> list[str]:
+    """Deployment-cost thresholds a cell broke, in one line each: ``thresholds.max_length_ratio``
+    against the ratio of mean answer lengths (quantized over FP, same items), and
+    ``thresholds.max_truncated_share`` against the share of thinking that never closed."""
+    out = []
+    limit, length = cell.thresholds.max_length_ratio, result.length or {}
+    if limit is not None and length.get("ratio") is not None and length["ratio"] > limit:
+        out.append(f"answers are {length['ratio']:.2f}x FP's length ({length['quant_mean_tokens']:.0f} vs "
+                   f"{length['fp_mean_tokens']:.0f} tokens), beyond thresholds.max_length_ratio {limit}")
+    share = cell.thresholds.max_truncated_share
+    if share is not None and result.truncated_share is not None and result.truncated_share > share:
+        out.append(f"{result.truncated_share:.1%} of answers never closed their thinking within max_new_tokens, "
+                   f"beyond thresholds.max_truncated_share {share}")
+    return out
+
+
 def settle(cell, result: CellResult) -> None:
-    """Outcome from the gate and the suite's error-profile thresholds (a violation fails the cell);
-    a Restore short of ``restore.min_gain`` is noted for the plugin to raise."""
+    """Outcome from the gate and the suite's error-profile and cost thresholds (a violation fails
+    the cell); a Restore short of ``restore.min_gain`` is noted for the plugin to raise."""
     from .locate import check_profile
 
     result.profile_violations = ([] if result.error_profile is None
                                  else check_profile(result.error_profile, cell.thresholds.error_profile))
-    result.outcome = "fail" if result.profile_violations else outcome_of(cell, result.gate)
+    result.cost_violations = cost_violations(cell, result)
+    failed = result.profile_violations or result.cost_violations
+    result.outcome = "fail" if failed else outcome_of(cell, result.gate)
     if cell.restore.may_pass and (result.restore or {}).get("restored_verdict") == "pass":
         result.outcome = "pass"
     if result.restore is not None:  # checked again on --qmr-resume, like the thresholds
@@ -298,7 +351,7 @@ class CellPipeline:
                 reused.reused = True
                 settle(cell, reused)
                 return reused
-        indices, fp_correct_all = baseline_items(cell, baseline)
+        indices, fp_counts_all = baseline_items(cell, baseline)
 
         started = time.monotonic()
         quantized = self._quantize(fp)
@@ -314,26 +367,27 @@ class CellPipeline:
         quantization = {**quantized.info, "format": checkpoint_format(path)}  # what the evaluated checkpoint is
         dtype = session.engine_dtype(cell, artifact, quantization["format"])
         try:
-            records = self._measure(fp, path, indices, fp_correct_all, dtype)
+            records = self._measure(fp, path, indices, fp_counts_all, dtype)
         except NotServable as exc:
             self._timed("evaluate", started)
             return self._not_servable(exc, quantization, artifact, dtype, inputs)
         self._timed("evaluate", started)
         write_samples(self.cell_dir, records)  # before Locate or Restore can fail
 
-        gate = bl.gate_cell(cell, baseline, records, fp_correct_all, session.thresholds(cell))
+        gate = bl.gate_cell(cell, baseline, records, fp_counts_all, session.thresholds(cell))
         profile, notes = self._locate(baseline, records)
         if session.generations.write_error:  # the cell's answers are its records; only warm reruns lose
             notes.append(f"generation cache: answers not stored, {session.generations.write_error}")
         result = CellResult(
             cell_id=cell.id, model=cell.model.name, quantizer=cell.quantizer.name, benchmark=cell.benchmark.name,
-            task=cell.benchmark.task, accuracy=sum(r.correct for r in records) / max(len(records), 1),
+            task=cell.benchmark.task, accuracy=sum(r.n_correct / r.k for r in records) / max(len(records), 1),
             n=len(records), gate=gate, samples_path=str(self.cell_dir / "samples.jsonl"), seconds=self._rounded(),
             quantization=quantization, error_profile=profile, backend=session.backend(cell),
             served=session.served.pop(str(path), None), artifact=artifact, inputs=inputs,
             inputs_sha256=sha256_json(inputs), recomputed=recomputed, notes=notes,
             cache=session.cache_record(cell), runtime={**session.runtime(cell).to_dict(), "dtype": dtype},
         )
+        answer_scores(result, records, baseline, session.generation_settings(cell).sampling())
         settle(cell, result)
         if self.restore_hook is not None and cell.restores(failed=result.outcome == "fail"):
             started = time.monotonic()
@@ -361,13 +415,13 @@ class CellPipeline:
             session.say(cell, "quantize: checkpoint from cache (verified)")
         return quantized
 
-    def _measure(self, fp: models.ResolvedModel, path: Path, indices: list[int], fp_correct_all: list[bool],
+    def _measure(self, fp: models.ResolvedModel, path: Path, indices: list[int], fp_counts_all: list[int],
                  dtype: str) -> list[SampleRecord]:
         session, cell = self.session, self.cell
         same_engine = session.backend(cell) == cell.generation.backend
         if cell.quantizer.method == "fp" and same_engine and session.has_fp_run(cell):
             return session.fp_run(cell, fp)  # the baseline run itself
-        return session.evaluate(path, cell, indices, fp_correct_all, dtype=dtype)
+        return session.evaluate(path, cell, indices, fp_counts_all, dtype=dtype)
 
     def _locate(self, baseline: bl.Baseline, records: list[SampleRecord]) -> tuple[ErrorProfile | None, list[str]]:
         """(error profile, notes): Locate on a quantized cell whose task generates steps."""

@@ -290,6 +290,10 @@ class ProfileViolated(CellFailed):
     """The gate did not fail, but an ``error_profile`` threshold was violated."""
 
 
+class CostExceeded(CellFailed):
+    """The gate did not fail, but the answers cost more than ``thresholds.max_length_ratio`` allows."""
+
+
 class CellInconclusive(CellFailed):
     """The gate was inconclusive and the suite counts that as failing (``thresholds.inconclusive``)."""
 
@@ -331,7 +335,7 @@ class CellItem(pytest.Function):
         if shortfall:  # not a CellFailed: a suite that expects the cell to regress still needs the repair
             raise RestoreFailed(shortfall)
         if result.outcome == "fail":
-            raise _failure(result)
+            raise failure_of(result)
 
     def repr_failure(self, excinfo):
         if excinfo.errisinstance(QmrError):  # on purpose: one line; anything else is a bug and keeps its traceback
@@ -355,6 +359,19 @@ def cell_section(result: CellResult) -> str:
     if result.error_profile is not None:
         lines.append("error profile: " + profile_summary(result.error_profile))
     lines += [f"error profile threshold violated: {v}" for v in result.profile_violations]
+    if result.sampling is not None:
+        s = result.sampling
+        lines.append(f"sampled: {s['samples']} answers per item (temperature {s['temperature']}, top_p {s['top_p']}, "
+                     f"seed {s['seed']}): pass@{s['samples']} {result.pass_at_k:.3f}, maj@{s['samples']} "
+                     f"{result.maj_at_k:.3f}, std over seeds {result.seed_std:.3f}")
+    if result.length is not None:
+        ci = result.length.get("ratio_ci")
+        lines.append(f"length: {result.length['quant_mean_tokens']:.1f} tokens per answer vs FP "
+                     f"{result.length['fp_mean_tokens']:.1f}, ratio {result.length['ratio']:.3f}"
+                     + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+    if result.truncated_share is not None:
+        lines.append(f"truncated (thinking never closed): {result.truncated_share:.1%} of answers")
+    lines += [f"cost threshold violated: {v}" for v in result.cost_violations]
     r = result.restore or {}
     if r.get("error"):
         lines.append(f"restore: {r['error']}")
@@ -374,16 +391,20 @@ def cell_section(result: CellResult) -> str:
     return "\n".join(lines)
 
 
-def _failure(result: CellResult) -> CellFailed:
+def failure_of(result: CellResult) -> CellFailed:
     """The exception of a failed cell: which part of the gate failed it, and why, in one line."""
     gate = result.gate
     message = gate.summary() if gate else "cell failed"
     if result.profile_violations:
         message += "; error profile: " + "; ".join(result.profile_violations)
+    if result.cost_violations:
+        message += "; cost: " + "; ".join(result.cost_violations)
     if gate is not None and gate.verdict == "fail":
         return GateFailed(message)
     if result.profile_violations:
         return ProfileViolated(message)
+    if result.cost_violations:
+        return CostExceeded(message)
     return CellInconclusive(message + " (thresholds.inconclusive: fail)")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 if TYPE_CHECKING:
     from .baselines import Baseline
@@ -24,7 +24,12 @@ def _from_dict(cls, data: dict):
 
 @dataclass
 class SampleRecord:
-    """One benchmark item as the model answered it."""
+    """One benchmark item as the model answered it.
+
+    A sampled cell (issue #35) answers each item ``k`` times: ``samples`` holds every answer
+    (``response``, ``extracted``, ``correct``, ``tokens``, ``seed``) and ``score`` their mean;
+    ``response`` / ``extracted`` / ``correct`` are then sample 0's (the first seed's, which Locate
+    pairs with FP's same-seed sample). A greedy record has neither field, on disk as before."""
 
     item_id: str
     doc_index: int
@@ -33,9 +38,22 @@ class SampleRecord:
     extracted: str | None
     gold: str
     correct: bool
+    samples: list[dict[str, Any]] | None = None
+    score: float | None = None
+
+    @property
+    def k(self) -> int:
+        """How many answers the item has (1 for a greedy record)."""
+        return len(self.samples) if self.samples else 1
+
+    @property
+    def n_correct(self) -> int:
+        """How many of its answers are right."""
+        return sum(bool(s["correct"]) for s in self.samples) if self.samples else int(self.correct)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        return {k: v for k, v in data.items() if k not in ("samples", "score") or v is not None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SampleRecord":
@@ -67,6 +85,9 @@ class GateResult:
     p_adjusted: float | None = None  # Holm / BH adjusted over the session's cells (set at its end)
     family_verdict: str | None = None  # the verdict that adjusted p gives
     exceeds: bool = False  # the drop is beyond a margin (difference mode)
+    # k answers per item (pytest_qmr.sampled_gate): test, interval, samples_per_item, items_needed, samples_needed,
+    # var_between, var_within; None for one greedy answer per item
+    sampled: dict[str, Any] | None = None
 
     def summary(self) -> str:
         stop = f" (stopped early at {self.n}/{self.n_planned})" if self.stopped_early else ""
@@ -80,7 +101,10 @@ class GateResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["sampled"] is None:  # one answer per item: recorded as before sampling existed
+            del data["sampled"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "GateResult":
@@ -118,11 +142,30 @@ class CellResult:
     runtime: dict[str, str] | None = None  # {"device", "dtype"} the checkpoint ran on (generation.device / dtype)
     # per stage (baseline, evaluate, mining, restore, mmlu): items asked and how many came from the generation cache
     cache: dict[str, Any] = field(default_factory=dict)
+    # a sampled cell (issue #35; absent from a greedy cell's result.json): the sampling settings, pass@k and
+    # maj@k over its items, the std of accuracy over seeds, and its answers' length against FP's on the same items
+    sampling: dict[str, Any] | None = None
+    pass_at_k: float | None = None
+    maj_at_k: float | None = None
+    seed_std: float | None = None
+    length: dict[str, Any] | None = None  # fp_mean_tokens, quant_mean_tokens, ratio, ratio_ci, ci_level
+    # a thinking model: the share of its answers whose thinking never closed within max_new_tokens (all wrong)
+    truncated_share: float | None = None
+    # deployment-cost thresholds the cell broke (thresholds.max_length_ratio): it fails though its accuracy held
+    cost_violations: list[str] = field(default_factory=list)
+
+    SAMPLED_ONLY: ClassVar[tuple[str, ...]] = ("sampling", "pass_at_k", "maj_at_k", "seed_std", "length",
+                                               "truncated_share", "cost_violations")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if self.error_profile is not None:
             data["error_profile"] = self.error_profile.to_dict()
+        if self.gate is not None:
+            data["gate"] = self.gate.to_dict()
+        for name in self.SAMPLED_ONLY:  # a greedy cell of a plain model records as it always has
+            if data[name] is None or data[name] == []:
+                del data[name]
         return data
 
     @classmethod

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from . import models
-from .measure import Evaluator, GenerationSettings
+from .measure import Evaluator, GenerationSettings, doc_item_id
+from .sampling import sample_seed
 from .quantize import get_method
 from .records import CellResult, SampleRecord
 
@@ -206,7 +207,9 @@ class QmrSession:
         return {**cell.thresholds.model_dump(), "family_size": self.family_sizes.get(family, 1)}
 
     def generation_settings(self, cell) -> GenerationSettings:
-        return GenerationSettings(max_new_tokens=cell.generation.max_new_tokens, batch_size=cell.generation.batch_size)
+        g = cell.generation
+        return GenerationSettings(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, samples=g.samples,
+                                  temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed)
 
     def data_dir_of(self, cell) -> Path | None:
         return self.data_dir or cell.data_dir
@@ -229,26 +232,37 @@ class QmrSession:
         engine.check(target)  # settings it cannot take: one line, also on a fully cached cell
         tokenizer = self.tokenizer(path, target.trust_remote_code)
         eager = engine.start(target) if engine.eager else None
-        lm = caching_lm(lambda: engine.start(target), self.identity(target, engine), self.generations,
-                        tokenizer=tokenizer, eager=eager, api=engine.api, diagnose=engine.died)
-        return Evaluator(None, None, self.generation_settings(cell), self.data_dir_of(cell), lm=lm,
-                         render_prompt=engine.prompt_renderer(tokenizer), source=cell.tasks,
-                         served=lambda: engine.served(target))
+        settings = self.generation_settings(cell)
 
-    def evaluate(self, path: Path, cell, indices: list[int] | None, fp_correct: list[bool] | None,
+        def seeder(request, j: int) -> int:  # sample j of an item: its own seed (pytest_qmr.sampling)
+            return sample_seed(settings.seed, doc_item_id(request.doc), j)
+
+        def count_tokens(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        think = cell.model.think
+        lm = caching_lm(lambda: engine.start(target), self.identity(target, engine), self.generations,
+                        tokenizer=tokenizer, eager=eager, api=engine.api, diagnose=engine.died, seeder=seeder,
+                        template_kwargs=dict(cell.model.chat_template_kwargs))
+        return Evaluator(None, None, settings, self.data_dir_of(cell), lm=lm,
+                         render_prompt=engine.prompt_renderer(tokenizer), source=cell.tasks,
+                         served=lambda: engine.served(target), count_tokens=count_tokens,
+                         think=None if think is None else (think.start, think.end))
+
+    def evaluate(self, path: Path, cell, indices: list[int] | None, fp_counts: list[int] | None,
                   stage: str = "evaluate", adapter: Path | None = None, dtype: str | None = None,
                   backend: str | None = None):
         endpoints = cell.generation.endpoints  # per quantizer; the FP model's baseline run: "fp"
         endpoint = endpoints.get("fp" if stage == "baseline" else cell.quantizer.name)
         evaluator = self.evaluator(path, cell, adapter, dtype, endpoint, stage, backend)
         try:
-            return self.run(evaluator, cell, indices, fp_correct, stage)
+            return self.run(evaluator, cell, indices, fp_counts, stage)
         finally:
             self.output_types.update(evaluator.output_types)  # Locate asks whether there are steps
             self.count(cell, stage, evaluator.lm.stats)
             self.served[str(path)] = evaluator.served()
 
-    def run(self, evaluator: Evaluator, cell, indices: list[int] | None, fp_correct: list[bool] | None,
+    def run(self, evaluator: Evaluator, cell, indices: list[int] | None, fp_counts: list[int] | None,
              stage: str = "evaluate"):
         task, seed, scoring = cell.benchmark.task, cell.benchmark.seed, cell.scoring
         planned = len(indices) if indices is not None else cell.benchmark.limit
@@ -259,15 +273,15 @@ class QmrSession:
             self.say(cell, f"{stage} {len(records)}/{planned or len(records)} items "
                             f"({stats.items_from_cache} from cache{speed})")
 
-        if fp_correct is not None and cell.thresholds.sequential and indices is not None:
-            from .gate import final_verdict_if_known
+        if fp_counts is not None and cell.thresholds.sequential and indices is not None:
+            from .sampled_gate import sampled_verdict_if_known
 
             chunk = max(cell.generation.batch_size, cell.thresholds.min_items)
 
             def settled(records: list[SampleRecord]) -> bool:
                 report(records)
-                quant = [r.correct for r in records]
-                return final_verdict_if_known(fp_correct, quant, self.thresholds(cell)) is not None
+                quant, k = [r.n_correct for r in records], (records[0].k if records else 1)
+                return sampled_verdict_if_known(fp_counts, quant, self.thresholds(cell), k) is not None
 
             return evaluator.run_sequential(task, indices, chunk, seed, settled, scoring)
         if indices is not None:

@@ -10,7 +10,9 @@ A response is cut into 1-indexed steps, by the first rule that applies:
 3. otherwise every non-blank line.
 
 The final-answer line ("The answer is ...", "Final answer: ...", "#### N", a lone ``\\boxed{}``
-line) is never a step, and ends the step it follows. Indices are positions (1, 2, 3, ...), not
+line) is never a step, and ends the step it follows. A line that is only a thinking tag
+(``<think>``, ``</think>``) counts as blank: a reasoning model's trace without "Step k:" markers is
+cut into its paragraphs (ProcessBench's convention), the tags in none of them. Indices are positions (1, 2, 3, ...), not
 the numbers the model wrote, so "Step 1, Step 2, Step 2" is three steps.
 
 Each :class:`Step` carries its exact span: ``response[start_char:end_char] == step.text``.
@@ -34,6 +36,9 @@ _FINAL_LINE = re.compile(
     r"|^[ \t]*(?:\$\$?|\\\[|\\\()?[ \t]*\\boxed\{.*\}[ \t]*(?:\$\$?|\\\]|\\\))?[ \t]*\.?[ \t]*$",
     re.IGNORECASE,
 )
+
+
+_THINK_TAG = re.compile(r"^[ \t]*</?think>[ \t]*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class _Line:
 
     @property
     def blank(self) -> bool:
-        return not self.text.strip()
+        return not self.text.strip() or bool(_THINK_TAG.match(self.text))
 
 
 def _lines(response: str) -> list[_Line]:

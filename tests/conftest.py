@@ -116,11 +116,13 @@ class _Replay(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append(body["model"])
+        self.server.bodies.append(body)
         self.server.authorizations.append(self.headers.get("Authorization"))
         if self.server.fail:
             return self._send(500, {"error": {"message": "internal error"}})
         prompt = self.server.tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
         text = self.server.responses.get(_sha256(prompt), "I do not know.")
+        text = self.server.serve(_sha256(prompt), text)
         return self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [
             {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
 
@@ -129,7 +131,8 @@ class _Replay(BaseHTTPRequestHandler):
 def replay_server(repo_root, lab_model):
     """A user's OpenAI-compatible server on loopback, named after the lab model, that replays the
     committed FP baseline's response to each prompt (so a cell it answers is the FP model's,
-    exactly); ``fail`` makes every generation a 500, ``requests`` / ``authorizations`` are what came."""
+    exactly); ``fail`` makes every generation a 500, ``requests`` / ``authorizations`` / ``bodies`` are
+    what came; ``serve(prompt_sha256, response)`` may rewrite what is served (a thinking model's trace)."""
     from pytest_qmr.models import load_tokenizer
 
     items = json.loads((repo_root / "baselines" / "smollm2-135m-arith" / "arith.json").read_text())["items"]
@@ -137,6 +140,7 @@ def replay_server(repo_root, lab_model):
     server.tokenizer = load_tokenizer(lab_model.path)
     server.responses = {item["prompt_sha256"]: item["response"] for item in items.values()}
     server.names, server.requests, server.authorizations, server.fail = [f"qmr-{lab_model.fingerprint}"], [], [], False
+    server.bodies, server.serve = [], lambda prompt_sha256, response: response
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"

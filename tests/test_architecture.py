@@ -16,7 +16,7 @@ TASKS = PACKAGE.parent / "tasks"  # installed as the package pytest_qmr.tasks (p
 # (A module not named here is on the floor of its package, e.g. pytest_qmr.locate.judges.rule: "locate".)
 FLOORS = [
     # 0: what everything may use
-    {"errors", "redact", "fsutil", "versions", "registry", "arith", "answers", "steps", "taxonomy"},
+    {"errors", "redact", "fsutil", "versions", "registry", "arith", "answers", "steps", "taxonomy", "sampling"},
     # 1: models, task files, the engines that run them, the generation cache
     {"models", "taskfiles", "tasks", "engines", "cache"},
     # 2: the stages (records between them, lm-eval on a model, quantization, the gate, Locate)

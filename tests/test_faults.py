@@ -97,11 +97,11 @@ def _gate(verdict: str) -> GateResult:
     ("inconclusive", ["max_unjudged_share 0.9 > 0.5"], "ProfileViolated"),
 ])
 def test_a_failed_cell_says_which_part_failed_it(verdict, violations, expected):
-    from pytest_qmr.plugin import _failure
+    from pytest_qmr.plugin import failure_of
 
     result = CellResult(cell_id="c", model="m", quantizer="q", benchmark="b", task="t", accuracy=0.5, n=40,
                         gate=_gate(verdict), samples_path="s", profile_violations=violations, outcome="fail")
-    error = _failure(result)
+    error = failure_of(result)
     assert type(error).__name__ == expected
     one_line(str(error))
 

@@ -40,7 +40,10 @@ def test_gpu_check_runs_every_stage_on_this_machines_device(tmp_path):
     assert result["hf"]["n"] == 8 and result["hf"]["param_device"].startswith(device)
     assert result["hf"]["param_dtype"] == result["dtype"]
     assert result["dpo"]["steps"] == 2 and len(result["dpo"]["losses"]) == 2
+    assert result["sampled"]["hf"]["reproduced"] is True and result["sampled"]["hf"]["k"] == 4
+    assert result["sampled"]["hf"]["distinct"] > 1  # a random model at temperature 0.8: the seeds differ
     if with_vllm:
         assert result["vllm"]["n"] == 8 and result["vllm"]["engine"].startswith("vLLM ")
+        assert result["sampled"]["vllm"]["reproduced"] is True and result["sampled"]["vllm"]["distinct"] > 1
     else:
         assert result["vllm"] == "absent"

@@ -124,3 +124,14 @@ def test_cut_before_on_arith_solutions():
             assert cut_before(solution, k) + solution[len(cut_before(solution, k)):] == solution
             assert solution[len(cut_before(solution, k)):].startswith(gold.text(k))
         assert cut_before(solution, len(steps) + 1) + f"The answer is {problem.answer}." == solution
+
+
+def test_a_thinking_trace_is_cut_into_its_paragraphs_without_its_tags():
+    trace = "<think>\nFirst, 1 + 2 = 3.\n\nThen 3 * 2 = 6.\n</think>\nThe answer is 6."
+    steps = segment(trace)
+    assert [s.text for s in steps] == ["First, 1 + 2 = 3.", "Then 3 * 2 = 6."]
+    assert all(trace[s.start_char:s.end_char] == s.text for s in steps)
+    # Restore's cut keeps the opening tag: the FP teacher continues inside the thinking
+    assert cut_before(trace, 2) == "<think>\nFirst, 1 + 2 = 3.\n\n"
+    marked = "<think>\nStep 1: 1 + 2 = 3\nStep 2: 3 * 2 = 6\n</think>\nThe answer is 6."
+    assert [s.text for s in segment(marked)] == ["Step 1: 1 + 2 = 3", "Step 2: 3 * 2 = 6"]

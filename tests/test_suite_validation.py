@@ -463,6 +463,15 @@ def test_shipped_suites_validate_and_collect():
     assert len(ids) == 7 * 4 * 3
     assert "qwen2.5-7b-gptq-w4g128-math500" in ids and "llama3.1-8b-smoothquant-w8a8-aime24" in ids
     assert {c.quantizer.method for c in paper.cells()} == {"fp", "awq", "gptq", "smoothquant"}
+    reasoning = load_suite(root / "reasoning.yaml")  # QRM's grid: sampled, thinking, length-gated
+    cells = reasoning.cells()
+    assert len(cells) == 3 * 5 * 3
+    assert {(c.generation.samples, c.generation.temperature, c.generation.top_p, c.generation.max_new_tokens)
+            for c in cells if c.benchmark.name != "aime24"} == {(3, 0.6, 0.95, 32768)}
+    assert {c.generation.samples for c in cells if c.benchmark.name == "aime24"} == {8}
+    assert all(c.model.think is not None and c.model.think.end == "</think>" for c in cells)
+    assert {c.model.name for c in cells if c.model.chat_template_kwargs == {"enable_thinking": True}} == {"qwen3-1.7b"}
+    assert {c.thresholds.max_length_ratio for c in cells} == {1.2}
     smoke = load_suite(root / "smoke.yaml")
     assert {c.quantizer.method for c in smoke.cells()} == {"fp", "rtn", "gptq", "awq", "smoothquant"}
     assert any(c.quantizer.bits == 3 for c in smoke.cells())

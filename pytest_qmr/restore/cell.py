@@ -38,8 +38,8 @@ from .train import RestoreConfig, train_adapter
 def restore_cell(session, cell, result: CellResult, records: list[SampleRecord], context: CellContext) -> dict:
     """The default pytest_qmr_restore (module docstring)."""
     from ..cache import cached_adapter
-    from ..gate import compare
-    from ..baselines import gate_cell
+    from ..baselines import gate_cell, item_count
+    from ..sampled_gate import paired_p_value
     from .mining import mine_traces
     from .pairs import build_pairs
     from .records import write_pairs
@@ -75,16 +75,16 @@ def restore_cell(session, cell, result: CellResult, records: list[SampleRecord],
     again = session.evaluate(quant_path, cell, [r.doc_index for r in records], None, stage="restore",
                              adapter=adapter, backend="hf")  # the dense copy it was trained on
     atomic_write_jsonl(cell_dir / "restored_samples.jsonl", (r.to_dict() for r in again))
-    quant = {r.item_id: r.correct for r in records}
-    paired = [(quant[r.item_id], r.correct) for r in again if r.item_id in quant]
-    restored_gate = gate_cell(cell, baseline, again, [bool(baseline.items[r.item_id]["correct"]) for r in again],
+    quant = {r.item_id: r.n_correct for r in records}  # right answers per item (of k sampled; 0/1 greedy)
+    paired = [(quant[r.item_id], r.n_correct) for r in again if r.item_id in quant]
+    restored_gate = gate_cell(cell, baseline, again, [item_count(baseline.items[r.item_id]) for r in again],
                               session.thresholds(cell))
     outcome = RestoreResult(
         pairs=len(pairs), teacher=spec.teacher, variant=spec.variant, steps=card["steps"],
         minutes=round((time.monotonic() - started) / 60, 2), adapter_path=card["adapter_path"],
         fp_acc=result.gate.fp_acc if result.gate else None, quant_acc=result.accuracy,
-        restored_acc=sum(r.correct for r in again) / max(len(again), 1),
-        p_value=compare([q for q, _ in paired], [r for _, r in paired]).p_value,
+        restored_acc=sum(r.n_correct / r.k for r in again) / max(len(again), 1),
+        p_value=paired_p_value([q for q, _ in paired], [r for _, r in paired], again[0].k if again else 1),
         n_eval=len(again), card=card,
     ).to_dict()
     outcome["restored_verdict"] = restored_gate.verdict

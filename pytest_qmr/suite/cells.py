@@ -173,6 +173,11 @@ class Suite:
         local = self.relative(quantizer.path)
         return str(local) if local is not None and local.is_dir() else quantizer.path
 
+    def generation_for(self, benchmark: BenchmarkSpec) -> Generation:
+        if benchmark.generation is None:
+            return self.spec.generation
+        return benchmark.generation.merged_on(self.spec.generation)
+
     def thresholds_for(self, benchmark: BenchmarkSpec) -> Thresholds:
         if benchmark.thresholds is None:
             return self.spec.thresholds
@@ -196,7 +201,7 @@ class Suite:
                             quantizer=quantizer,
                             benchmark=benchmark,
                             thresholds=self.thresholds_for(benchmark),
-                            generation=self.spec.generation,
+                            generation=self.generation_for(benchmark),
                             data_dir=data_dir,
                             restore=self.spec.restore,
                             locate=self.spec.locate,

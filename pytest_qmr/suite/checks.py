@@ -96,6 +96,21 @@ def check_semantics(source: str, spec: SuiteSpec) -> None:
     _check_restore(source, spec)
     _check_family(source, spec)
     _check_engines(source, spec)
+    _check_sampling(source, spec)
+
+
+def _check_sampling(source: str, spec: SuiteSpec) -> None:
+    """k answers per item need a temperature: at 0 they are k copies of the greedy answer."""
+    sections = [("generation", spec.generation, None)]
+    sections += [(f"benchmarks[{i}].generation", b.generation, b) for i, b in enumerate(spec.benchmarks)
+                 if b.generation is not None]
+    for key, section, benchmark in sections:
+        merged = section if benchmark is None else section.merged_on(spec.generation)
+        if merged.samples > 1 and merged.temperature == 0:
+            field = "samples" if "samples" in section.model_fields_set or benchmark is None else "temperature"
+            fail(source, f"{key}.{field}", f"{merged.samples} samples per item at temperature 0 are "
+                 f"{merged.samples} copies of the greedy answer; set a temperature (e.g. 0.6)",
+                 getattr(merged, field))
 
     seen_ids: dict[str, str] = {}
     for mi, m in enumerate(spec.models):

@@ -87,10 +87,21 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class ThinkSpec(_Spec):
+    """A reasoning model's thinking tags: its answer is the text after ``end``; a response without
+    ``end`` is truncated (wrong, never parsed from the half trace)."""
+
+    start: str = "<think>"  # "" or absent from the response: the chat template opened the thinking
+    end: NonEmptyStr = "</think>"
+
+
 class ModelSpec(_Spec):
     name: Name
     ref: NonEmptyStr  # embedded:NAME, a local directory, or a hub id
     trust_remote_code: bool = False
+    think: ThinkSpec | None = None  # a reasoning model: answers are read after its thinking
+    # passed to its chat template (hybrid models: {enable_thinking: true}); to vLLM / an API in each request
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class Calibration(_Spec):
@@ -143,6 +154,10 @@ class Thresholds(_Spec):
     mode: Literal["difference", "noninferiority"] = "difference"
     # many cells at once: each gated at alpha / m, Holm or Benjamini-Hochberg p reported at the end
     family: Literal["none", "holm", "bh"] = "none"
+    # deployment cost of a sampled cell: its mean answer length over FP's on the same items (None: not gated)
+    max_length_ratio: Annotated[float, Field(gt=0)] | None = None
+    # a thinking model: the share of answers whose thinking may run out of max_new_tokens (None: not gated)
+    max_truncated_share: Fraction | None = None
 
 
 class ThresholdsOverride(_Spec):
@@ -157,6 +172,9 @@ class ThresholdsOverride(_Spec):
     error_profile: dict[str, Any] = None  # type: ignore[assignment]
     mode: Literal["difference", "noninferiority"] = None  # type: ignore[assignment]
     family: Literal["none", "holm", "bh"] = None  # type: ignore[assignment]
+    max_length_ratio: Annotated[float, Field(gt=0)] | None = None
+    # a thinking model: the share of answers whose thinking may run out of max_new_tokens (None: not gated)
+    max_truncated_share: Fraction | None = None
 
     def merged_on(self, base: Thresholds) -> Thresholds:
         data = base.model_dump()
@@ -165,6 +183,21 @@ class ThresholdsOverride(_Spec):
             override["error_profile"] = {**base.error_profile, **override["error_profile"]}
         data.update(override)
         return Thresholds.model_validate(data)
+
+
+class GenerationOverride(_Spec):
+    """A benchmark's own length and sampling (AIME sampled and long, GSM8K greedy); only keys it
+    sets replace the suite's ``generation``."""
+
+    max_new_tokens: PositiveInt = None  # type: ignore[assignment]
+    samples: PositiveInt = None  # type: ignore[assignment]
+    temperature: Annotated[float, Field(ge=0, le=2)] = None  # type: ignore[assignment]
+    top_p: Annotated[float, Field(gt=0, le=1)] = None  # type: ignore[assignment]
+    top_k: Annotated[int, Field(ge=0)] = None  # type: ignore[assignment]
+    seed: Seed = None  # type: ignore[assignment]
+
+    def merged_on(self, base: "Generation") -> "Generation":
+        return base.model_copy(update=self.model_dump(exclude_unset=True))
 
 
 class BenchmarkSpec(_Spec):
@@ -180,6 +213,7 @@ class BenchmarkSpec(_Spec):
     metric: NonEmptyStr | None = None
     filter: NonEmptyStr | None = None
     answer_kind: Literal["number", "latex", "choice"] | None = None
+    generation: GenerationOverride | None = None
 
 
 class Generation(_Spec):
@@ -195,6 +229,13 @@ class Generation(_Spec):
     vllm: dict[str, Any] = Field(default_factory=dict)
     # backend openai: a URL per quantizer name (fp too); the others use QMR_OPENAI_BASE_URL / qmr serve
     endpoints: dict[Name, NonEmptyStr] = Field(default_factory=dict)
+    # sampled answers (reasoning models, issue #35): `samples` answers per item at `temperature` (0: greedy,
+    # one answer), `top_p`, `top_k` (0: off); sample j of item i is seeded from (seed, i, j)
+    samples: PositiveInt = 1
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
 
 
 class LocateSpec(_Spec):
