@@ -149,6 +149,11 @@ def _build_with_adapter(base: Path, adapter: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(base, local_files_only=True).save_pretrained(out)  # as in _build_base
 
 
+# how the embedded models are built, in their cache key: "-b2" saves the tokenizer with local_files_only=True (a
+# build made where HF_HUB_OFFLINE was unset recorded local_files_only: false and so another fingerprint)
+EMBEDDED_BUILD = "-b2"
+
+
 def embedded_path(name: str, root: Path | None = None) -> Path:
     """Build (once, under a lock, atomically) and return the directory of an embedded model."""
     if name not in EMBEDDED_MODELS:
@@ -163,7 +168,7 @@ def embedded_path(name: str, root: Path | None = None) -> Path:
         if not (adapter / "adapter_model.safetensors").is_file():
             raise ModelError(f"{adapter}: adapter for embedded:{name} is missing (run `qmr align`)")
         key_parts.append(sha256_file(adapter / "adapter_model.safetensors")[:16])
-    out = root / f"{name}-{'-'.join(key_parts)}"
+    out = root / f"{name}-{'-'.join(key_parts)}{EMBEDDED_BUILD}"
     with locked(out):
         problem = _cache_problem(out)
         if problem is None:
