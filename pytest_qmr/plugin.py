@@ -460,7 +460,12 @@ class QmrReporter:
             return  # only the controller aggregates
         from .rundir import apply_family, write_results
 
-        self.warnings = apply_family(self.session.run_dir) + write_results(self.session.run_dir)
+        try:
+            self.warnings = apply_family(self.session.run_dir) + write_results(self.session.run_dir)
+        except OSError as exc:  # a full disk or a read-only run dir: one line and a failed run, not a crash
+            self.warnings = [f"qmr: ERROR: {self.session.run_dir}: run records not written "
+                             f"({type(exc).__name__}: {exc.strerror or exc})"]
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
         report_dir = session.config.getoption("--qmr-report")
         if report_dir:
             self.report_line = self._write_report(session.config.invocation_params.dir / report_dir)
@@ -477,7 +482,7 @@ class QmrReporter:
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config: pytest.Config) -> None:
         for line in self.warnings:
-            terminalreporter.write_line(line, yellow=True)
+            terminalreporter.write_line(line, red="ERROR" in line, yellow="ERROR" not in line)
         if self.report_line:
             terminalreporter.write_line(self.report_line, yellow="WARNING" in self.report_line)
         if not self.rows:

@@ -27,6 +27,34 @@ def pytest_runtest_makereport(item, call):
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_report_header(config) -> list[str]:
+    """The machine the tests ran on, at the top of the output (CI shows its head): the numerics of
+    the engines depend on the CPU's vector extensions, and a full disk or tight memory fails many
+    tests at once."""
+    import shutil
+
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    model = ""
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "bf16") if f in flags]
+    memory = ""
+    if Path("/proc/meminfo").is_file():
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        memory = f", memory {int(info['MemAvailable'].split()[0]) / 2**20:.1f} GiB available"
+    basetemp = Path(os.environ.get("TMPDIR", "/tmp"))
+    free = {str(where): f"{shutil.disk_usage(where).free / 2**30:.1f}" for where in (REPO, basetemp)}
+    disk = ", ".join(f"{where} {gib} GiB free" for where, gib in free.items())
+    return [f"machine: {model or 'unknown CPU'}, {os.cpu_count()} cores ({' '.join(isa) or 'no listed ISA'})"
+            f"{memory}; disk: {disk}"]
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

@@ -390,6 +390,21 @@ def test_a_corrupt_result_json_does_not_crash_the_session_end(tmp_path):
     assert (cells / "torn" / "result.json").read_text() == '{"cell_id": "to'  # kept for the user to look at
 
 
+def test_run_records_that_cannot_be_written_fail_the_run_in_one_line(pytester, tmp_path):
+    """A full disk or a read-only run dir at the session's end is one line and a failed run, not a
+    pytest traceback (CI saw only a crash there)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "cells" / "good").mkdir(parents=True)
+    (run_dir / "cells" / "good" / "result.json").write_text(json.dumps({"cell_id": "good"}))
+    (run_dir / "results.json").mkdir()  # the aggregate cannot be replaced: os.replace onto a directory
+    pytester.makepyfile(test_x="def test_ok():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--qmr-run-dir={run_dir}")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    text = result.stdout.str() + result.stderr.str()
+    assert f"qmr: ERROR: {run_dir}: run records not written (IsADirectoryError" in text
+    assert "Traceback" not in text
+
+
 def test_an_interrupted_write_leaves_nothing_git_would_add(repo_root, tmp_path):
     """kill -9 between mkstemp and os.replace leaves ``.<name>.<random>.tmp`` (atomic_write_text)
     or ``.tmp-<name>-<random>/`` (atomic_directory): both are ignored by the repository."""

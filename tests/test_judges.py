@@ -202,6 +202,7 @@ class _FaultHandler(BaseHTTPRequestHandler):
 def fault_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FaultHandler)
     server.daemon_threads = True
+    server.handle_error = lambda request, client_address: None  # a hung reply's broken pipe is the test's point
     server.lock, server.seen, server.attempts, server.script, server.hang = threading.Lock(), [], {}, {}, 1.5
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
