@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_qmr.fsutil import atomic_write_json, atomic_write_text, replace_marked
+from pytest_qmr.fsutil import atomic_write_json, save_figure, write_marked
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -173,19 +173,16 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("gated (hf dense) vs deployed (vLLM compressed)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_reports(result: dict) -> None:
     plot(result, HERE / "results" / "engines.png")
     readme = HERE / "README.md"
     body = f"{table(result)}\n\n![hf dense vs vLLM compressed accuracy](results/engines.png)"
-    text = replace_marked(readme.read_text(encoding="utf-8"), BEGIN, END, body, preamble=(
+    write_marked(readme, BEGIN, END, body, preamble=(
         "## Engines\n\n`engines.py` evaluates every smoke quantizer twice: through hf on the dense fake-quant copy "
         "(what was gated until now) and through vLLM on the compressed-tensors checkpoint (what is deployed):\n\n"))
-    atomic_write_text(readme, text)
     print(table(result))
 
 

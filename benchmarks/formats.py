@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_qmr.fsutil import atomic_write_json, atomic_write_text, replace_marked
+from pytest_qmr.fsutil import atomic_write_json, save_figure, write_marked
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -175,22 +175,17 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("checkpoints users ship: hf (transformers) vs vLLM (CPU build)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_reports(result: dict) -> None:
     plot(result, HERE / "results" / "formats.png")
     readme = HERE / "README.md"
     body = f"{table(result)}\n\n![checkpoint formats on hf and vLLM](results/formats.png)"
-    text = replace_marked(readme.read_text(encoding="utf-8"), BEGIN, END, body, preamble=(
+    write_marked(readme, BEGIN, END, body, preamble=(
         "## Checkpoint formats\n\n`formats.py` gates checkpoints made by the tools users make them with "
         "(`tests/foreign_checkpoints.py`) as `method: checkpoint` on both engines:\n\n"))
-    atomic_write_text(readme, text)
-    main_readme = REPO / "README.md"
-    atomic_write_text(main_readme, replace_marked(main_readme.read_text(encoding="utf-8"), MATRIX_BEGIN, MATRIX_END,
-                                                  matrix(result)))
+    write_marked(REPO / "README.md", MATRIX_BEGIN, MATRIX_END, matrix(result))
     print(table(result))
     print(matrix(result))
 

@@ -27,7 +27,7 @@ from pytest_qmr import arith, taxonomy
 from pytest_qmr.locate.judges import rule as rule_judge
 from pytest_qmr.locate.judges.arith import label
 from pytest_qmr.fsutil import (atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, replace_marked,
-                               sha256_text)
+                               save_figure, sha256_text)
 from pytest_qmr.gate import compare
 from pytest_qmr.quantize import QuantSpec
 
@@ -413,10 +413,7 @@ def plot(results: dict, path: Path) -> None:
     ax2.set_ylabel("share of located failing traces")
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_qmr.fsutil import atomic_write_json, atomic_write_text, replace_marked
+from pytest_qmr.fsutil import atomic_write_json, write_marked
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- stock-tasks:begin -->", "<!-- stock-tasks:end -->"
@@ -167,12 +167,10 @@ def main(argv: list[str] | None = None) -> int:
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write_json(Path(args.out), result)
     readme = HERE / "README.md"
-    text = readme.read_text(encoding="utf-8")
-    text = replace_marked(text, BEGIN, END, table(rows), preamble=(
+    write_marked(readme, BEGIN, END, table(rows), preamble=(
         "## Stock lm-eval math tasks, offline\n\n`stock_tasks.py` runs each stock task through the user-YAML recipe "
         "of the main README (\"Bring your own benchmark\") on the local data copies, FP lab model, "
         f"{args.limit} items, greedy, {args.max_new_tokens} new tokens:\n\n"))
-    atomic_write_text(readme, text)
     print(table(rows))
     return 0
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_qmr.fsutil import atomic_write_json, atomic_write_text, replace_marked
+from pytest_qmr.fsutil import atomic_write_json, save_figure, write_marked
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -161,20 +161,16 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"suites/smoke.yaml rerun: {result['speedup']}x faster warm, same verdicts and records", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_reports(result: dict) -> None:
     plot(result, HERE / "results" / "warm_rerun.png")
     readme = HERE / "README.md"
-    text = readme.read_text(encoding="utf-8")
     body = f"{table(result)}\n\n![cold vs warm seconds per cell](results/warm_rerun.png)"
-    text = replace_marked(text, BEGIN, END, body, preamble=(
+    write_marked(readme, BEGIN, END, body, preamble=(
         "## Warm reruns\n\n`warm_rerun.py` runs `pytest suites/smoke.yaml` with empty generation and adapter caches "
         "(checkpoints cached, as every rerun today), then again unchanged, then with one item's prompt edited:\n\n"))
-    atomic_write_text(readme, text)
     print(table(result))
 
 

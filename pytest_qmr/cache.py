@@ -189,6 +189,16 @@ class GenerationCache:
 # --------------------------------------------------------------------------------- lm-eval
 
 
+def token_counter(tokenizer) -> Callable[[str], int]:
+    """How many tokens a generated text is (no special tokens added): the one count of an answer's
+    length, for the cache's statistics and a sampled answer's ``tokens`` alike."""
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count
+
+
 def render_chat(tokenizer, history: list[dict[str, str]], add_generation_prompt: bool = True,
                 template_kwargs: dict[str, Any] | None = None) -> str:
     """A chat rendered as lm-eval's HFLM renders it (the prompt text a request carries);
@@ -336,10 +346,7 @@ def caching_lm(make_lm: Callable[[], Any], identity: dict[str, Any], cache: Gene
                 return list(getattr(self.inner, kind)([requests[i] for i in missing]))
 
             items = [(getattr(r, "task_name", None), getattr(r, "doc_id", i)) for i, r in enumerate(requests)]
-            count = None
-            if kind == "generate_until" and tokenizer is not None:
-                def count(text: str) -> int:
-                    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            count = token_counter(tokenizer) if kind == "generate_until" and tokenizer is not None else None
             values, stats = cache.map(self.identity, kind, [r.args for r in requests], compute, item_of=items,
                                       cacheable=cacheable, count_tokens=count)
             self.stats.add(stats)

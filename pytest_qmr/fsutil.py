@@ -217,6 +217,23 @@ def replace_marked(text: str, begin: str, end: str, body: str, preamble: str = "
     return (text.rstrip() + "\n\n" if text.strip() else "") + preamble + block + "\n"
 
 
+def write_marked(path: str | os.PathLike, begin: str, end: str, body: str, preamble: str = "") -> None:
+    """Rewrite the marked block of a text file (a README's benchmark table, :func:`replace_marked`)
+    atomically."""
+    path = Path(path)
+    atomic_write_text(path, replace_marked(path.read_text(encoding="utf-8"), begin, end, body, preamble))
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """A matplotlib figure written as PNG atomically (a benchmark's plot is never half written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+    return path
+
+
 DATA_DIR_ENV = "QMR_DATA_DIR"
 
 

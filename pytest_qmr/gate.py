@@ -102,33 +102,62 @@ def _paired(a: np.ndarray, b: np.ndarray) -> Paired:
     return Paired(first_only, second_only, mcnemar_exact(first_only, second_only))
 
 
-def _get(thresholds: Any, name: str, default: Any = None) -> Any:
-    if isinstance(thresholds, dict):
-        return thresholds.get(name, default)
-    return getattr(thresholds, name, default)
+@dataclass(frozen=True)
+class GateRule:
+    """The thresholds as every gate reads them (this one and :mod:`pytest_qmr.sampled_gate`), from a
+    suite's ``Thresholds`` or a plain dict: under ``family: holm | bh`` the cell's alpha is
+    ``alpha / family_size`` (Bonferroni, see the module doc); outside a family the size is 1."""
+
+    max_abs: float
+    max_rel: float
+    alpha: float
+    min_items: int
+    mode: str
+    family: str
+    family_size: int
+
+    @classmethod
+    def of(cls, thresholds: Any) -> "GateRule":
+        def get(name: str, default: Any = None) -> Any:
+            if isinstance(thresholds, dict):
+                return thresholds.get(name, default)
+            return getattr(thresholds, name, default)
+
+        family = get("family", "none") or "none"
+        size = max(int(get("family_size", 1) or 1), 1) if family != "none" else 1
+        return cls(float(get("max_abs_drop")), float(get("max_rel_drop")), float(get("alpha")) / size,
+                   int(get("min_items")), get("mode", "difference") or "difference", family, size)
+
+    def exceeds(self, drop: Any, rel_drop: Any) -> Any:
+        """Whether a drop is beyond a margin (vectorized); a drop at the margin is within it."""
+        return (drop > self.max_abs + TOLERANCE) | (rel_drop > self.max_rel + TOLERANCE)
+
+    def margin(self, fp_acc: float) -> float:
+        """The noninferiority margin: ``min(max_abs_drop, max_rel_drop * fp_acc)``."""
+        return min(self.max_abs, self.max_rel * fp_acc) if fp_acc > 0 else self.max_abs
+
+    def margins_text(self) -> str:
+        return f"abs {self.max_abs:.3f}, rel {self.max_rel:.0%}"
 
 
 def _family(thresholds: Any) -> tuple[str, int]:
     """(family, number of cells in it); outside a family the size is 1."""
-    family = _get(thresholds, "family", "none") or "none"
-    return family, (max(int(_get(thresholds, "family_size", 1) or 1), 1) if family != "none" else 1)
+    rule = GateRule.of(thresholds)
+    return rule.family, rule.family_size
 
 
 def _thresholds(thresholds: Any) -> tuple[float, float, float, int]:
-    """(max_abs_drop, max_rel_drop, the cell's alpha, min_items). Under ``family: holm | bh`` the
-    cell's alpha is ``alpha / family_size`` (Bonferroni, see the module doc)."""
-    return (float(_get(thresholds, "max_abs_drop")), float(_get(thresholds, "max_rel_drop")),
-            float(_get(thresholds, "alpha")) / _family(thresholds)[1], int(_get(thresholds, "min_items")))
+    """(max_abs_drop, max_rel_drop, the cell's alpha, min_items)."""
+    rule = GateRule.of(thresholds)
+    return rule.max_abs, rule.max_rel, rule.alpha, rule.min_items
 
 
 def _exceeds(drop: Any, rel_drop: Any, thresholds: Any) -> Any:
-    """Whether a drop is beyond a margin (vectorized); a drop at the margin is within it."""
-    max_abs, max_rel, _, _ = _thresholds(thresholds)
-    return (drop > max_abs + TOLERANCE) | (rel_drop > max_rel + TOLERANCE)
+    return GateRule.of(thresholds).exceeds(drop, rel_drop)
 
 
 def _mode(thresholds: Any) -> str:
-    return _get(thresholds, "mode", "difference") or "difference"
+    return GateRule.of(thresholds).mode
 
 
 def _wilson(successes: np.ndarray, n: int, z: float) -> tuple[np.ndarray, np.ndarray]:
@@ -171,8 +200,7 @@ def paired_delta_ci(fp_only: int, quant_only: int, n: int, fp_correct: int, leve
 
 
 def _margin_abs(thresholds: Any, fp_acc: float) -> float:
-    max_abs, max_rel, _, _ = _thresholds(thresholds)
-    return min(max_abs, max_rel * fp_acc) if fp_acc > 0 else max_abs
+    return GateRule.of(thresholds).margin(fp_acc)
 
 
 def _verdicts(b, c, n: int, fp_correct: int, thresholds: Any):
@@ -243,8 +271,7 @@ def _stats(fp: np.ndarray, quant: np.ndarray, thresholds: Any) -> dict:
 
 
 def _margin(thresholds: Any) -> str:
-    max_abs, max_rel, _, _ = _thresholds(thresholds)
-    return f"abs {max_abs:.3f}, rel {max_rel:.0%}"
+    return GateRule.of(thresholds).margins_text()
 
 
 def _reason(code: int, n: int, drop: float, p: float, thresholds: Any, s: dict | None = None) -> str:

@@ -202,12 +202,12 @@ def record_from_sample(sample: dict, output_type: str, scoring: Scoring = Scorin
     """One logged sample of ``simple_evaluate(..., log_samples=True)`` as a record. Our tasks'
     samples go through ``tasks.utils.read_sample``; any other task's through :class:`Scoring`."""
     doc = sample["doc"]
-    if isinstance(doc, dict) and "qmr_id" in doc and scoring.metric in (None, "exact_match"):
-        from .tasks.utils import read_sample
+    from .tasks.utils import logged_prompt, read_sample
 
+    if isinstance(doc, dict) and "qmr_id" in doc and scoring.metric in (None, "exact_match"):
         return SampleRecord(**read_sample(sample))
     arguments, resps = sample["arguments"], sample["resps"]
-    prompt = arguments[0][0] if isinstance(arguments, list) else arguments["gen_args_0"]["arg_0"]
+    prompt = logged_prompt(sample)
     if output_type == "multiple_choice":
         choices = [str(args[1]) for args in arguments]
         chosen = max(range(len(resps)), key=lambda i: float(resps[i][0][0]))
@@ -247,8 +247,9 @@ def graded_record(sample: dict, output_type: str, settings: GenerationSettings, 
                         f"which needs a generate_until task and the benchmark's answer_kind (task {task}: "
                         f"{output_type}, answer_kind {kind})")
     gold = doc["qmr_gold"] if ours else gold_text(sample["target"], None)
-    arguments = sample["arguments"]
-    prompt = arguments[0][0] if isinstance(arguments, list) else arguments["gen_args_0"]["arg_0"]
+    from .tasks.utils import logged_prompt
+
+    prompt = logged_prompt(sample)
     texts = [str(t) for t in (sample["resps"][0] if sample.get("resps") else [])]
     item_id = doc_item_id(doc)
     answers = []

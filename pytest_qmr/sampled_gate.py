@@ -107,7 +107,7 @@ from scipy.special import gammaln
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
-from .gate import TOLERANCE, evaluate_gate, final_verdict_if_known, mcnemar_exact, paired_delta_ci
+from .gate import TOLERANCE, GateRule, evaluate_gate, final_verdict_if_known, mcnemar_exact, paired_delta_ci
 from .records import GateResult
 
 __all__ = ["SampledGate", "as_counts", "sign_flip_distribution", "sign_flip_p", "paired_p_value",
@@ -188,42 +188,6 @@ def _paired_inputs(fp_scores: Any, quant_scores: Any, k: int | None, planned: bo
     if not planned and fp.size != quant.size:
         raise ValueError(f"paired vectors differ in length: FP {fp.size}, quantized {quant.size}")
     return fp, quant, max(k_fp, k_quant), fp_samples, quant_samples
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """The thresholds as the gate reads them (mirrors gate.py's private ``_thresholds``, ``_family``
-    and ``_mode``): the cell's alpha is ``alpha / family_size`` in a family."""
-
-    max_abs: float
-    max_rel: float
-    alpha: float
-    min_items: int
-    mode: str
-    family: str
-    family_size: int
-
-    def exceeds(self, drop: float, rel_drop: float) -> bool:
-        return bool(drop > self.max_abs + TOLERANCE or rel_drop > self.max_rel + TOLERANCE)
-
-    def margin(self, fp_acc: float) -> float:
-        """The noninferiority margin: ``min(max_abs_drop, max_rel_drop * fp_acc)``."""
-        return min(self.max_abs, self.max_rel * fp_acc) if fp_acc > 0 else self.max_abs
-
-    def margins_text(self) -> str:
-        return f"abs {self.max_abs:.3f}, rel {self.max_rel:.0%}"
-
-
-def _rule(thresholds: Any) -> _Rule:
-    def get(name: str, default: Any = None) -> Any:
-        if isinstance(thresholds, dict):
-            return thresholds.get(name, default)
-        return getattr(thresholds, name, default)
-
-    family = get("family", "none") or "none"
-    size = max(int(get("family_size", 1) or 1), 1) if family != "none" else 1
-    return _Rule(float(get("max_abs_drop")), float(get("max_rel_drop")), float(get("alpha")) / size,
-                 int(get("min_items")), get("mode", "difference") or "difference", family, size)
 
 
 # --------------------------------------------------------------------------- the exact sign-flip test
@@ -367,7 +331,7 @@ def settle_text(items: int | None, samples: int | None, n: int) -> str:
     return f"about {items} items{more} would likely settle it"
 
 
-def _gap(code: int, gate: GateResult, rule: _Rule) -> float | None:
+def _gap(code: int, gate: GateResult, rule: GateRule) -> float | None:
     """The distance the interval must clear at the observed effect (None: not inconclusive on it)."""
     if code != 2 or gate.n < rule.min_items:
         return None
@@ -377,7 +341,7 @@ def _gap(code: int, gate: GateResult, rule: _Rule) -> float | None:
     return abs(drop)
 
 
-def _extras(gate: GateResult, code: int, rule: _Rule, fp: np.ndarray, quant: np.ndarray, k: int,
+def _extras(gate: GateResult, code: int, rule: GateRule, fp: np.ndarray, quant: np.ndarray, k: int,
             samples: tuple[np.ndarray | None, np.ndarray | None]) -> dict[str, Any]:
     var_total, within = variance_components(fp, quant, k, *samples)
     items = needed = None
@@ -400,7 +364,7 @@ def _extras(gate: GateResult, code: int, rule: _Rule, fp: np.ndarray, quant: np.
 # --------------------------------------------------------------------------- the gate, k > 1
 
 
-def _stats(fp: np.ndarray, quant: np.ndarray, k: int, rule: _Rule) -> tuple[dict, float, float]:
+def _stats(fp: np.ndarray, quant: np.ndarray, k: int, rule: GateRule) -> tuple[dict, float, float]:
     """The GateResult fields of ``n`` items (as gate.py's ``_stats``) and the unrounded interval."""
     n = int(fp.size)
     fp_total, quant_total = int(fp.sum()), int(quant.sum())
@@ -412,7 +376,7 @@ def _stats(fp: np.ndarray, quant: np.ndarray, k: int, rule: _Rule) -> tuple[dict
         "delta_ci": [round(low, 6), round(high, 6)],
         "family": rule.family,
         "family_size": rule.family_size,
-        "exceeds": bool(n) and rule.exceeds(drop, rel_drop),
+        "exceeds": bool(n) and bool(rule.exceeds(drop, rel_drop)),
         "ci_level": round(1 - rule.alpha, 6),
         "mode": rule.mode,
         "n": n,
@@ -426,7 +390,7 @@ def _stats(fp: np.ndarray, quant: np.ndarray, k: int, rule: _Rule) -> tuple[dict
     }, low, high
 
 
-def _code(s: dict, low: float, high: float, rule: _Rule) -> int:
+def _code(s: dict, low: float, high: float, rule: GateRule) -> int:
     """gate.py's verdict rule: 0 pass, 1 fail, 2 inconclusive."""
     if s["n"] < rule.min_items:
         return 2
@@ -438,7 +402,7 @@ def _code(s: dict, low: float, high: float, rule: _Rule) -> int:
     return 1 if s["p_value"] < rule.alpha else 2
 
 
-def _reason(code: int, s: dict, rule: _Rule, settle: str) -> str:
+def _reason(code: int, s: dict, rule: GateRule, settle: str) -> str:
     """gate.py's reasons, with what would settle an inconclusive verdict instead of "more items"."""
     n, drop = s["n"], -s["delta"]
     if n < rule.min_items:
@@ -461,7 +425,7 @@ def _reason(code: int, s: dict, rule: _Rule, settle: str) -> str:
     return f"{head} but is not significant (p={s['p_value']:.3g} >= alpha {rule.alpha}); {settle}"
 
 
-def _evaluate_sampled(fp: np.ndarray, quant: np.ndarray, k: int, rule: _Rule, samples) -> SampledGate:
+def _evaluate_sampled(fp: np.ndarray, quant: np.ndarray, k: int, rule: GateRule, samples) -> SampledGate:
     s, low, high = _stats(fp, quant, k, rule)
     code = _code(s, low, high, rule)
     draft = GateResult(verdict=_NAMES[code], alpha=rule.alpha, reason="", n_planned=s["n"],  # type: ignore[arg-type]
@@ -481,7 +445,7 @@ def evaluate_sampled_gate(fp_scores: Any, quant_scores: Any, thresholds: Any, k:
     :func:`pytest_qmr.gate.evaluate_gate`'s, field for field.
     """
     fp, quant, k, fp_samples, quant_samples = _paired_inputs(fp_scores, quant_scores, k)
-    rule = _rule(thresholds)
+    rule = GateRule.of(thresholds)
     if k == 1:
         gate = evaluate_gate([bool(v) for v in fp], [bool(v) for v in quant], thresholds)
         return SampledGate(gate, _extras(gate, _NAMES.index(gate.verdict), rule, fp, quant, 1, (None, None)))
@@ -541,7 +505,7 @@ def _interval_extreme(d_seen: np.ndarray, fp_rest: np.ndarray, n: int, k: int, l
     return best
 
 
-def _settled(code: int, why: str, s: dict, rule: _Rule, n_all: int, fp_seen: np.ndarray, quant: np.ndarray,
+def _settled(code: int, why: str, s: dict, rule: GateRule, n_all: int, fp_seen: np.ndarray, quant: np.ndarray,
              k: int) -> SampledGate:
     m = s["n"]
     rest = n_all - m
@@ -551,7 +515,7 @@ def _settled(code: int, why: str, s: dict, rule: _Rule, n_all: int, fp_seen: np.
     return SampledGate(gate, _extras(gate, code, rule, fp_seen, quant, k, (None, None)))
 
 
-def _difference_settled(fp_all: np.ndarray, quant: np.ndarray, k: int, rule: _Rule) -> tuple[int, str] | None:
+def _difference_settled(fp_all: np.ndarray, quant: np.ndarray, k: int, rule: GateRule) -> tuple[int, str] | None:
     m, n_all = quant.size, fp_all.size
     fp_total = int(fp_all.sum())
     lowest, highest = int(quant.sum()), int(quant.sum()) + k * (n_all - m)  # the quantized total's range
@@ -575,7 +539,7 @@ def _difference_settled(fp_all: np.ndarray, quant: np.ndarray, k: int, rule: _Ru
                f"({rule.margins_text()}), with p <= {bound:.3g} < alpha {rule.alpha}")
 
 
-def _noninferiority_settled(fp_all: np.ndarray, quant: np.ndarray, k: int, rule: _Rule) -> tuple[int, str] | None:
+def _noninferiority_settled(fp_all: np.ndarray, quant: np.ndarray, k: int, rule: GateRule) -> tuple[int, str] | None:
     m, n_all = quant.size, fp_all.size
     margin = rule.margin(int(fp_all.sum()) / (n_all * k))
     d_seen, fp_rest = (quant - fp_all[:m]) / k, fp_all[m:]
@@ -598,7 +562,7 @@ def sampled_verdict_if_known(fp_scores_all: Any, quant_scores_so_far: Any, thres
     (``n = m``, ``n_planned = N``, ``stopped_early = m < N``), as in
     :func:`pytest_qmr.gate.final_verdict_if_known`, which this is at ``k = 1``."""
     fp_all, quant, k, fp_samples, quant_samples = _paired_inputs(fp_scores_all, quant_scores_so_far, k, planned=True)
-    rule = _rule(thresholds)
+    rule = GateRule.of(thresholds)
     m, n_all = quant.size, fp_all.size
     if k == 1:
         gate = final_verdict_if_known([bool(v) for v in fp_all], [bool(v) for v in quant], thresholds)

@@ -221,7 +221,7 @@ class QmrSession:
         on a miss, unless it must prove what answers first (``eager``). ``dtype``: the engine's
         (default the cell's); ``endpoint``: the user's URL for this checkpoint
         (``generation.endpoints``); ``adapter``: a Restore LoRA adapter on ``path``."""
-        from .cache import caching_lm
+        from .cache import caching_lm, token_counter
         from .registry import ENGINES
 
         engine = self.engine(backend or self.backend(cell, stage=stage))
@@ -237,16 +237,13 @@ class QmrSession:
         def seeder(request, j: int) -> int:  # sample j of an item: its own seed (pytest_qmr.sampling)
             return sample_seed(settings.seed, doc_item_id(request.doc), j)
 
-        def count_tokens(text: str) -> int:
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
         think = cell.model.think
         lm = caching_lm(lambda: engine.start(target), self.identity(target, engine), self.generations,
                         tokenizer=tokenizer, eager=eager, api=engine.api, diagnose=engine.died, seeder=seeder,
                         template_kwargs=dict(cell.model.chat_template_kwargs))
         return Evaluator(None, None, settings, self.data_dir_of(cell), lm=lm,
                          render_prompt=engine.prompt_renderer(tokenizer), source=cell.tasks,
-                         served=lambda: engine.served(target), count_tokens=count_tokens,
+                         served=lambda: engine.served(target), count_tokens=token_counter(tokenizer),
                          think=None if think is None else (think.start, think.end))
 
     def evaluate(self, path: Path, cell, indices: list[int] | None, fp_counts: list[int] | None,

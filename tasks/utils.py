@@ -83,21 +83,24 @@ def process_results(doc: dict, results: list[str]) -> dict[str, int]:
     return {"exact_match": int(answers.is_equivalent(pred, doc["qmr_gold"], doc["qmr_kind"]))}
 
 
+def logged_prompt(sample: dict) -> str:
+    """The prompt (context) of a logged lm-eval sample, in either layout lm-eval writes."""
+    arguments = sample["arguments"]
+    if isinstance(arguments, dict):  # as EvaluationTracker saves it: {"gen_args_0": {"arg_0": ...}}
+        return arguments["gen_args_0"]["arg_0"]
+    return arguments[0][0]  # as simple_evaluate returns it: [(context, gen_kwargs)]
+
+
 def read_sample(sample: dict) -> dict[str, Any]:
     """One entry of ``simple_evaluate(..., log_samples=True)["samples"][task]`` as the fields of
     ``pytest_qmr.records.SampleRecord``. ``correct`` is lm-eval's own per-sample exact_match;
     ``extracted`` re-runs the (deterministic) extraction process_results used."""
     doc = sample["doc"]
     response = sample["resps"][0][0] if sample.get("resps") else ""
-    arguments = sample["arguments"]
-    if isinstance(arguments, dict):  # as EvaluationTracker saves it: {"gen_args_0": {"arg_0": ...}}
-        prompt = arguments["gen_args_0"]["arg_0"]
-    else:  # as simple_evaluate returns it: [(context, gen_kwargs)]
-        prompt = arguments[0][0]
     return {
         "item_id": doc["qmr_id"],
         "doc_index": int(sample["doc_id"]),
-        "prompt": prompt,
+        "prompt": logged_prompt(sample),
         "response": response,
         "extracted": answers.extract_answer(response, doc["qmr_kind"]),
         "gold": doc["qmr_gold"],
