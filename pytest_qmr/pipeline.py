@@ -236,7 +236,7 @@ def answer_scores(result: CellResult, records: list[SampleRecord], baseline: bl.
     ``sampling``, pass@k, maj@k and seed std; a thinking model's ``truncated_share``; and, where
     both sides counted their tokens, the answers' length against FP's on the same items. Nothing
     for a greedy cell of a plain model."""
-    from .sampling import cell_scores, length_ratio
+    from .sampling import cell_scores, item_lengths, length_ratio
 
     if not records or not records[0].samples:
         return
@@ -248,14 +248,8 @@ def answer_scores(result: CellResult, records: list[SampleRecord], baseline: bl.
     answers = [s for r in records for s in r.samples]
     if any("truncated" in s for s in answers):
         result.truncated_share = sum(bool(s.get("truncated")) for s in answers) / len(answers)
-
-    def mean_tokens(samples: list[dict]) -> float | None:
-        tokens = [s.get("tokens") for s in samples]
-        return None if any(t is None for t in tokens) else sum(tokens) / len(tokens)
-
-    pairs = [(mean_tokens(baseline.items[r.item_id].get("samples") or []), mean_tokens(r.samples)) for r in records
-             if r.item_id in baseline.items]
-    if pairs and all(f is not None and q is not None for f, q in pairs):
+    pairs = item_lengths(baseline.items, [(r.item_id, r.samples) for r in records])
+    if pairs:
         result.length = length_ratio([f for f, _ in pairs], [q for _, q in pairs])
 
 

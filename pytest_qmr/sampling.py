@@ -26,6 +26,10 @@ backend and stage share, each one computation in one place:
     The spread QRM ("Quantization Hurts Reasoning?", arXiv 2504.04823) reports: the accuracy of each
     seed's pass over the items (sample ``j`` of every item), then their standard deviation
     (``ddof=1``, the sample standard deviation; 0 for a single seed).
+:func:`item_lengths` and :func:`length_ratio`
+    What an answer costs: per item the mean tokens of FP's and of the quantized model's answers, and
+    the ratio of their means with a paired bootstrap interval (the cell's ``length``; the report
+    plots the items).
 """
 
 from __future__ import annotations
@@ -126,6 +130,23 @@ def cell_scores(samples: Sequence[Sequence[dict]]) -> dict:
             "maj_at_k": sum(majority([s.get("extracted") for s in item], row)
                             for item, row in zip(samples, correct, strict=True)) / n,
             "seed_std": seed_std(correct)}
+
+
+def item_lengths(fp_items: dict[str, dict], quant: Sequence[tuple[str, Sequence[dict]]]) -> list[tuple[float, float]]:
+    """Per item, the mean tokens of FP's answers and of the quantized model's, on the items both sides
+    answered (``fp_items``: a baseline's items, each with its ``samples``; ``quant``: ``(item_id,
+    samples)``). Empty unless every answer on both sides counted its tokens: a ratio over the items
+    that happened to count would not be the cell's."""
+
+    def mean_tokens(samples: Sequence[dict]) -> float | None:
+        tokens = [s.get("tokens") for s in samples]
+        return None if not tokens or any(t is None for t in tokens) else sum(tokens) / len(tokens)
+
+    pairs = [(mean_tokens(fp_items[item_id].get("samples") or []), mean_tokens(samples))
+             for item_id, samples in quant if item_id in fp_items]
+    if not pairs or any(f is None or q is None for f, q in pairs):
+        return []
+    return pairs
 
 
 def length_ratio(fp_tokens: Sequence[float], quant_tokens: Sequence[float], level: float = 0.95) -> dict:

@@ -195,7 +195,9 @@ def test_json_schema(report, tmp_path):
     cell = next(c for c in data["cells"] if c["cell_id"] == "toy-w3-arith")
     assert {"cell_id", "model", "quantizer", "benchmark", "task", "method", "is_fp", "accuracy", "n", "outcome",
             "verdict", "gate", "gate_line", "seconds", "quantization", "error_profile", "error_profile_source",
-            "profile_violations", "restore", "located", "regressions_total", "regressions", "notes"} == set(cell)
+            "profile_violations", "restore", "located", "regressions_total", "regressions", "notes", "answers",
+            "length_items"} == set(cell)
+    assert (cell["answers"], cell["length_items"]) == (None, [])  # a greedy cell of a plain model
     assert {"item_id", "doc_index", "prompt", "gold", "fp_response", "fp_extracted", "quant_response",
             "quant_extracted", "status", "first_error_step", "n_steps", "primary_error_type", "category",
             "explanation", "faulty_step"} == set(cell["regressions"][0])

@@ -105,6 +105,8 @@ def test_a_sampled_cell_gates_against_a_sampled_fp_baseline_and_reruns_from_its_
     assert gate["sampled"]["samples_per_item"] == K and gate["sampled"]["test"] == "sign_flip_exact"
     assert gate["delta_ci"][0] <= gate["delta"] <= gate["delta_ci"][1]
 
+    _check_report(tmp_path / "run1", baselines, first.cell_id, rows, result)
+
     # an unchanged rerun generates nothing and says the same; one without the cache regenerates the same texts
     session = _session(tmp_path, data_dir, cache_dir, "run2", baselines)
     try:
@@ -130,6 +132,26 @@ def test_a_sampled_cell_gates_against_a_sampled_fp_baseline_and_reruns_from_its_
     compared = compare_runs(tmp_path / "run1", tmp_path / "run3", thresholds)["cells"][0]["gate"]
     assert (compared["n"], compared["delta"], compared["sampled"]["samples_per_item"]) == (N, 0.0, K)
     assert compared["quant_acc"] == pytest.approx(result["accuracy"])
+
+
+def _check_report(run_dir: Path, baselines: Path, cell_id: str, rows: list[dict], result: dict) -> None:
+    """The report shows a sampled cell's scores and plots each item's answer length against FP's."""
+    from pytest_qmr import report as rp
+    from pytest_qmr.rundir import write_results
+
+    write_results(run_dir)
+    cell = rp.build_report(run_dir, baselines).cell(cell_id)
+    assert cell.answers["pass_at_k"] == result["pass_at_k"] and cell.answers["length"] == result["length"]
+    fp_items = json.loads((baselines / "smollm2-135m-arith" / "arith.json").read_text())["items"]
+    assert len(cell.length_items) == N
+    for (fp_tokens, quant_tokens), row in zip(cell.length_items, rows, strict=True):  # the items, in order
+        assert quant_tokens == pytest.approx(sum(s["tokens"] for s in row["samples"]) / K)
+        assert fp_tokens == pytest.approx(sum(s["tokens"] for s in fp_items[row["item_id"]]["samples"]) / K)
+    assert sum(q for _, q in cell.length_items) / N == pytest.approx(result["length"]["quant_mean_tokens"], abs=0.01)
+    html = rp.render_html(rp.build_report(run_dir, baselines))
+    assert f'alt="answer length per item of {cell_id}" src="data:image/png;base64,' in html
+    markdown = rp.render_markdown(rp.build_report(run_dir, baselines))
+    assert f"pass@k {result['pass_at_k']:.3f}" in markdown and f"length {result['length']['ratio']:.2f}x FP" in markdown
 
 
 def test_samples_at_temperature_zero_are_refused_in_one_line(tmp_path, data_dir):

@@ -34,7 +34,11 @@ JSON schema (``schema_version`` :data:`SCHEMA_VERSION`), the fields of :class:`R
                                  "fp_extracted", "quant_response", "quant_extracted",
                                  "status", "first_error_step", "n_steps", "primary_error_type",
                                  "category", "explanation", "faulty_step"}],   # at most max_items
-                "notes": [str]}],
+                "notes": [str],
+                "answers": {"sampling", "pass_at_k", "maj_at_k", "seed_std", "length",
+                            "truncated_share", "cost_violations"} | null,   # as result.json has them;
+                                                    # null for a greedy cell of a plain model
+                "length_items": [[fp_tokens, quant_tokens]]}],   # per item, mean tokens per answer
      "baselines": [{"model", "benchmark", "path", "status": "ok" | "missing" | "error",
                     "error": str | null, "created": str | null, "baseline_acc", "baseline_n",
                     "run_fp_acc", "run_fp_n", "fp_flips": int | null,
@@ -47,7 +51,7 @@ A field is added (never renamed or removed) without a version bump; anything els
 from .build import build_report
 from .html import render_html, write_html
 from .markdown import md_escape, render_markdown, write_markdown
-from .plots import plot_error_types, plot_first_error_steps, plot_overview
+from .plots import plot_error_types, plot_first_error_steps, plot_lengths, plot_overview
 from .records import (SCHEMA_VERSION, VERDICTS, BaselineComparison, CellReport, RegressedItem, Report, ReportError,
                       Table1Entry, Table1Row)
 from .writers import write_all, write_json
@@ -69,6 +73,7 @@ __all__ = [
     "plot_overview",
     "plot_error_types",
     "plot_first_error_steps",
+    "plot_lengths",
     "write_html",
     "write_markdown",
     "write_json",

@@ -287,6 +287,13 @@ def _cell_report(run_dir: Path, cell: CellResult, samples: list[SampleRecord], f
             regressions = _regressions(samples, fp_items, located)
         if located is None and not any(n.startswith("locate:") for n in cell.notes):
             notes.append("not located: no located.jsonl for this cell (first faulty steps unknown)")
+    answers = {name: getattr(cell, name) for name in CellResult.SAMPLED_ONLY
+               if getattr(cell, name) not in (None, [])} or None
+    length_items = []
+    if cell.length and fp_items is not None and method != "fp":
+        from ..sampling import item_lengths
+
+        length_items = item_lengths(fp_items, [(s.item_id, s.samples) for s in samples])
     gate = cell.gate
     return CellReport(
         cell_id=cell.cell_id, model=cell.model, quantizer=cell.quantizer, benchmark=cell.benchmark, task=cell.task,
@@ -299,7 +306,7 @@ def _cell_report(run_dir: Path, cell: CellResult, samples: list[SampleRecord], f
         restore=_restore_view(cell.restore),
         profile_violations=list(getattr(cell, "profile_violations", None) or []),
         located=located is not None, regressions_total=len(regressions), regressions=regressions[:max_items],
-        notes=notes)
+        notes=notes, answers=answers, length_items=length_items)
 
 
 def build_report(run_dir: str | os.PathLike, baselines_dir: str | os.PathLike | None = None, *,

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import taxonomy
 from ..fsutil import atomic_write_text
 from .formatting import fmt, publish, rel_change
-from .plots import plot_error_types, plot_first_error_steps, plot_overview
+from .plots import plot_error_types, plot_first_error_steps, plot_lengths, plot_overview
 from .records import Report
 
 
@@ -53,7 +53,8 @@ def render_html(report: Report) -> str:
     for cell in report.cells:
         profile = cell.error_profile or {}
         plots[cell.cell_id] = {"types": plot_error_types(profile) if profile else None,
-                               "steps": plot_first_error_steps(profile) if profile else None}
+                               "steps": plot_first_error_steps(profile) if profile else None,
+                               "lengths": plot_lengths(cell.length_items, (cell.answers or {}).get("length") or {})}
     return _environment().get_template("report.html.j2").render(
         report=report, overview=plot_overview(report), plots=plots)
 

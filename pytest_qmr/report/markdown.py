@@ -61,6 +61,24 @@ def _md_restore(restore: dict[str, Any]) -> str:
     return line
 
 
+def _md_answers(answers: dict[str, Any]) -> str:
+    """A sampled or thinking cell's scores and cost in one line."""
+    parts = []
+    if answers.get("sampling"):
+        parts.append(f"{answers['sampling']['samples']} per item at temperature {answers['sampling']['temperature']}")
+    for name, label in (("pass_at_k", "pass@k"), ("maj_at_k", "maj@k"), ("seed_std", "std over seeds")):
+        if answers.get(name) is not None:
+            parts.append(f"{label} {answers[name]:.3f}")
+    if answers.get("truncated_share") is not None:
+        parts.append(f"truncated {answers['truncated_share']:.1%}")
+    length = answers.get("length") or {}
+    if length.get("ratio") is not None:
+        ci = length.get("ratio_ci")
+        parts.append(f"length {length['ratio']:.2f}x FP" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+    parts += [md_escape(v) for v in answers.get("cost_violations") or []]
+    return "; ".join(parts)
+
+
 def render_markdown(report: Report, *, max_items: int = 5) -> str:
     s = report.summary
     lines = ["## pytest-qmr report", "",
@@ -92,6 +110,8 @@ def render_markdown(report: Report, *, max_items: int = 5) -> str:
         lines += ["### Failing and inconclusive cells", ""]
     for c in flagged:
         lines.append(f"- {_EMOJI[c.verdict]} **{md_escape(c.cell_id)}** — {md_escape(c.gate_line)}")
+        if c.answers:
+            lines.append(f"  - answers: {_md_answers(c.answers)}")
         if c.error_profile:
             lines.append(f"  - error types: {_md_profile(c.error_profile)}")
         for v in c.profile_violations:

@@ -87,3 +87,26 @@ def plot_first_error_steps(profile: dict[str, Any]) -> str | None:
     ax.set_ylabel("items")
     ax.set_title("first-error-step histogram", fontsize=9)
     return _png(fig)
+
+
+def plot_lengths(items: list[tuple[float, float]], length: dict[str, Any]) -> str | None:
+    """Per item, the quantized model's mean answer tokens against FP's: points above the diagonal
+    are items it answers at greater length (what serving it costs more)."""
+    if not items:
+        return None
+    fp, quant = [f for f, _ in items], [q for _, q in items]
+    top = max(max(fp), max(quant)) * 1.05 or 1.0
+    fig, ax = _figure(3.6, 3.4)
+    ax.plot([0, top], [0, top], color="#9e9e9e", linewidth=1, label="same length")
+    ratio = length.get("ratio")
+    if ratio:
+        ax.plot([0, top], [0, top * ratio], color="#c62828", linewidth=1, linestyle="--",
+                label=f"mean ratio {ratio:.2f}")
+    ax.scatter(fp, quant, s=14, color="#1565c0", alpha=0.7)
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("FP: mean tokens per answer")
+    ax.set_ylabel("quantized: mean tokens per answer")
+    ax.set_title(f"answer length per item ({len(items)} items)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    return _png(fig)

@@ -90,6 +90,11 @@ class CellReport:
     regressions_total: int
     regressions: list[RegressedItem]
     notes: list[str] = field(default_factory=list)
+    # a sampled cell or a thinking model (issue #35): sampling, pass_at_k, maj_at_k, seed_std, length,
+    # truncated_share and cost_violations as its result.json has them; None for a greedy cell of a plain model
+    answers: dict[str, Any] | None = None
+    # per item, FP's and the quantized model's mean answer tokens (the length plot's points)
+    length_items: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass
