@@ -342,3 +342,21 @@ def test_the_lab_thinking_model_is_read_after_its_thinking_and_a_short_budget_tr
     assert (result.outcome, result.cost_violations) == ("fail", [
         "100.0% of answers never closed their thinking within max_new_tokens, beyond "
         "thresholds.max_truncated_share 0.25"])
+
+
+def test_align_writes_the_thinking_format_it_is_asked_for():
+    """`qmr align --set format=think` trains on the same problems written as a reasoning model writes
+    them; the lab model's steps are segmented inside the thinking, the tags in no step."""
+    from pytest_qmr.align import AlignConfig, arith_sft_rows
+    from pytest_qmr.arith import generate
+    from pytest_qmr.steps import segment
+
+    steps_rows = arith_sft_rows(AlignConfig(n_train=3))
+    think_rows = arith_sft_rows(AlignConfig(n_train=3, format="think"))
+    assert [r["prompt"] for r in steps_rows] == [r["prompt"] for r in think_rows]
+    for problem, row in zip(generate("train", 3, 0, 2, 4), think_rows, strict=True):
+        text = row["completion"][0]["content"]
+        assert text.startswith("<think>\n") and text.endswith(f"</think>\n\nThe answer is {problem.answer}.")
+        assert [s.text for s in segment(text)] == [s.text(i) for i, s in enumerate(problem.steps, 1)]
+    with pytest.raises(QmrError, match="format=plain: not one of steps, think"):
+        arith_sft_rows(AlignConfig(format="plain"))
