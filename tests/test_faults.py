@@ -405,6 +405,19 @@ def test_run_records_that_cannot_be_written_fail_the_run_in_one_line(pytester, t
     assert "Traceback" not in text
 
 
+def test_an_atomic_write_gets_the_mode_a_plain_write_gets(tmp_path):
+    """Baselines and records are written through a temporary file; they end up with the mode a plain
+    ``open()`` gives (0o666 less the umask), not mkstemp's owner-only 0600."""
+    import stat
+
+    from pytest_qmr.fsutil import atomic_write_json
+
+    (tmp_path / "plain.json").write_text("{}")
+    atomic_write_json(tmp_path / "atomic.json", {})
+    modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("plain.json", "atomic.json")}
+    assert modes["atomic.json"] == modes["plain.json"]
+
+
 def test_an_interrupted_write_leaves_nothing_git_would_add(repo_root, tmp_path):
     """kill -9 between mkstemp and os.replace leaves ``.<name>.<random>.tmp`` (atomic_write_text)
     or ``.tmp-<name>-<random>/`` (atomic_directory): both are ignored by the repository."""
