@@ -177,43 +177,63 @@ class Lab:
         w4 = [c for c in cells if "-w4" in c["quantizer"]] or cells
         return max(w4, key=lambda c: (c["p_value"] < 0.01, c["drop"]))["quantizer"]
 
-    def restore(self, name: str, fp_rows: list[dict], quant_rows: list[dict]) -> tuple[dict, list[dict]]:
+    def traces(self, name: str) -> list[dict]:
+        """The quantized model's greedy answers to the first ``n_train`` train problems, each
+        located at its first faulty step by Restore's mining (the Locate stage)."""
         from pytest_qmr import restore as rs
 
         qpath = self.quantized_path(name)
         train = rs.arith_problems("train", self.config.n_train, self.config.seed)
-        traces = self.cached(f"traces-{name}", self._key(name, self.config.n_train, self.config.max_new_tokens),
-                             lambda: rs.mine_traces(qpath, train, max_new_tokens=self.config.max_new_tokens,
-                                                    batch_size=self.config.batch_size), "mine", jsonl=True)
-        config = rs.RestoreConfig()
-        for assignment in self.config.restore_set:
-            config.set(assignment)
-        eval_ids = [p.id for p in self.problems]
+        return self.cached(f"traces-{name}", self._key(name, self.config.n_train, self.config.max_new_tokens),
+                           lambda: rs.mine_traces(qpath, train, max_new_tokens=self.config.max_new_tokens,
+                                                  batch_size=self.config.batch_size), "mine", jsonl=True)
+
+    def pairs(self, name: str, variant: str) -> list:
+        """At most ``pair_budget`` gold-teacher pairs of ``variant`` from :meth:`traces` (drawn with the
+        lab's seed, whatever the training seed)."""
+        from pytest_qmr import restore as rs
+
+        qpath = self.quantized_path(name)
+        traces = self.traces(name)
+
+        def make() -> list[dict]:
+            from transformers import AutoTokenizer
+
+            pairs = rs.build_pairs(traces, rs.GoldTeacher(), variant, tokenizer=AutoTokenizer.from_pretrained(qpath),
+                                   eval_ids=[p.id for p in self.problems], size=self.config.pair_budget,
+                                   seed=self.config.seed, rejected_scope=self.config.rejected_scope)
+            return [p.to_dict() for p in pairs[:self.config.pair_budget]]
+
+        key = self._key(name, variant, self.config.n_train, self.config.pair_budget, self.config.rejected_scope,
+                        self.config.seed)
+        return [rs.PreferencePair.from_dict(p) for p in self.cached(f"pairs-{name}-{variant}", key, make, "pairs",
+                                                                    jsonl=True)]
+
+    def restored(self, name: str, variant: str, config, n: int) -> tuple[dict, list[dict], list]:
+        """(card, rows, pairs): an adapter trained with ``config`` (a ``RestoreConfig``) on the
+        variant's :meth:`pairs`, and the restored model's labelled answers to the first ``n`` test problems."""
+        from pytest_qmr import restore as rs
+
+        qpath = self.quantized_path(name)
+        pairs = self.pairs(name, variant)
+        key = self._key(name, variant, self.config.n_train, self.config.pair_budget, asdict(config),
+                        self.config.rejected_scope, self.config.seed)
+        adapter = self.work / f"adapter-{name}-{variant}-{key}"
+        card = self.cached(f"dpo-{name}-{variant}", key, lambda: rs.train_adapter(
+            qpath, pairs, config, adapter, distill_from=self.fp.path), "dpo")
+        rows = self.evaluate(f"restored-{name}-{variant}-{key}", lambda: rs.load_restored(qpath, adapter), n)
+        return card, rows, pairs
+
+    def restore(self, name: str, fp_rows: list[dict], quant_rows: list[dict]) -> tuple[dict, list[dict]]:
+        from pytest_qmr import restore as rs
+
+        config = restore_config(self.config.restore_set)
         runs: dict[str, dict] = {}
         for variant in self.config.variants:
-            key = self._key(name, variant, self.config.n_train, self.config.pair_budget, asdict(config),
-                            self.config.rejected_scope)
-
-            def make_pairs(variant=variant):
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(qpath)
-                pairs = rs.build_pairs(traces, rs.GoldTeacher(), variant, tokenizer=tokenizer, eval_ids=eval_ids,
-                                       size=self.config.pair_budget, seed=self.config.seed,
-                                       rejected_scope=self.config.rejected_scope)
-                return [p.to_dict() for p in pairs[:self.config.pair_budget]]
-
-            pairs = [rs.PreferencePair.from_dict(p) for p in
-                     self.cached(f"pairs-{name}-{variant}", key, make_pairs, "pairs", jsonl=True)]
-            adapter = self.work / f"adapter-{name}-{variant}-{key}"
-            card = self.cached(f"dpo-{name}-{variant}", key,
-                               lambda pairs=pairs, adapter=adapter: rs.train_adapter(
-                                   qpath, pairs, config, adapter, distill_from=self.fp.path),
-                               "dpo")
             n = self.config.n_test if variant == "all-step" else self.config.ablation_n_test
-            rows = self.evaluate(f"restored-{name}-{variant}-{key}",
-                                 lambda adapter=adapter: rs.load_restored(qpath, adapter), n)
+            card, rows, pairs = self.restored(name, variant, config, n)
             runs[variant] = {"card": card, "rows": rows, "pairs": len(pairs)}
+        traces = self.traces(name)
         best = runs.get("all-step") or next(iter(runs.values()))
         restored = best["rows"]
         result = {"quantizer": name, "variant": "all-step" if "all-step" in runs else next(iter(runs)),
@@ -256,6 +276,16 @@ class Lab:
 
 
 # ---------------------------------------------------------------------- statistics
+
+
+def restore_config(assignments: list[str]):
+    """A ``RestoreConfig`` with ``key=value`` assignments applied (the CLI's --set)."""
+    from pytest_qmr.restore import RestoreConfig
+
+    config = RestoreConfig()
+    for assignment in assignments:
+        config.set(assignment)
+    return config
 
 
 def accuracy(rows: list[dict]) -> float:

@@ -48,7 +48,7 @@ from scipy.stats import binom, norm
 
 from .records import GateResult
 
-__all__ = ["Paired", "compare", "mcnemar_exact", "paired_delta_ci", "evaluate_gate", "final_verdict_if_known",
+__all__ = ["Paired", "compare", "mcnemar_exact", "paired_delta_ci", "wilson", "evaluate_gate", "final_verdict_if_known",
            "adjust_family", "family_verdict", "TOLERANCE", "MODES", "FAMILIES"]
 
 MODES = ("difference", "noninferiority")
@@ -140,28 +140,8 @@ class GateRule:
         return f"abs {self.max_abs:.3f}, rel {self.max_rel:.0%}"
 
 
-def _family(thresholds: Any) -> tuple[str, int]:
-    """(family, number of cells in it); outside a family the size is 1."""
-    rule = GateRule.of(thresholds)
-    return rule.family, rule.family_size
-
-
-def _thresholds(thresholds: Any) -> tuple[float, float, float, int]:
-    """(max_abs_drop, max_rel_drop, the cell's alpha, min_items)."""
-    rule = GateRule.of(thresholds)
-    return rule.max_abs, rule.max_rel, rule.alpha, rule.min_items
-
-
-def _exceeds(drop: Any, rel_drop: Any, thresholds: Any) -> Any:
-    return GateRule.of(thresholds).exceeds(drop, rel_drop)
-
-
-def _mode(thresholds: Any) -> str:
-    return GateRule.of(thresholds).mode
-
-
-def _wilson(successes: np.ndarray, n: int, z: float) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval of a proportion (vectorized over ``successes``)."""
+def wilson(successes: Any, n: int, z: float = 1.959964) -> tuple[Any, Any]:
+    """Wilson score interval of a proportion (vectorized over ``successes``; default 95%)."""
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -179,8 +159,8 @@ def _drop_ci(b: Any, c: Any, n: int, fp_correct: int, level: float) -> tuple[np.
     d = n - a - b - c
     z = float(norm.ppf(0.5 + level / 2))
     p1, p2 = (a + b) / n, (a + c) / n
-    l1, u1 = _wilson(a + b, n, z)
-    l2, u2 = _wilson(a + c, n, z)
+    l1, u1 = wilson(a + b, n, z)
+    l2, u2 = wilson(a + c, n, z)
     margins = (a + b) * (c + d) * (a + c) * (b + d)
     cross = a * d - b * c
     corrected = np.where(cross > n / 2, cross - n / 2, np.where(cross < 0, cross, 0.0))
@@ -199,30 +179,26 @@ def paired_delta_ci(fp_only: int, quant_only: int, n: int, fp_correct: int, leve
     return -float(high), -float(low)
 
 
-def _margin_abs(thresholds: Any, fp_acc: float) -> float:
-    return GateRule.of(thresholds).margin(fp_acc)
-
-
-def _verdicts(b, c, n: int, fp_correct: int, thresholds: Any):
+def _verdicts(b, c, n: int, fp_correct: int, rule: GateRule):
     """Vectorized verdict over arrays of final discordant counts (same rule as the docstring).
 
     Returns ``(codes, drop, rel_drop, p)`` with codes 0 = pass, 1 = fail, 2 = inconclusive.
     """
-    max_abs, max_rel, alpha, min_items = _thresholds(thresholds)
+    alpha, min_items = rule.alpha, rule.min_items
     b = np.asarray(b, dtype=np.int64)
     c = np.asarray(c, dtype=np.int64)
     diff = (b - c).astype(float)
     drop = diff / n if n else np.zeros_like(diff)
     rel_drop = diff / fp_correct if fp_correct else np.zeros_like(diff)
-    if _mode(thresholds) == "noninferiority":
+    if rule.mode == "noninferiority":
         low, high = _drop_ci(b, c, n, fp_correct, 1 - alpha)
-        margin = _margin_abs(thresholds, fp_correct / n if n else 0.0)
+        margin = rule.margin(fp_correct / n if n else 0.0)
         codes = np.where(high <= margin + TOLERANCE, 0, np.where(low > margin + TOLERANCE, 1, 2))
         p = _mcnemar_p(b, c)
         if n < min_items:
             codes = np.full_like(codes, 2)
         return codes, drop, rel_drop, p
-    exceeds = _exceeds(drop, rel_drop, thresholds)
+    exceeds = rule.exceeds(drop, rel_drop)
     p = np.ones(b.shape, dtype=float)
     if np.any(exceeds):  # p only matters (and is only paid for) where the drop exceeds
         p[exceeds] = _mcnemar_p(b[exceeds], c[exceeds])
@@ -242,23 +218,21 @@ def _as_bools(values: Sequence[bool], what: str) -> np.ndarray:
     return arr.astype(bool)
 
 
-def _stats(fp: np.ndarray, quant: np.ndarray, thresholds: Any) -> dict:
+def _stats(fp: np.ndarray, quant: np.ndarray, rule: GateRule) -> dict:
     n = int(fp.size)
     paired = _paired(fp, quant)  # both callers have checked the two vectors
     b, c = paired.first_only, paired.second_only
     fp_acc = float(fp.mean()) if n else 0.0
     quant_acc = float(quant.mean()) if n else 0.0
     diff = b - c
-    _, _, alpha, _ = _thresholds(thresholds)
-    low, high = paired_delta_ci(b, c, n, int(fp.sum()), 1 - alpha)  # (-1, 1) without items
-    family, family_size = _family(thresholds)
+    low, high = paired_delta_ci(b, c, n, int(fp.sum()), 1 - rule.alpha)  # (-1, 1) without items
     return {
         "delta_ci": [round(low, 6), round(high, 6)],
-        "family": family,
-        "family_size": family_size,
-        "exceeds": bool(n) and bool(_exceeds(diff / n, diff / int(fp.sum()) if fp.sum() else 0.0, thresholds)),
-        "ci_level": round(1 - alpha, 6),
-        "mode": _mode(thresholds),
+        "family": rule.family,
+        "family_size": rule.family_size,
+        "exceeds": bool(n) and bool(rule.exceeds(diff / n, diff / int(fp.sum()) if fp.sum() else 0.0)),
+        "ci_level": round(1 - rule.alpha, 6),
+        "mode": rule.mode,
         "n": n,
         "fp_only": b,
         "quant_only": c,
@@ -270,17 +244,13 @@ def _stats(fp: np.ndarray, quant: np.ndarray, thresholds: Any) -> dict:
     }
 
 
-def _margin(thresholds: Any) -> str:
-    return GateRule.of(thresholds).margins_text()
-
-
-def _reason(code: int, n: int, drop: float, p: float, thresholds: Any, s: dict | None = None) -> str:
-    max_abs, max_rel, alpha, min_items = _thresholds(thresholds)
-    if n < min_items:
-        return f"only {n} paired items, fewer than min_items {min_items}; no verdict"
-    if _mode(thresholds) == "noninferiority" and s is not None:
+def _reason(code: int, n: int, drop: float, p: float, rule: GateRule, s: dict | None = None) -> str:
+    alpha, margins = rule.alpha, rule.margins_text()
+    if n < rule.min_items:
+        return f"only {n} paired items, fewer than min_items {rule.min_items}; no verdict"
+    if rule.mode == "noninferiority" and s is not None:
         worst, best = -s["delta_ci"][0], -s["delta_ci"][1]
-        margin = _margin_abs(thresholds, s["fp_acc"])
+        margin = rule.margin(s["fp_acc"])
         level = f"{s['ci_level']:.0%} interval"
         if code == 0:
             return f"non-inferior: even the worst end of the {level} loses {worst:.3f}, within the margin {margin:.3f}"
@@ -291,14 +261,14 @@ def _reason(code: int, n: int, drop: float, p: float, thresholds: Any, s: dict |
     if code == 0:
         if drop <= 0:
             return "the quantized model is not less accurate than FP"
-        return f"accuracy drop {drop:.3f} is within the allowed margin ({_margin(thresholds)})"
+        return f"accuracy drop {drop:.3f} is within the allowed margin ({margins})"
     if code == 1:
         return (
-            f"accuracy drop {drop:.3f} exceeds the allowed margin ({_margin(thresholds)}) "
+            f"accuracy drop {drop:.3f} exceeds the allowed margin ({margins}) "
             f"and is significant (p={p:.3g} < alpha {alpha})"
         )
     return (
-        f"accuracy drop {drop:.3f} exceeds the allowed margin ({_margin(thresholds)}) "
+        f"accuracy drop {drop:.3f} exceeds the allowed margin ({margins}) "
         f"but is not significant (p={p:.3g} >= alpha {alpha}); more items are needed"
     )
 
@@ -323,14 +293,14 @@ def evaluate_gate(
     quant = _as_bools(quant_correct, "quant_correct")
     if fp.size != quant.size:
         raise ValueError(f"paired vectors differ in length: FP {fp.size}, quantized {quant.size}")
-    s = _stats(fp, quant, thresholds)
-    codes, _, _, _ = _verdicts(s["fp_only"], s["quant_only"], s["n"], int(fp.sum()), thresholds)
+    rule = GateRule.of(thresholds)
+    s = _stats(fp, quant, rule)
+    codes, _, _, _ = _verdicts(s["fp_only"], s["quant_only"], s["n"], int(fp.sum()), rule)
     code = int(codes)
-    _, _, alpha, _ = _thresholds(thresholds)
     return GateResult(
         verdict=_NAMES[code],  # type: ignore[arg-type]
-        alpha=alpha,
-        reason=_reason(code, s["n"], -s["delta"], s["p_value"], thresholds, s),
+        alpha=rule.alpha,
+        reason=_reason(code, s["n"], -s["delta"], s["p_value"], rule, s),
         n_planned=s["n"],
         stopped_early=False,
         **s,
@@ -359,13 +329,14 @@ def final_verdict_if_known(
     if k > n_all:
         raise ValueError(f"more quantized results ({k}) than planned items ({n_all})")
     fp_seen, fp_rest = fp_all[:k], fp_all[k:]
-    s = _stats(fp_seen, quant, thresholds)
+    rule = GateRule.of(thresholds)
+    s = _stats(fp_seen, quant, rule)
     fp_total = int(fp_all.sum())
     r1 = int(fp_rest.sum())  # remaining FP-correct items: each may become fp_only
     r0 = int(fp_rest.size - r1)  # remaining FP-wrong items: each may become quant_only
     b0, c0 = s["fp_only"], s["quant_only"]
 
-    _, _, alpha, min_items = _thresholds(thresholds)
+    alpha, min_items, margins = rule.alpha, rule.min_items, rule.margins_text()
     if n_all < min_items:  # no completion can reach min_items: inconclusive whatever happens
         return GateResult(
             verdict="inconclusive",
@@ -378,34 +349,34 @@ def final_verdict_if_known(
     # Cheap rejection on the corners first (drop is extreme at two of them, p at the others).
     cx = np.array([0, r1, 0, r1])
     cy = np.array([0, 0, r0, r0])
-    codes, _, _, _ = _verdicts(b0 + cx, c0 + cy, n_all, fp_total, thresholds)
+    codes, _, _, _ = _verdicts(b0 + cx, c0 + cy, n_all, fp_total, rule)
     if np.any(codes != codes[0]):
         return None
     # Full grid.
     x = np.arange(r1 + 1, dtype=np.int64)[:, None]
     y = np.arange(r0 + 1, dtype=np.int64)[None, :]
     b, c = np.broadcast_arrays(b0 + x, c0 + y)
-    codes, drop, _, p = _verdicts(b, c, n_all, fp_total, thresholds)
+    codes, drop, _, p = _verdicts(b, c, n_all, fp_total, rule)
     code = int(codes.flat[0])
     if np.any(codes != code):
         return None
 
     rest = n_all - k
     where = f"settled after {k}/{n_all} items: every outcome of the remaining {rest} gives {_NAMES[code].upper()}"
-    if _mode(thresholds) == "noninferiority":
+    if rule.mode == "noninferiority":
         why = {0: "the final interval's worst end stays within the margin",
                1: "the final interval lies wholly beyond the margin",
                2: "the final interval straddles the margin"}[code]
     elif code == 0:
-        why = f"the final drop is at most {float(drop.max()):.3f}, within the allowed margin ({_margin(thresholds)})"
+        why = f"the final drop is at most {float(drop.max()):.3f}, within the allowed margin ({margins})"
     elif code == 1:
         why = (
             f"the final drop is at least {float(drop.min()):.3f}, beyond the allowed margin "
-            f"({_margin(thresholds)}), with p <= {float(p.max()):.3g} < alpha {alpha}"
+            f"({margins}), with p <= {float(p.max()):.3g} < alpha {alpha}"
         )
     else:
         why = (
-            f"the final drop exceeds the allowed margin ({_margin(thresholds)}) but p >= "
+            f"the final drop exceeds the allowed margin ({margins}) but p >= "
             f"{float(p.min()):.3g} is never below alpha {alpha}"
         )
     return GateResult(

@@ -137,13 +137,13 @@ def test_sequential_keeps_its_guarantee_in_noninferiority_mode():
 def _null_session_verdicts(rng, cells: int, n: int, fp_right: int, flip: float, family: str):
     """One session of ``cells`` null checkpoints (they lost nothing: as many items lost as won in
     expectation) against a fixed FP baseline; returns the cells' final (family) verdict codes."""
-    from pytest_qmr.gate import _verdicts, adjust_family
+    from pytest_qmr.gate import GateRule, _verdicts, adjust_family
 
     lost = rng.binomial(fp_right, flip, size=cells)  # FP right, quantized wrong
     won = rng.binomial(n - fp_right, flip * fp_right / (n - fp_right), size=cells)  # the reverse, same mean
     thresholds = {"max_abs_drop": 0.05, "max_rel_drop": 0.10, "alpha": 0.05, "min_items": 20,
                   "family": family, "family_size": cells}
-    codes, drop, rel, p = _verdicts(lost, won, n, fp_right, thresholds)
+    codes, drop, rel, p = _verdicts(lost, won, n, fp_right, GateRule.of(thresholds))
     if family == "none":
         return codes
     from pytest_qmr.gate import _mcnemar_p

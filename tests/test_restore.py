@@ -198,6 +198,33 @@ def test_no_resume_variants(tokenizer):
     assert len(restore.build_pairs(pool[1:3], GoldTeacher(), "rand-ns", tokenizer=tokenizer, pool=pool)) == 2
 
 
+def test_random_cut_resumes_at_a_seeded_step_no_later_than_the_fault(tokenizer):
+    """rand-cut (the paper's random cut points): the same located cases as all-step, each cut at a
+    step drawn from 1 to its first faulty step, so the prefix is the model's correct text and the
+    gold resumes there; the draw is the seed's, and over seeds it is not always the fault."""
+    problems = [q for q in arith.generate("train", 60, 0) if len(q.steps) >= 4][:6]
+    rows = []
+    for q in problems:  # steps 1-3 right, step 4 off by one
+        s = q.steps
+        wrong = s[3].result + 1
+        rows.append(_row(q, "\n".join(st.text(i) for i, st in enumerate(s[:3], 1))
+                         + f"\nStep 4: {s[3].a} {s[3].op} {s[3].b} = {wrong}\nThe answer is {wrong}."))
+    assert [r["first_error_step"] for r in rows] == [4] * len(rows)
+    drawn = set()
+    for seed in range(3):
+        pairs = restore.build_pairs(rows, GoldTeacher(), "rand-cut", tokenizer=tokenizer, seed=seed)
+        assert pairs == restore.build_pairs(rows, GoldTeacher(), "rand-cut", tokenizer=tokenizer, seed=seed)
+        assert [x.item_id for x in pairs] == [q.id for q in problems]
+        for q, x in zip(problems, pairs, strict=True):
+            k = x.first_step
+            assert 1 <= k <= 4 and x.variant == "rand-cut"
+            prefix = "".join(f"{st.text(i)}\n" for i, st in enumerate(q.steps[:k - 1], 1))
+            assert x.prompt.endswith("<|im_start|>assistant\n" + prefix)
+            assert x.chosen.startswith(q.steps[k - 1].text(k)) and x.chosen.endswith(f"The answer is {q.answer}.")
+            drawn.add(k)
+    assert len(drawn) > 1 and drawn <= {1, 2, 3, 4}
+
+
 def test_leakage_guard(tokenizer):
     with pytest.raises(LeakageError, match=r"^preference pairs overlap the evaluation items: b, c$"):
         restore.check_leakage(["a", "b", "c"], ["c", "b", "z"])

@@ -96,8 +96,9 @@ def test_the_suite_knows_a_registered_teacher_and_variant(registered, tmp_path, 
 
 def test_unregistered_names_are_one_line_errors(tmp_path, data_dir):
     assert TEACHER not in TEACHERS and VARIANT not in RESTORE_VARIANTS
-    with pytest.raises(SuiteError, match=r"restore.variant: unknown Restore variant 'first-only' \(known: all-step, "
-                                         r"ce-step, me-step, ee-step, all-ns, rand-ns\) \(got 'first-only'\)$"):
+    with pytest.raises(SuiteError, match=r"restore.variant: unknown Restore variant 'first-only' \(known: "
+                                         r"all-step, ce-step, me-step, ee-step, all-ns, rand-ns, rand-cut\) "
+                                         r"\(got 'first-only'\)$"):
         _suite(tmp_path, data_dir, teacher="gold")
     with pytest.raises(RestoreError, match=r"^unknown teacher 'gld' \(did you mean 'gold'\?\)$"):
         make_teacher("gld")

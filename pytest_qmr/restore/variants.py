@@ -17,7 +17,9 @@ all go through the registry. What a variant says:
 
 Built in: ``all-step`` every located case; ``ce-step`` / ``me-step`` / ``ee-step`` only
 conceptual / method / execution cases; ``all-ns`` every case, no resume; ``rand-ns`` as many
-random training problems (failed or not) as ``all-ns`` has rows, no resume. A variant of a
+random training problems (failed or not) as ``all-ns`` has rows, no resume; ``rand-cut`` every
+located case cut at a seeded random step at or before its first faulty one (the paper's
+random-cut-point ablation: the same cases and teacher, the cut no longer at the fault). A variant of a
 project's own is one subclass (or instance) registered under a new name::
 
     @dataclass(frozen=True)
@@ -92,6 +94,19 @@ class RandomDraw(Variant):
         return want, random.Random(seed).sample(rows, len(rows))
 
 
+@dataclass(frozen=True)
+class RandomCut(Variant):
+    """Every located case, cut at a step drawn (with ``seed``) uniformly from 1 to its first faulty
+    step: the prefix stays correct, so a teacher resumes from it as from the true cut, but the pair
+    no longer isolates the step that failed (rejected: the quantized model's continuation there)."""
+
+    def candidates(self, cases: Sequence[Row], pool: Sequence[Row] | None, size: int | None,
+                   seed: int) -> tuple[int, list[Row]]:
+        rng = random.Random(seed)
+        located = self.select(cases)
+        return len(located), [{**r, "first_error_step": rng.randint(1, int(r["first_error_step"]))} for r in located]
+
+
 def get_variant(name: str) -> Variant:
     """The registered variant ``name`` (a registered class is instantiated with no arguments);
     :class:`RestoreError` (did-you-mean) for an unknown one."""
@@ -113,3 +128,4 @@ RESTORE_VARIANTS.add("me-step", Variant("method"))
 RESTORE_VARIANTS.add("ee-step", Variant("execution"))
 RESTORE_VARIANTS.add("all-ns", Variant(resume=False))
 RESTORE_VARIANTS.add("rand-ns", RandomDraw())
+RESTORE_VARIANTS.add("rand-cut", RandomCut())
