@@ -32,11 +32,11 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent))  # run_lab.py beside it (already there when run as a script)
 
-from run_lab import QUANTIZERS, Lab, LabConfig, accuracy, machine, paired, restore_config  # noqa: E402
+from run_lab import QUANTIZERS, Lab, LabConfig, accuracy, machine, paired  # noqa: E402
 
 from pytest_qmr.fsutil import atomic_write_json, atomic_write_text, save_figure, write_marked  # noqa: E402
 from pytest_qmr.gate import paired_delta_ci, wilson  # noqa: E402
-from pytest_qmr.restore import recovered_share  # noqa: E402
+from pytest_qmr.restore import RestoreConfig, recovered_share  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -102,7 +102,7 @@ class RestoreLab:
         mmlu_before = self.mmlu(name, lab.load_dense(qpath))
         runs = []
         for seed in self.config.seeds:
-            config = restore_config([*self.config.lab.restore_set, f"seed={seed}"])
+            config = RestoreConfig.from_settings([*self.config.lab.restore_set, f"seed={seed}"])
             card, rows, pairs = lab.restored(name, "all-step", config, n)
             adapter = Path(card["adapter_path"])
             mmlu_after = self.mmlu(f"restored-{adapter.name}", lambda adapter=adapter: rs.load_restored(qpath, adapter))
@@ -120,7 +120,8 @@ class RestoreLab:
         out = []
         for ablation in self.config.ablations:
             variant, settings = ABLATIONS[ablation]
-            config = restore_config([*self.config.lab.restore_set, *settings, f"seed={self.config.seeds[0]}"])
+            config = RestoreConfig.from_settings([*self.config.lab.restore_set, *settings,
+                                                  f"seed={self.config.seeds[0]}"])
             try:
                 card, rows, pairs = lab.restored(name, variant, config, self.config.n_test if not settings and
                                                  variant == "all-step" else n)
@@ -145,19 +146,14 @@ def mmlu_task(folder: Path, data_dir: Path, n: int) -> Path:
     """``folder`` with a task YAML that includes lm-eval's stock MMLU template (multiple choice, 0-shot,
     log-likelihood: a 135M model that answers MMLU near chance when it generates still ranks choices)
     over ``n`` items of the local copy, taken in turn from each subject (sorted) so every subject counts."""
-    import csv
     import importlib.util
     import json
 
-    subjects = sorted((data_dir / "mmlu" / "test").glob("*_test.csv"))
-    if not subjects:
-        raise SystemExit(f"{data_dir / 'mmlu' / 'test'}: no MMLU test files (*_test.csv)")
-    tables = []
-    for path in subjects:
-        with path.open(encoding="utf-8", newline="") as fh:
-            tables.append([{"question": r[0], "choices": r[1:5], "answer": "ABCD".index(r[5].strip())}
-                           for r in csv.reader(fh)])
-    rows = [table[i] for i in range(max(map(len, tables))) for table in tables if i < len(table)][:n]
+    from pytest_qmr.tasks.utils import read_mmlu_dir
+
+    # every subject's item 0, then every subject's item 1, ... (a stable sort keeps the subject order)
+    rows = [{"question": r["question"], "choices": r["choices"], "answer": "ABCD".index(r["answer"])}
+            for r in sorted(read_mmlu_dir(data_dir / "mmlu" / "test", "test"), key=lambda r: r["index"])][:n]
     folder.mkdir(parents=True, exist_ok=True)
     test = folder / "test.jsonl"
     atomic_write_text(test, "".join(json.dumps(r) + "\n" for r in rows))

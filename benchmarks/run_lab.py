@@ -227,7 +227,7 @@ class Lab:
     def restore(self, name: str, fp_rows: list[dict], quant_rows: list[dict]) -> tuple[dict, list[dict]]:
         from pytest_qmr import restore as rs
 
-        config = restore_config(self.config.restore_set)
+        config = rs.RestoreConfig.from_settings(self.config.restore_set)
         runs: dict[str, dict] = {}
         for variant in self.config.variants:
             n = self.config.n_test if variant == "all-step" else self.config.ablation_n_test
@@ -276,16 +276,6 @@ class Lab:
 
 
 # ---------------------------------------------------------------------- statistics
-
-
-def restore_config(assignments: list[str]):
-    """A ``RestoreConfig`` with ``key=value`` assignments applied (the CLI's --set)."""
-    from pytest_qmr.restore import RestoreConfig
-
-    config = RestoreConfig()
-    for assignment in assignments:
-        config.set(assignment)
-    return config
 
 
 def accuracy(rows: list[dict]) -> float:

@@ -136,7 +136,7 @@ def _read_jsonl(path: Path, required: Iterable[str]) -> list[dict]:
     return rows
 
 
-def _read_mmlu_dir(folder: Path, suffix: str) -> list[dict]:
+def read_mmlu_dir(folder: Path, suffix: str) -> list[dict]:
     """All subjects' CSVs (no header: question, A, B, C, D, answer letter), subject order."""
     files = sorted(folder.glob(f"*_{suffix}.csv"))
     if not files:
@@ -328,7 +328,7 @@ def _mmlu_hub() -> dict[str, list[dict]]:
 def load_mmlu(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     return _load(
         "qmr_mmlu", data_dir, {"test": "mmlu/test", "dev": "mmlu/dev"},
-        lambda p: _read_mmlu_dir(p, p.name), "cais/mmlu", _mmlu_hub, _mmlu_docs,
+        lambda p: read_mmlu_dir(p, p.name), "cais/mmlu", _mmlu_hub, _mmlu_docs,
     )
 
 

@@ -74,9 +74,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 def _cmd_restore(args: argparse.Namespace) -> int:
     from ..models import resolve
 
-    config = RestoreConfig()
-    for item in args.set or []:
-        config.set(item)
+    config = RestoreConfig.from_settings(args.set or [])
     pairs = read_pairs(args.pairs)
     model_path = resolve(args.model).path
     distill_from = resolve(args.distill_from).path if args.distill_from else None

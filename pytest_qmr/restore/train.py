@@ -78,6 +78,14 @@ class RestoreConfig:
             return [self.loss_type, "sft"], [1.0, self.sft_weight]
         return [self.loss_type], None
 
+    @classmethod
+    def from_settings(cls, assignments: Sequence[str]) -> "RestoreConfig":
+        """The defaults with ``key=value`` assignments applied in order (the CLI's --set)."""
+        config = cls()
+        for assignment in assignments:
+            config.set(assignment)
+        return config
+
     def set(self, assignment: str) -> None:
         """Apply one ``key=value`` (the CLI's --set)."""
         key, _, value = assignment.partition("=")
